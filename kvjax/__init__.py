@@ -1,0 +1,14 @@
+"""kvjax: fast autoregressive decoding in JAX, built around an explicit KV cache."""
+from .cache import KVCache, cache_bytes, init_cache
+from .config import PRESETS, ModelConfig, RopeScaling
+from .decode import GenerateOutput, decode_step, forward, generate, prefill
+from .model import Transformer, init_params, param_bytes, param_count
+from .sampling import filter_logits, greedy, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KVCache", "cache_bytes", "init_cache", "PRESETS", "ModelConfig", "RopeScaling",
+    "GenerateOutput", "decode_step", "forward", "generate", "prefill", "Transformer",
+    "init_params", "param_bytes", "param_count", "filter_logits", "greedy", "sample",
+]

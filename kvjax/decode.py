@@ -1,0 +1,243 @@
+"""The jit boundary: forward, prefill, decode_step, generate, and the no-cache baseline.
+
+Axis letters: B batch, T chunk length, S cache slots, V vocab, N new tokens.
+
+Each public function validates its inputs on the host (validate.py), then calls one
+jitted implementation with the config static and the cache donated, so XLA writes new
+K/V into the cache's own memory. Sampling parameters are traced arrays: changing them
+never recompiles. `generate` runs prefill and the whole decode loop (`lax.scan`) inside
+one jit.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import validate
+from .cache import KVCache, init_cache
+from .config import ModelConfig
+from .model import Transformer
+from .sampling import sample
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array   # int32 [B, N]: new tokens; after a row's EOS, pad_token_id
+    lengths: jax.Array  # int32 [B]: tokens generated per row, EOS included
+    cache: KVCache | None  # prompt + every generated token (None for use_cache=False)
+
+
+# ----------------------------------------------------------------------------- traced cores
+
+def _append(cfg: ModelConfig, params, tokens, lengths, cache: KVCache):
+    """Append a right-padded chunk [B, T] at each row's cache length; logits of its last real token."""
+    T = tokens.shape[1]
+    starts = cache.lengths
+    positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
+    kv = tuple(zip(cache.keys, cache.values))
+    logits, new_kv = Transformer(cfg).apply(
+        {"params": params}, tokens, positions, lengths, kv, starts,
+        logits_at=jnp.maximum(lengths - 1, 0))
+    new_cache = cache.replace(keys=tuple(k for k, _ in new_kv), values=tuple(v for _, v in new_kv),
+                              lengths=starts + lengths)
+    return logits[:, 0], new_cache                                             # [B, V]
+
+
+def _decode(cfg: ModelConfig, params, tokens, cache: KVCache, active):
+    """One token per row [B]; rows with active=False write nothing and keep their length."""
+    return _append(cfg, params, tokens[:, None], active.astype(jnp.int32), cache)
+
+
+def _forward(cfg: ModelConfig, params, tokens, lengths, logits_at=None):
+    T = tokens.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], tokens.shape)
+    logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions, lengths,
+                                       logits_at=logits_at)
+    return logits
+
+
+_forward_jit = jax.jit(_forward, static_argnums=0)
+_prefill_jit = jax.jit(_append, static_argnums=0, donate_argnums=4)
+_decode_jit = jax.jit(
+    lambda cfg, params, tokens, cache: _decode(cfg, params, tokens, cache,
+                                               jnp.ones(tokens.shape, bool)),
+    static_argnums=0, donate_argnums=3)
+
+
+@partial(jax.jit, static_argnums=(0, 5), donate_argnums=4)
+def _generate_cached(cfg, params, prompts, prompt_lengths, cache, max_new_tokens, knobs):
+    """Prefill, then `max_new_tokens` steps of (sample, decode) in one `lax.scan`.
+
+    Step i samples token i from the current logits, then decodes it so the returned cache
+    holds every generated token (ready for the next prefill of a conversation).
+    """
+    logits, cache = _append(cfg, params, prompts, prompt_lengths, cache)
+
+    def step(carry, i):
+        logits, cache, done = carry
+        tok, active, done = _pick(logits, i, done, knobs)
+        logits, cache = _decode(cfg, params, tok, cache, active)
+        return (logits, cache, done), (tok, active)
+
+    done0 = jnp.zeros(prompts.shape[:1], bool)
+    (_, cache, _), (toks, active) = jax.lax.scan(
+        step, (logits, cache, done0), jnp.arange(max_new_tokens, dtype=jnp.int32))
+    return GenerateOutput(toks.T, active.sum(0, dtype=jnp.int32), cache)
+
+
+def _pick(logits, i, done, knobs):
+    """Sample token i for rows not yet done; returns (tokens, active, new done)."""
+    tok = sample(logits, jax.random.fold_in(knobs["key"], i), knobs["temperature"],
+                 knobs["top_k"], knobs["top_p"])
+    active = ~done
+    tok = jnp.where(active, tok, knobs["pad"])
+    return tok, active, done | (active & (tok == knobs["eos"]))
+
+
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _nocache_step(cfg, width, params, buf, cur, done, i, knobs):
+    """Re-run the model over each row's whole prefix buf[:, :cur] and append one token.
+
+    `width` (static) is the bucketed prefix length: the cost follows the prefix, not the
+    final buffer size, and only one program is compiled per power of two.
+    """
+    logits = _forward(cfg, params, buf[:, :width], cur, logits_at=cur - 1)[:, 0]
+    tok, active, done = _pick(logits, i, done, knobs)
+    rows = jnp.arange(buf.shape[0])
+    buf = buf.at[rows, cur].set(jnp.where(active, tok, buf[rows, cur]), mode="drop")
+    return buf, cur + active.astype(jnp.int32), done, tok, active
+
+
+# ----------------------------------------------------------------------------- public API
+
+def forward(cfg: ModelConfig, params, tokens, lengths=None) -> jax.Array:
+    """Full causal pass without a cache: tokens [B, S] (right-padded) -> logits float32 [B, S, V].
+
+    Logits at padding positions (t >= lengths[b]) are computed but meaningless.
+    """
+    tok = validate.as_tokens(tokens)
+    lens = validate.as_lengths(lengths, tok)
+    validate.check_token_ids(cfg, tok, lens)
+    validate.check_room(cfg, np.zeros_like(lens), lens, tok.shape[1], "forward")
+    return _forward_jit(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens))
+
+
+def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache):
+    """Append a right-padded chunk at each row's current cache length.
+
+    tokens: int [B, T]; lengths: int [B], real tokens of this chunk per row (>= 1).
+    Returns (logits of each row's last real token, float32 [B, V]; the new cache).
+    The input cache is donated: use the returned one.
+    """
+    tok = validate.as_tokens(tokens)
+    lens = validate.as_lengths(lengths, tok)
+    validate.check_cache(cfg, cache, tok.shape[0])
+    validate.check_token_ids(cfg, tok, lens)
+    validate.check_room(cfg, np.asarray(cache.lengths), lens, cache.max_len, "prefill")
+    return _prefill_jit(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens), cache)
+
+
+def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = True):
+    """One new token per row: tokens int [B] -> (logits float32 [B, V], new cache).
+
+    Computes Q/K/V for the new token only and attends over the row's cached prefix.
+    `check=False` skips the host checks (token range, free cache slot), which read the
+    tokens and cache lengths back from the device and so wait for the previous step.
+    """
+    if check:
+        tok = np.asarray(tokens)
+        if tok.ndim != 1:
+            raise ValueError(f"decode_step takes one token per row, shape [B]; got shape {tok.shape}")
+        validate.check_cache(cfg, cache, tok.shape[0])
+        ones = np.ones_like(tok, dtype=np.int32)
+        validate.check_token_ids(cfg, validate.as_tokens(tok[:, None]), ones)
+        validate.check_room(cfg, np.asarray(cache.lengths), ones, cache.max_len, "decode_step")
+    return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache)
+
+
+def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_new_tokens: int = 32,
+             temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, key=None, max_len=None,
+             cache: KVCache | None = None, use_cache: bool = True, pad_token_id: int = 0
+             ) -> GenerateOutput:
+    """Generate `max_new_tokens` per row after right-padded prompts [B, S].
+
+    temperature/top_k/top_p: scalars or per-row [B] (temperature 0 = greedy). A row that
+    emits `eos_token_id` stops: its later tokens are `pad_token_id` and its length freezes.
+    `cache`: continue from an existing cache (the prompt is appended after each row's
+    history, e.g. the next turn of a conversation); it is donated. Otherwise a cache of
+    `max_len` slots (default: prompt width + max_new_tokens) is allocated.
+    `use_cache=False` is the honest baseline: every token re-runs the model over its prefix.
+    """
+    tok = validate.as_tokens(prompt_tokens, "prompt_tokens")
+    lens = validate.as_lengths(prompt_lengths, tok, "prompt_lengths")
+    validate.check_token_ids(cfg, tok, lens, "prompt_tokens")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    B, S = tok.shape
+    knobs = _knobs(cfg, B, temperature, top_k, top_p, eos_token_id, key, pad_token_id)
+    if not use_cache:
+        if cache is not None:
+            raise ValueError("use_cache=False cannot continue from a cache; pass cache=None")
+        limit = max_len if max_len is not None else S + max_new_tokens
+        validate.check_room(cfg, lens, np.full_like(lens, max_new_tokens), limit, "generate")
+        return _generate_nocache(cfg, params, tok, lens, max_new_tokens, knobs)
+    if cache is None:
+        cache = init_cache(cfg, B, max_len if max_len is not None else S + max_new_tokens)
+    elif max_len is not None and max_len != cache.max_len:
+        raise ValueError(f"max_len={max_len} disagrees with the given cache's max_len={cache.max_len}")
+    validate.check_cache(cfg, cache, B)
+    used = np.asarray(cache.lengths)
+    validate.check_room(cfg, used, lens + max_new_tokens, cache.max_len,
+                        f"generate (prompt + max_new_tokens={max_new_tokens})")
+    return _generate_cached(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens), cache,
+                            int(max_new_tokens), knobs)
+
+
+def _knobs(cfg, B, temperature, top_k, top_p, eos_token_id, key, pad_token_id):
+    """Sampling parameters as per-row device arrays (traced, so new values never recompile)."""
+    def per_row(name, value, dtype):
+        arr = np.broadcast_to(np.asarray(value, dtype), (B,)) if np.ndim(value) == 0 else np.asarray(value, dtype)
+        if arr.shape != (B,):
+            raise ValueError(f"{name} must be a scalar or have shape [{B}], got shape {arr.shape}")
+        return arr
+
+    temp = per_row("temperature", temperature, np.float32)
+    if (temp < 0).any() or not np.isfinite(temp).all():
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
+    k = per_row("top_k", top_k, np.int32)
+    if (k < 0).any():
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k!r}")
+    p = per_row("top_p", top_p, np.float32)
+    if ((p <= 0) | (p > 1)).any():
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    for name, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if v is not None and not 0 <= int(v) < cfg.vocab_size:
+            raise ValueError(f"{name}={v} is outside the vocabulary [0, {cfg.vocab_size})")
+    return {"temperature": jnp.asarray(temp), "top_k": jnp.asarray(k), "top_p": jnp.asarray(p),
+            "eos": jnp.asarray(-1 if eos_token_id is None else int(eos_token_id), jnp.int32),
+            "pad": jnp.asarray(pad_token_id, jnp.int32),
+            "key": key if key is not None else jax.random.key(0)}
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Smallest power of two >= n, capped at the buffer width."""
+    return min(1 << max(n - 1, 0).bit_length(), cap)
+
+
+def _generate_nocache(cfg, params, tok, lens, max_new_tokens, knobs) -> GenerateOutput:
+    B, S = tok.shape
+    width = int(lens.max()) + max_new_tokens
+    n = min(S, width)
+    buf = jnp.zeros((B, width), jnp.int32).at[:, :n].set(jnp.asarray(tok[:, :n], jnp.int32))
+    cur, done = jnp.asarray(lens), jnp.zeros((B,), bool)
+    toks, actives = [], []
+    longest = int(lens.max())  # known on the host: no device sync inside the loop
+    for i in range(max_new_tokens):
+        w = _bucket(longest + i, width)
+        buf, cur, done, t, a = _nocache_step(cfg, w, params, buf, cur, done, jnp.int32(i), knobs)
+        toks.append(t)
+        actives.append(a)
+    return GenerateOutput(jnp.stack(toks, 1), jnp.stack(actives, 1).sum(1, dtype=jnp.int32), None)

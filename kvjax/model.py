@@ -1,0 +1,96 @@
+"""The decoder: Flax linen modules applied functionally.
+
+Axis letters: B batch, T sequence (chunk), D model, V vocab, L layers.
+
+Params are a plain pytree (`init_params`); the cache is an explicit argument and return
+value (a tuple of per-layer (keys, values) buffers), never a mutable Flax collection.
+One forward path serves a full no-cache pass, chunked prefill and single-token decode:
+they differ only in whether `kv` is given and in the chunk length T.
+
+Parameter tree (names used by the checkpoint mapping in hf.py):
+  embed/embedding [V, D]; pos_embed/embedding [P, D] (learned positions only)
+  layers_{i}/attn_norm, attn/{q,k,v,o}/{kernel [in, out], bias?}, mlp_norm,
+             mlp/{gate,up,down} (swiglu) or mlp/{fc,proj} (gelu)
+  final_norm/{scale, bias?}; lm_head/kernel [D, V] (untied only)
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .attention import Attention
+from .config import ModelConfig
+from .layers import MLP, Norm
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    std: float
+
+    @nn.compact
+    def __call__(self, x, positions, lengths, kv=None, starts=None):
+        h, kv = Attention(self.cfg, self.std, name="attn")(
+            Norm(self.cfg, name="attn_norm")(x), positions, lengths, kv, starts)
+        x = x + h
+        x = x + MLP(self.cfg, self.std, name="mlp")(Norm(self.cfg, name="mlp_norm")(x))
+        return x, kv
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+    std: float = 0.02  # init scale only
+
+    @nn.compact
+    def __call__(self, tokens, positions, lengths, kv=None, starts=None, logits_at=None):
+        """tokens, positions: int32 [B, T]; lengths: int32 [B] real tokens per row.
+
+        kv: None or a tuple of L (k_buf, v_buf) pairs; starts: int32 [B] (cache path).
+        logits_at: None for logits at every position [B, T, V], or int32 [B] to compute
+        them only at one position per row [B, 1, V] (prefill and decode need no more).
+        Returns (logits, new kv or None).
+        """
+        c = self.cfg
+        dt = jnp.dtype(c.dtype)
+        embed = nn.Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=dt, name="embed",
+                         embedding_init=nn.initializers.normal(self.std))
+        # Only padding can fall outside the vocab (real tokens are validated on the host);
+        # clip so padding such as -1 never indexes anything surprising.
+        x = embed(jnp.clip(tokens, 0, c.vocab_size - 1))                        # [B, T, D]
+        if c.positions == "learned":
+            pos_embed = nn.Embed(c.max_position, c.d_model, dtype=dt, param_dtype=dt,
+                                 name="pos_embed", embedding_init=nn.initializers.normal(self.std))
+            x = x + pos_embed(jnp.clip(positions, 0, c.max_position - 1))
+        new_kv = []
+        for i in range(c.num_layers):  # unrolled: each layer updates its own cache buffer
+            x, layer_kv = Block(c, self.std, name=f"layers_{i}")(
+                x, positions, lengths, None if kv is None else kv[i], starts)
+            new_kv.append(layer_kv)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)       # [B, 1, D]
+        x = Norm(c, name="final_norm")(x)
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=dt, param_dtype=dt,
+                              name="lm_head", kernel_init=nn.initializers.normal(self.std))(x)
+        return logits.astype(jnp.float32), (None if kv is None else tuple(new_kv))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02):
+    """Random parameters (normal(std) weights, unit norms) as a plain nested dict.
+
+    Initialised under jit so full-size shapes are created directly in `cfg.dtype`.
+    """
+    model = Transformer(cfg, std)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    lengths = jnp.ones((1,), jnp.int32)
+    return jax.jit(lambda k: model.init(k, tokens, tokens, lengths)["params"])(key)
+
+
+def param_bytes(params) -> int:
+    return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(params))
+
+
+def param_count(params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
