@@ -30,10 +30,11 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x):  # [B, T, D] -> [B, T, D]
         dt = jnp.dtype(self.cfg.dtype)
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), dt)
+        feature = (1,) * (x.ndim - 1) + (x.shape[-1],)  # explicit rank: no implicit broadcasting
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), dt).reshape(feature)
         h = x.astype(jnp.float32)
         if self.cfg.norm == "layernorm":
-            bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), dt)
+            bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), dt).reshape(feature)
             h = h - h.mean(-1, keepdims=True)
             h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.cfg.norm_eps)
             return (h * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dt)
