@@ -79,12 +79,16 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> 
     return 2 * cfg.num_layers * per_buffer * _resolve_dtype(cfg, dtype).itemsize + 4 * batch_size
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh=None) -> KVCache:
     """An empty cache: zero buffers of [B, K, max_len, H] per layer and lengths 0.
 
-    `dtype` defaults to the model's dtype (`cfg.dtype`).
+    `dtype` defaults to the model's dtype (`cfg.dtype`). With a `mesh` (see sharding.py)
+    the buffers are created directly in their sharded layout.
     """
     _check_sizes(batch_size, max_len)
+    if mesh is not None:
+        from .sharding import init_sharded_cache  # sharding imports this module
+        return init_sharded_cache(cfg, batch_size, max_len, mesh, dtype)
     dt = _resolve_dtype(cfg, dtype)
     shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))  # noqa: E731
@@ -99,11 +103,14 @@ def write_chunk(buf: jax.Array, new: jax.Array, starts: jax.Array, lengths: jax.
     padded past the end of the buffer never shifts or clips a real write (which a clamped
     `dynamic_update_slice` would do).
     """
-    B, T = new.shape[:2]
-    S = buf.shape[2]
-    t = jnp.arange(T, dtype=jnp.int32)[None, :]                       # [1, T]
-    slots = jnp.where(t < lengths[:, None], starts[:, None] + t, S)   # [B, T]; S = dropped
-    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
-    # Advanced indices (rows, slots) are separated by a slice, so NumPy rules put the
-    # indexed dims first: the update has shape [B, T, K, H], which is `new` as it is.
-    return buf.at[rows, :, slots, :].set(new.astype(buf.dtype), mode="drop")
+    T, S = new.shape[1], buf.shape[2]
+    t = jnp.arange(T, dtype=jnp.int32)
+    slots = jnp.where(t[None, :] < lengths[:, None], starts[:, None] + t[None, :], S)  # [B, T]; S = dropped
+
+    def write_row(row_buf, row_new, row_slots):  # [K, S, H], [T, K, H], [T]
+        return row_buf.at[:, row_slots, :].set(row_new.transpose(1, 0, 2).astype(row_buf.dtype),
+                                               mode="drop")
+
+    # vmap over rows (rather than a scatter indexed by (row, slot)) makes the batch a
+    # batching dimension of the scatter, so a batch-sharded cache updates shard-locally.
+    return jax.vmap(write_row)(buf, new, slots)

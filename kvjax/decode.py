@@ -10,17 +10,17 @@ one jit.
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import validate
+from . import sharding, validate
 from .cache import KVCache, init_cache
 from .config import ModelConfig
-from .model import Transformer
+from .model import Transformer, init_params
 from .sampling import sample
 
 
@@ -59,16 +59,11 @@ def _forward(cfg: ModelConfig, params, tokens, lengths, logits_at=None):
     return logits
 
 
-_forward_jit = jax.jit(_forward, static_argnums=0)
-_prefill_jit = jax.jit(_append, static_argnums=0, donate_argnums=4)
-_decode_jit = jax.jit(
-    lambda cfg, params, tokens, cache: _decode(cfg, params, tokens, cache,
-                                               jnp.ones(tokens.shape, bool)),
-    static_argnums=0, donate_argnums=3)
+def _decode_all(cfg: ModelConfig, params, tokens, cache: KVCache):
+    return _decode(cfg, params, tokens, cache, jnp.ones(tokens.shape, bool))
 
 
-@partial(jax.jit, static_argnums=(0, 5), donate_argnums=4)
-def _generate_cached(cfg, params, prompts, prompt_lengths, cache, max_new_tokens, knobs):
+def _generate_impl(cfg, params, prompts, prompt_lengths, cache, max_new_tokens, knobs):
     """Prefill, then `max_new_tokens` steps of (sample, decode) in one `lax.scan`.
 
     Step i samples token i from the current logits, then decodes it so the returned cache
@@ -86,6 +81,43 @@ def _generate_cached(cfg, params, prompts, prompt_lengths, cache, max_new_tokens
     (_, cache, _), (toks, active) = jax.lax.scan(
         step, (logits, cache, done0), jnp.arange(max_new_tokens, dtype=jnp.int32))
     return GenerateOutput(toks.T, active.sum(0, dtype=jnp.int32), cache)
+
+
+_forward_jit = jax.jit(_forward, static_argnums=0)
+_prefill_jit = jax.jit(_append, static_argnums=0, donate_argnums=4)
+_decode_jit = jax.jit(_decode_all, static_argnums=0, donate_argnums=3)
+_generate_cached = jax.jit(_generate_impl, static_argnums=(0, 5), donate_argnums=4)
+
+
+@lru_cache(maxsize=None)
+def _mesh_jits(cfg: ModelConfig, mesh):
+    """The same three programs with explicit in/out shardings (pjit) for caches on `mesh`.
+
+    Pinning the output cache to the input cache's sharding keeps it laid out the same way
+    across steps: batch over data, kv heads over model (see sharding.py).
+    """
+    params_shape = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    ps = sharding.param_shardings(cfg, params_shape, mesh)
+    cs = sharding.cache_shardings(cfg, mesh)
+    b1, b2 = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
+    rep = sharding.replicated(mesh)
+    knobs = {"temperature": b1, "top_k": b1, "top_p": b1, "eos": rep, "pad": rep, "key": rep}
+    return {
+        "prefill": jax.jit(_append, static_argnums=0, donate_argnums=4,
+                           in_shardings=(ps, b2, b1, cs), out_shardings=(b2, cs)),
+        "decode": jax.jit(_decode_all, static_argnums=0, donate_argnums=3,
+                          in_shardings=(ps, b1, cs), out_shardings=(b2, cs)),
+        "generate": jax.jit(_generate_impl, static_argnums=(0, 5), donate_argnums=4,
+                            in_shardings=(ps, b2, b1, cs, knobs),
+                            out_shardings=GenerateOutput(b2, b1, cs)),
+    }
+
+
+def _placed(mesh, *host_arrays):
+    """Host inputs as global arrays split by rows over the mesh (or device arrays without one)."""
+    if mesh is None:
+        return tuple(jnp.asarray(a) for a in host_arrays)
+    return tuple(sharding.to_global(a, sharding.batch_sharding(mesh, np.ndim(a))) for a in host_arrays)
 
 
 def _pick(logits, i, done, knobs):
@@ -136,8 +168,12 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache):
     lens = validate.as_lengths(lengths, tok)
     validate.check_cache(cfg, cache, tok.shape[0])
     validate.check_token_ids(cfg, tok, lens)
-    validate.check_room(cfg, np.asarray(cache.lengths), lens, cache.max_len, "prefill")
-    return _prefill_jit(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens), cache)
+    mesh = sharding.mesh_of(cache)
+    if mesh is not None:
+        sharding.check_mesh(cfg, mesh, tok.shape[0])
+    validate.check_room(cfg, sharding.to_host(cache.lengths), lens, cache.max_len, "prefill")
+    fn = _prefill_jit if mesh is None else _mesh_jits(cfg, mesh)["prefill"]
+    return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache)
 
 
 def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = True):
@@ -154,14 +190,19 @@ def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = 
         validate.check_cache(cfg, cache, tok.shape[0])
         ones = np.ones_like(tok, dtype=np.int32)
         validate.check_token_ids(cfg, validate.as_tokens(tok[:, None]), ones)
-        validate.check_room(cfg, np.asarray(cache.lengths), ones, cache.max_len, "decode_step")
-    return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache)
+        validate.check_room(cfg, sharding.to_host(cache.lengths), ones, cache.max_len, "decode_step")
+    mesh = sharding.mesh_of(cache)
+    if mesh is None:
+        return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache)
+    if not isinstance(tokens, jax.Array) or tokens.is_fully_addressable:
+        (tokens,) = _placed(mesh, np.asarray(tokens, np.int32))
+    return _mesh_jits(cfg, mesh)["decode"](cfg, params, tokens, cache)
 
 
 def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_new_tokens: int = 32,
              temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, key=None, max_len=None,
-             cache: KVCache | None = None, use_cache: bool = True, pad_token_id: int = 0
-             ) -> GenerateOutput:
+             cache: KVCache | None = None, use_cache: bool = True, pad_token_id: int = 0,
+             mesh=None) -> GenerateOutput:
     """Generate `max_new_tokens` per row after right-padded prompts [B, S].
 
     temperature/top_k/top_p: scalars or per-row [B] (temperature 0 = greedy). A row that
@@ -170,6 +211,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     history, e.g. the next turn of a conversation); it is donated. Otherwise a cache of
     `max_len` slots (default: prompt width + max_new_tokens) is allocated.
     `use_cache=False` is the honest baseline: every token re-runs the model over its prefix.
+    `mesh`: allocate the new cache sharded on this mesh (a given cache keeps its own layout);
+    rows are split over "data", heads over "model" (see sharding.py).
     """
     tok = validate.as_tokens(prompt_tokens, "prompt_tokens")
     lens = validate.as_lengths(prompt_lengths, tok, "prompt_lengths")
@@ -185,15 +228,20 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         validate.check_room(cfg, lens, np.full_like(lens, max_new_tokens), limit, "generate")
         return _generate_nocache(cfg, params, tok, lens, max_new_tokens, knobs)
     if cache is None:
-        cache = init_cache(cfg, B, max_len if max_len is not None else S + max_new_tokens)
+        if mesh is not None:
+            sharding.check_mesh(cfg, mesh, B)
+        cache = init_cache(cfg, B, max_len if max_len is not None else S + max_new_tokens, mesh=mesh)
     elif max_len is not None and max_len != cache.max_len:
         raise ValueError(f"max_len={max_len} disagrees with the given cache's max_len={cache.max_len}")
     validate.check_cache(cfg, cache, B)
-    used = np.asarray(cache.lengths)
-    validate.check_room(cfg, used, lens + max_new_tokens, cache.max_len,
+    mesh = sharding.mesh_of(cache)
+    if mesh is not None:
+        sharding.check_mesh(cfg, mesh, B)
+    validate.check_room(cfg, sharding.to_host(cache.lengths), lens + max_new_tokens, cache.max_len,
                         f"generate (prompt + max_new_tokens={max_new_tokens})")
-    return _generate_cached(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens), cache,
-                            int(max_new_tokens), knobs)
+    fn = _generate_cached if mesh is None else _mesh_jits(cfg, mesh)["generate"]
+    return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, int(max_new_tokens),
+              _place_knobs(mesh, knobs))
 
 
 def _knobs(cfg, B, temperature, top_k, top_p, eos_token_id, key, pad_token_id):
@@ -220,6 +268,18 @@ def _knobs(cfg, B, temperature, top_k, top_p, eos_token_id, key, pad_token_id):
             "eos": jnp.asarray(-1 if eos_token_id is None else int(eos_token_id), jnp.int32),
             "pad": jnp.asarray(pad_token_id, jnp.int32),
             "key": key if key is not None else jax.random.key(0)}
+
+
+def _place_knobs(mesh, knobs):
+    if mesh is None:
+        return knobs
+    per_row = {k: knobs[k] for k in ("temperature", "top_k", "top_p")}
+    placed = dict(zip(per_row, _placed(mesh, *(np.asarray(v) for v in per_row.values()))))
+    rep = sharding.replicated(mesh)
+    for k in ("eos", "pad"):
+        placed[k] = sharding.to_global(np.asarray(knobs[k]), rep)
+    placed["key"] = knobs["key"]  # a scalar key: jit replicates it (in_shardings says so)
+    return placed
 
 
 def _bucket(n: int, cap: int) -> int:

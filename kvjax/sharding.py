@@ -1,0 +1,196 @@
+"""Meshes and layouts: where every parameter and cache axis lives on a device mesh.
+
+Axis letters as elsewhere (B batch, K kv heads, S slots, H head dim, D model, F mlp, V vocab).
+
+Every array axis has a *logical* name; `RULES` maps logical names to mesh axes:
+
+    batch    -> data      rows of the batch (and of the cache) split across data shards
+    heads    -> model     query heads (q columns, o rows): Megatron-style tensor parallelism
+    kv_heads -> model     k/v columns and the cache's K axis, when K divides the model axis
+    mlp      -> model     gate/up columns, down rows
+    vocab    -> model     embedding rows and lm_head columns, when V divides the model axis
+    embed, sequence, head_dim -> replicated
+
+When the model axis does not divide an optional axis (kv heads of a GQA/MQA model, a vocab
+of 50257) that axis is replicated instead: every model shard computes all K/V heads of its
+batch shard and keeps the whole cache for it. K/V projections are small in GQA/MQA
+models, so the duplicated work is small, and the cache still never moves between devices.
+Query heads and the batch must divide their mesh axes: otherwise `check_mesh` raises
+naming both numbers.
+
+`jax.jit` with `in_shardings`/`out_shardings` is how pjit is spelled today (pjit was folded
+into jit); decode.py uses the shardings below as exactly those arguments.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .cache import KVCache, init_cache as _init_cache_unsharded
+from .config import ModelConfig
+
+AXES = ("data", "model")
+RULES = {"batch": "data", "heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model"}
+# Which logical axis each parameter's dims carry, by the parameter's (module, leaf) name.
+_PARAM_AXES = {
+    ("embed", "embedding"): ("vocab", "embed"),
+    ("pos_embed", "embedding"): ("sequence", "embed"),
+    ("q", "kernel"): ("embed", "heads"), ("q", "bias"): ("heads",),
+    ("k", "kernel"): ("embed", "kv_heads"), ("k", "bias"): ("kv_heads",),
+    ("v", "kernel"): ("embed", "kv_heads"), ("v", "bias"): ("kv_heads",),
+    ("o", "kernel"): ("heads", "embed"), ("o", "bias"): ("embed",),
+    ("gate", "kernel"): ("embed", "mlp"), ("up", "kernel"): ("embed", "mlp"),
+    ("fc", "kernel"): ("embed", "mlp"), ("fc", "bias"): ("mlp",),
+    ("down", "kernel"): ("mlp", "embed"), ("proj", "kernel"): ("mlp", "embed"),
+    ("proj", "bias"): ("embed",),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+}
+
+
+def make_mesh(spec: dict | None = None, devices=None) -> Mesh:
+    """A ("data", "model") mesh from a spec such as {"data": 2, "model": 4}.
+
+    Missing axes default to 1, except that with no spec at all every device goes to data.
+    The product must equal the number of devices (all global devices by default).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    spec = dict(spec or {"data": len(devices)})
+    unknown = set(spec) - set(AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axis {sorted(unknown)}; kvjax meshes have axes {list(AXES)}")
+    shape = tuple(int(spec.get(a, 1)) for a in AXES)
+    if min(shape) < 1:
+        raise ValueError(f"mesh axis sizes must be >= 1, got {spec}")
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(AXES, shape))} needs {int(np.prod(shape))} devices "
+                         f"but {len(devices)} are available")
+    return Mesh(np.array(devices).reshape(shape), AXES)
+
+
+def layout(cfg: ModelConfig, mesh: Mesh) -> dict[str, str | None]:
+    """Logical axis -> mesh axis for this model on this mesh (optional axes may fall back)."""
+    m = mesh.shape["model"]
+    rules = dict(RULES)
+    if cfg.num_kv_heads % m:
+        rules["kv_heads"] = None
+    if cfg.vocab_size % m:
+        rules["vocab"] = None
+    if cfg.mlp_dim % m:
+        rules["mlp"] = None
+    return rules
+
+
+def check_mesh(cfg: ModelConfig, mesh: Mesh, batch_size: int | None = None):
+    """Raise when the mesh cannot split the query heads or the batch evenly."""
+    m, d = mesh.shape["model"], mesh.shape["data"]
+    if cfg.num_heads % m:
+        raise ValueError(f"the mesh's model axis ({m}) does not divide num_heads={cfg.num_heads}")
+    if batch_size is not None and batch_size % d:
+        raise ValueError(f"the mesh's data axis ({d}) does not divide the batch size {batch_size}")
+
+
+def _spec(logical: tuple, rules) -> P:
+    return P(*(rules.get(a) for a in logical))
+
+
+def param_shardings(cfg: ModelConfig, params, mesh: Mesh):
+    """A pytree of NamedSharding matching `params`."""
+    check_mesh(cfg, mesh)
+    rules = layout(cfg, mesh)
+
+    def one(path, leaf):
+        names = [getattr(k, "key", str(k)) for k in path]
+        logical = _PARAM_AXES.get(tuple(names[-2:]))
+        if logical is None:  # norms (scale/bias over embed) and anything else: replicated
+            logical = (None,) * np.ndim(leaf)
+        return NamedSharding(mesh, _spec(logical, rules))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def shard_params(cfg: ModelConfig, params, mesh: Mesh):
+    """Place params on the mesh according to the layout (no host round trip when already on device)."""
+    return jax.device_put(params, param_shardings(cfg, params, mesh))
+
+
+def cache_shardings(cfg: ModelConfig, mesh: Mesh, kind: str = "dense") -> KVCache:
+    """A KVCache-shaped pytree of NamedSharding: keys/values [B, K, S, H] over (data, model?)."""
+    rules = layout(cfg, mesh)
+    buf = NamedSharding(mesh, _spec(("batch", "kv_heads", "sequence", "head_dim"), rules))
+    bufs = tuple(buf for _ in range(cfg.num_layers))
+    return KVCache(keys=bufs, values=bufs, lengths=NamedSharding(mesh, P("data")), kind=kind)
+
+
+def init_sharded_cache(cfg: ModelConfig, batch_size: int, max_len: int, mesh: Mesh, dtype=None) -> KVCache:
+    """`init_cache` created directly in its sharded layout (no full copy on any one device)."""
+    check_mesh(cfg, mesh, batch_size)
+    shardings = cache_shardings(cfg, mesh)
+    make = jax.jit(lambda: _init_cache_unsharded(cfg, batch_size, max_len, dtype),
+                   out_shardings=shardings)
+    return make()
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Rows over data, everything else replicated."""
+    return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def to_global(host_array, sharding: NamedSharding) -> jax.Array:
+    """A global jax.Array from a host array that every process holds in full.
+
+    Works on one host and across hosts: each process fills only its addressable shards.
+    """
+    arr = np.asarray(host_array)
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+def to_host(x) -> np.ndarray:
+    """Gather a (possibly multi-process) global array to a full NumPy array on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def mesh_of(cache: KVCache) -> Mesh | None:
+    """The mesh a cache is laid out on, or None for a single-device cache."""
+    sh = getattr(cache.lengths, "sharding", None)
+    if isinstance(sh, NamedSharding) and sh.mesh.size > 1:
+        return sh.mesh
+    return None
+
+
+def describe(mesh: Mesh) -> dict:
+    """A JSON-friendly record of a mesh for results folders."""
+    return {"axes": dict(mesh.shape), "devices": int(mesh.size),
+            "device_kind": mesh.devices.flat[0].device_kind, "processes": jax.process_count()}
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Start `jax.distributed` from arguments or the KVJAX_COORDINATOR / KVJAX_NUM_PROCESSES /
+    KVJAX_PROCESS_ID environment variables. Does nothing when neither gives a coordinator.
+
+    On CPU, cross-process collectives need gloo, which is switched on here. Must run before
+    any other JAX call in the process.
+    """
+    coordinator = coordinator or os.environ.get("KVJAX_COORDINATOR")
+    if not coordinator:
+        return False
+    num_processes = int(num_processes if num_processes is not None else os.environ["KVJAX_NUM_PROCESSES"])
+    process_id = int(process_id if process_id is not None else os.environ["KVJAX_PROCESS_ID"])
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+    return True
