@@ -175,7 +175,7 @@ def describe(mesh: Mesh) -> dict:
             "device_kind": mesh.devices.flat[0].device_kind, "processes": jax.process_count()}
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> bool:
     """Start `jax.distributed` from arguments or the KVJAX_COORDINATOR / KVJAX_NUM_PROCESSES /
     KVJAX_PROCESS_ID environment variables. Does nothing when neither gives a coordinator.

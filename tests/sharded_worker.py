@@ -19,7 +19,7 @@ import kvjax  # noqa: E402
 from kvjax import sharding  # noqa: E402
 
 if distributed:
-    assert sharding.initialize_distributed()   # from KVJAX_* environment variables
+    assert sharding.init_distributed()   # from KVJAX_* environment variables
 
 cfg = kvjax.ModelConfig.preset(overrides.pop("preset", "llama-tiny"), **overrides)
 params = kvjax.init_params(cfg, jax.random.key(0), std=0.2)
