@@ -4,6 +4,7 @@ from .config import PRESETS, ModelConfig, RopeScaling
 from .decode import GenerateOutput, decode_step, forward, generate, prefill
 from .model import Transformer, init_params, param_bytes, param_count
 from .sampling import filter_logits, greedy, sample
+from .sharding import init_distributed, make_mesh, shard_params
 from .hf import CheckpointError, load_hf, save_hf
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -13,6 +14,7 @@ __all__ = [
     "KVCache", "cache_bytes", "init_cache", "PRESETS", "ModelConfig", "RopeScaling",
     "GenerateOutput", "decode_step", "forward", "generate", "prefill", "Transformer",
     "init_params", "param_bytes", "param_count", "filter_logits", "greedy", "sample",
+    "init_distributed", "make_mesh", "shard_params",
     "CheckpointError", "load_hf", "save_hf", "ByteTokenizer", "HFTokenizer", "Tokenizer",
     "load_tokenizer",
 ]
