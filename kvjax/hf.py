@@ -329,7 +329,8 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
         raise CheckpointError(f"ModelConfig {cfg.name!r} cannot be written as a {model_type} "
                               f"checkpoint: {', '.join(wrong)}")
     out = {"architectures": [_ARCHITECTURES[model_type]], "model_type": model_type,
-           "_name_or_path": cfg.name, "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+           "_name_or_path": cfg.name, "vocab_size": cfg.vocab_size,
+           "tie_word_embeddings": cfg.tie_embeddings,
            # transformers 5 reads `dtype`, earlier versions `torch_dtype`.
            "dtype": cfg.dtype, "torch_dtype": cfg.dtype}
     if model_type == "gpt2":
@@ -468,7 +469,8 @@ def _weight_files(folder: Path) -> dict:
     else:
         candidates = sorted(folder.glob("*.safetensors"))
     if not candidates:
-        bins = sorted(p.name for p in folder.iterdir() if p.suffix == ".bin" or p.name.endswith(".bin.index.json"))
+        bins = sorted(p.name for p in folder.iterdir()
+                      if p.suffix == ".bin" or p.name.endswith(".bin.index.json"))
         if bins:
             raise CheckpointError(
                 f"{folder} holds only PyTorch .bin weights ({', '.join(bins)}); kvjax reads "
@@ -499,7 +501,8 @@ def _check_table(table, shapes):
     mapped = [p for t in table for p in t.kv]
     if sorted(mapped) != sorted(shapes):
         raise RuntimeError(f"kvjax.hf mapping out of date with the model: unmapped "
-                           f"{sorted(set(shapes) - set(mapped))}, unknown {sorted(set(mapped) - set(shapes))}")
+                           f"{sorted(set(shapes) - set(mapped))}, "
+                           f"unknown {sorted(set(mapped) - set(shapes))}")
 
 
 def _some(names, limit: int = 5) -> str:

@@ -1,0 +1,255 @@
+"""`kvjax generate`: continue a prompt with a local checkpoint and report how fast it ran.
+
+    kvjax generate --model PATH --prompt "Once upon a time" [--max-new-tokens 64]
+                   [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--no-cache]
+                   [--dtype float32|bfloat16]
+
+The continuation goes to stdout; the report (prompt tokens, new tokens, prefill ms,
+decode tokens/s, KV cache bytes) goes to stderr, so the text can be piped on its own.
+
+Two phases are timed separately: prefill (the prompt in one pass, which yields the first
+new token) and decode (the remaining tokens, one `kvjax.generate` call: a single jitted
+`lax.scan`). Compilation happens inside the first call of each; JAX reports how long it
+spent tracing, lowering and compiling (`jax.monitoring`), and that time is subtracted
+and shown on its own, so the rates describe the compiled program.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from .cli import UserError
+
+_COMPILE_EVENTS = "/jax/core/compile/"
+_compile_seconds = [0.0]
+_listening = [False]
+_events_work = [False]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate", help="continue a prompt with a local checkpoint",
+        description="Continue PROMPT with a local checkpoint folder (Hugging Face format: "
+                    "config.json, *.safetensors, and tokenizer.json or kvjax_tokenizer.json). "
+                    "Prints the continuation on stdout and a timing report on stderr.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="checkpoint folder; supported model_type: gpt2, llama, mistral, qwen2")
+    p.add_argument("--prompt", required=True, help="text to continue (encoded with the "
+                   "checkpoint's tokenizer, special tokens such as BOS included)")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, metavar="N",
+                   help="tokens to generate (fewer if the model emits its EOS token)")
+    p.add_argument("--temperature", type=_float_range(0.0, math.inf), default=0.0,
+                   metavar="T", help="sampling temperature; 0 means greedy (argmax)")
+    p.add_argument("--top-k", type=_int_at_least(0), default=0, metavar="K",
+                   help="sample only among the K most likely tokens; 0 disables")
+    p.add_argument("--top-p", type=_float_range(0.0, 1.0, low_open=True), default=1.0,
+                   metavar="P", help="sample only from the smallest set of tokens whose "
+                   "probability reaches P (nucleus); 1 disables")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="random seed for sampling (same seed, same text)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="baseline without a KV cache: re-run the model over the whole prefix "
+                        "for every new token (slower, same tokens)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameter and activation dtype the checkpoint is converted to "
+                        "(softmax and norms run in float32 either way)")
+    p.set_defaults(func=run)
+
+    def error(message):  # one line on stderr and exit 2, like cli.UserError
+        print(f"kvjax generate: error: {message} (see kvjax generate --help)", file=sys.stderr)
+        sys.exit(2)
+
+    p.error = error
+    return p
+
+
+def _int_at_least(low: int):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _float_range(low: float, high: float, low_open: bool = False):
+    """A finite float in [low, high] ((low, high] with low_open); high may be inf."""
+    if math.isinf(high):
+        rule = f">= {low:g}"
+    else:
+        rule = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            raise argparse.ArgumentTypeError(f"must be finite and {rule}, got {text}")
+        return value
+    return parse
+
+
+def resolve_model(spec: str, dtype: str):
+    """--model value -> (cfg, params, tokenizer). The one place that knows where models come from.
+
+    Today: a checkpoint folder. Bundled model names (kvjax.bundled.load_bundled) belong
+    here too, tried before the path check.
+    """
+    from .hf import load_hf
+    from .tokenizer import load_tokenizer
+
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"--model {spec}: no such checkpoint folder")
+    try:
+        cfg, params = load_hf(path, dtype=dtype)
+        tokenizer = load_tokenizer(path)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        raise UserError(f"--model {spec}: {e}") from None
+    return cfg, params, tokenizer
+
+
+def run(args) -> int:
+    cfg, params, tok = resolve_model(args.model, args.dtype)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise UserError("--prompt encodes to no tokens; give some text")
+    if max(ids) >= cfg.vocab_size:
+        raise UserError(f"the tokenizer produced id {max(ids)}, outside the model's vocabulary "
+                        f"[0, {cfg.vocab_size}); tokenizer and checkpoint do not belong together")
+    total = len(ids) + args.max_new_tokens
+    if cfg.positions == "learned" and total > cfg.max_position:
+        raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} = "
+                        f"{total} positions, but this model has max_position={cfg.max_position}")
+    eos_ids = [e for e in tok.eos_ids if e < cfg.vocab_size]
+    result = decode(cfg, params, ids, args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=eos_ids,
+                    use_cache=not args.no_cache)
+    print(tok.decode(result["tokens"]), flush=True)
+    print(report(cfg, args, result), file=sys.stderr)
+    return 0
+
+
+def decode(cfg, params, ids, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+           eos_ids=(), use_cache=True) -> dict:
+    """Generate after one prompt, timing prefill and decode apart.
+
+    Returns tokens (new ids, cut before the first EOS), prefill_s, decode_s (compile time
+    excluded), decode_steps, compile_s, cache_bytes, and whether compile events were seen.
+    """
+    from . import cache as cache_lib
+    from .decode import forward, generate, prefill
+
+    compile_seen = _listen_for_compiles()
+    key = jax.random.key(seed)
+    eos = eos_ids[0] if eos_ids else None
+    prompt = np.asarray([ids], np.int32)
+    n = len(ids)
+    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos)
+    jax.block_until_ready(params)
+
+    # Prefill: the prompt in one pass; its last logits give the first new token.
+    with _Timer() as t_prefill:
+        if use_cache:
+            cache = cache_lib.init_cache(cfg, 1, n + max_new_tokens)
+            logits, cache = prefill(cfg, params, prompt, np.array([n], np.int32), cache)
+        else:
+            cache = None
+            logits = forward(cfg, params, prompt)[:, -1]
+        first = int(_sample(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)[0])
+    tokens = [first]
+    steps = max_new_tokens - 1
+    out_cache = cache
+    with _Timer() as t_decode:
+        if steps and first not in eos_ids:
+            if use_cache:
+                out = generate(cfg, params, np.array([[first]], np.int32), max_new_tokens=steps,
+                               key=jax.random.fold_in(key, 1), cache=cache, **knobs)
+                out_cache = out.cache
+            else:
+                out = generate(cfg, params, np.asarray([ids + [first]], np.int32),
+                               max_new_tokens=steps, key=jax.random.fold_in(key, 1),
+                               use_cache=False, **knobs)
+            tokens += np.asarray(out.tokens)[0, : int(out.lengths[0])].tolist()
+        else:
+            steps = 0
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            tokens = tokens[:i]
+            break
+    return {"tokens": tokens, "prompt_tokens": n, "prefill_s": t_prefill.run_s,
+            "decode_s": t_decode.run_s, "decode_steps": steps,
+            "compile_s": t_prefill.compile_s + t_decode.compile_s,
+            "compile_seen": compile_seen,
+            "cache_bytes": 0 if out_cache is None else int(out_cache.nbytes)}
+
+
+def report(cfg, args, r) -> str:
+    mode = "no cache (re-runs the prefix per token)" if args.no_cache else "KV cache"
+    rate = (f"{r['decode_steps'] / r['decode_s']:,.1f} tokens/s ({r['decode_steps']} steps)"
+            if r["decode_steps"] and r["decode_s"] > 0 else "n/a (no decode steps)")
+    compile_note = (f"{r['compile_s'] * 1e3:,.0f} ms, excluded from the timings" if r["compile_seen"]
+                    else "not reported by this JAX version: timings include it")
+    return "\n".join([
+        f"--- kvjax generate: {cfg.name} ({cfg.dtype}, {mode}, {jax.default_backend()})",
+        f"prompt tokens  {r['prompt_tokens']}",
+        f"new tokens     {len(r['tokens'])}",
+        f"prefill        {r['prefill_s'] * 1e3:,.1f} ms",
+        f"decode         {rate}",
+        f"KV cache       {r['cache_bytes']:,} bytes",
+        f"compile        {compile_note}",
+    ])
+
+
+_sample_jit = None
+
+
+def _sample(logits, key, temperature, top_k, top_p):
+    global _sample_jit
+    if _sample_jit is None:
+        from .sampling import sample
+        _sample_jit = jax.jit(sample)
+    row = lambda v, dt: np.full((1,), v, dt)  # noqa: E731
+    return np.asarray(_sample_jit(logits, key, row(temperature, np.float32),
+                                  row(top_k, np.int32), row(top_p, np.float32)))
+
+
+def _listen_for_compiles():
+    """Count JAX's compile-phase durations; True when this JAX reports them at all."""
+    if not _listening[0]:
+        def on_duration(event, duration, **_):
+            if event.startswith(_COMPILE_EVENTS):
+                _compile_seconds[0] += duration
+        jax.monitoring.register_event_duration_secs_listener(on_duration)
+        before = _compile_seconds[0]
+        jax.jit(lambda x: x + 1)(np.float32(0)).block_until_ready()  # a fresh function compiles
+        _listening[0] = True
+        _events_work[0] = _compile_seconds[0] > before
+    return _events_work[0]
+
+
+class _Timer:
+    """Wall time of a block (results waited for) minus the compile time JAX reported in it."""
+
+    def __enter__(self):
+        self._compile0 = _compile_seconds[0]
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self._t0
+        self.compile_s = _compile_seconds[0] - self._compile0
+        self.run_s = max(wall - self.compile_s, 0.0)
+        return False

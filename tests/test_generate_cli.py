@@ -1,0 +1,177 @@
+"""`kvjax generate`: text equals transformers' greedy continuation, report fields, clean errors.
+
+Checkpoints are built locally (hf_fixtures): transformers models with a trained byte-level
+BPE tokenizer.json, and a kvjax model saved with a ByteTokenizer.
+"""
+import argparse
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.cli import build_parser, main
+from hf_fixtures import VARIANTS, hf_model, make_hf_tokenizer
+
+PROMPT = "The quick brown fox"
+NEW = 12
+
+
+def _run(capsys, *argv):
+    rc = main(["generate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _report(err):
+    """The report's `name  value` lines as a dict."""
+    return dict(re.findall(r"^(prompt tokens|new tokens|prefill|decode|KV cache|compile)\s+(.+)$",
+                           err, re.M))
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    torch = pytest.importorskip("torch", reason="torch not installed: these checkpoints are "
+                                "written by transformers")
+    pytest.importorskip("transformers", reason="transformers not installed")
+    dirs = {}
+    for variant in sorted(VARIANTS):
+        folder = tmp_path_factory.mktemp(f"cli-{variant}")
+        model = hf_model(variant, seed=11)
+        model.save_pretrained(folder)
+        make_hf_tokenizer(folder, bos=variant != "gpt2")  # GPT-2's tokenizer adds no BOS
+        dirs[variant] = (folder, model, torch)
+    return dirs
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_text_matches_transformers(hf_dirs, capsys, variant):
+    folder, model, torch = hf_dirs[variant]
+    tok = kvjax.load_tokenizer(folder)
+    ids = tok.encode(PROMPT)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=NEW, do_sample=False, eos_token_id=tok.eos_id,
+                             pad_token_id=tok.pad_id)[0, len(ids):].tolist()
+    if tok.eos_id in ref:
+        ref = ref[: ref.index(tok.eos_id)]
+    rc, out, err = _run(capsys, "--model", folder, "--prompt", PROMPT, "--max-new-tokens", NEW)
+    assert rc == 0, err
+    assert out == tok.decode(ref) + "\n"
+    report = _report(err)
+    assert report["prompt tokens"] == str(len(ids))
+    assert report["new tokens"] == str(len(ref))
+
+
+def test_report_fields_and_no_cache_gives_same_text(hf_dirs, capsys):
+    folder = hf_dirs["mistral"][0]
+    rc, out, err = _run(capsys, "--model", folder, "--prompt", PROMPT, "--max-new-tokens", NEW)
+    assert rc == 0
+    report = _report(err)
+    assert set(report) == {"prompt tokens", "new tokens", "prefill", "decode", "KV cache", "compile"}
+    assert re.fullmatch(r"[\d,.]+ ms", report["prefill"])
+    assert re.fullmatch(rf"[\d,.]+ tokens/s \({NEW - 1} steps\)", report["decode"])
+    cfg, _ = kvjax.load_hf(folder)
+    n = int(report["prompt tokens"])
+    assert report["KV cache"] == f"{kvjax.cache_bytes(cfg, 1, n + NEW):,} bytes"
+    rc, out2, err2 = _run(capsys, "--model", folder, "--prompt", PROMPT, "--max-new-tokens", NEW,
+                          "--no-cache")
+    assert rc == 0 and out2 == out
+    assert _report(err2)["KV cache"] == "0 bytes" and "no cache" in err2
+
+
+def test_sampling_is_seeded(hf_dirs, capsys):
+    folder = hf_dirs["qwen2"][0]
+    args = ["--model", folder, "--prompt", PROMPT, "--max-new-tokens", 16, "--temperature", 5.0,
+            "--top-k", 100, "--top-p", 0.95]
+    outs = [_run(capsys, *args, "--seed", s)[1] for s in (1, 1, 2, 3)]
+    assert outs[0] == outs[1]
+    assert len(set(outs[1:])) > 1
+
+
+def test_bfloat16(hf_dirs, capsys):
+    rc, out, err = _run(capsys, "--model", hf_dirs["llama3"][0], "--prompt", PROMPT,
+                        "--max-new-tokens", 4, "--dtype", "bfloat16")
+    assert rc == 0 and "(bfloat16, KV cache" in err
+
+
+def test_kvjax_checkpoint_with_byte_tokenizer(tmp_path, capsys):
+    cfg = kvjax.ModelConfig.preset("llama-tiny")
+    params = kvjax.init_params(cfg, jax.random.key(3), std=0.2)
+    tok = kvjax.ByteTokenizer()
+    kvjax.save_hf(cfg, params, tmp_path, tokenizer=tok)
+    ids = tok.encode("hello")
+    gen = kvjax.generate(cfg, params, np.array([ids]), max_new_tokens=NEW, eos_token_id=tok.eos_id)
+    want = np.asarray(gen.tokens)[0, : int(gen.lengths[0])].tolist()
+    rc, out, err = _run(capsys, "--model", tmp_path, "--prompt", "hello", "--max-new-tokens", NEW)
+    assert rc == 0
+    assert out == tok.decode(want) + "\n"
+
+
+def test_help_explains_every_flag(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    gen = sub.choices["generate"]
+    flags = [a for a in gen._actions if a.option_strings and a.dest != "help"]
+    assert {a.option_strings[0] for a in flags} == {
+        "--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
+        "--no-cache", "--dtype"}
+    assert all(a.help and len(a.help) > 15 for a in flags)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert all(a.option_strings[0] in text for a in flags)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1, got 0"),
+    (["--max-new-tokens", "abc"], "--max-new-tokens: expected an integer, got 'abc'"),
+    (["--temperature", "-1"], "--temperature: must be finite and >= 0, got -1"),
+    (["--temperature", "nan"], "--temperature: must be finite"),
+    (["--top-k", "-2"], "--top-k: must be >= 0, got -2"),
+    (["--top-p", "0"], r"--top-p: must be finite and in \(0, 1\], got 0"),
+    (["--top-p", "1.5"], r"--top-p: .*got 1.5"),
+    (["--dtype", "int8"], "--dtype: invalid choice: 'int8'"),
+])
+def test_bad_flag_values_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tmp_path), "--prompt", "x", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_bad_model_paths_one_line(tmp_path, capsys):
+    cfg = kvjax.ModelConfig.preset("gpt2-tiny")
+    params = kvjax.init_params(cfg, jax.random.key(0))
+    kvjax.save_hf(cfg, params, tmp_path / "no_tok")
+    kvjax.save_hf(cfg, params, tmp_path / "gpt2", tokenizer=kvjax.ByteTokenizer())
+    (tmp_path / "empty").mkdir()
+    cases = [(tmp_path / "missing", "no such checkpoint folder"),
+             (tmp_path / "empty", "no config.json"),
+             (tmp_path / "no_tok", "no tokenizer in"),
+             (tmp_path / "no_tok" / "config.json", "is a file")]
+    for path, message in cases:
+        rc, out, err = _run(capsys, "--model", path, "--prompt", "x")
+        assert rc == 2 and out == ""
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+        assert str(path) in err
+    # GPT-2's learned position table (256) bounds prompt + new tokens.
+    rc, _, err = _run(capsys, "--model", tmp_path / "gpt2", "--prompt", "x" * 250,
+                      "--max-new-tokens", 10)
+    assert rc == 2 and "max_position=256" in err and "= 261 positions" in err  # BOS + 250 + 10
+
+
+def test_command_line_process_has_no_traceback(tmp_path):
+    """The real entry point in a fresh process: one line on stderr, exit code 2."""
+    code = "import sys; from kvjax.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "generate", "--model", str(tmp_path / "nope"),
+                           "--prompt", "hi"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"kvjax generate: error: --model {tmp_path / 'nope'}: no such checkpoint folder"]
