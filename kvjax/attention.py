@@ -3,10 +3,18 @@
 Axis letters: B batch, T query chunk, S key slots, D model, N query heads, K kv heads,
 G query heads per kv head (N = K * G), H head dim.
 
-Without a cache the keys are the chunk's own; with a cache the chunk's K/V are first
-written at each row's current length and the queries attend over the whole buffer.
-Either way the same mask rule applies: a key is visible when it is valid, not in the
-future (k_pos <= q_pos), and, for sliding-window models, q_pos - k_pos < window.
+Keys come in blocks that share one softmax. Without a cache: the chunk's own keys. With a
+cache, normally: write the chunk into the cache first, then attend over the whole buffer
+(one block; the read depends on the write, so XLA updates the donated buffer in place).
+A ring (window/sinks) taking a chunk of several tokens is the exception: a later token
+of the chunk may overwrite a slot an earlier query still needs, so those queries attend
+over the cache as it was (old block) plus the chunk's own keys (new block), and the
+chunk is written afterwards. XLA then copies that layer's buffers once per such chunk
+(prefill only; a one-token decode step never needs it: the slot it overwrites is just
+outside the window of its query).
+
+One mask rule for every block: a key at position j is visible to a query at position p
+when it is valid, j <= p, and (no window, or p - j < window, or j < sinks).
 """
 from __future__ import annotations
 
@@ -14,36 +22,65 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .cache import write_chunk
+from .cache import KVCache, layer_arrays, read_layer, slot_positions, write_layer
 from .config import ModelConfig
-from .layers import apply_rope, dense, rope_inv_freq
+from .layers import apply_rope, apply_rope_heads_first, dense, rope_inv_freq
 
 _NEG = jnp.finfo(jnp.float32).min  # finite, so a fully masked padding row never makes NaN
 
 
-def attention_mask(q_pos, k_pos, k_valid, window):
+def attention_mask(q_pos, k_pos, k_valid, window=None, sinks=0):
     """Visibility [B, T, S] from q_pos [B, T], k_pos [B, S], k_valid [B, S]."""
     mask = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
     if window is not None:
-        mask = mask & (q_pos[:, :, None] - k_pos[:, None, :] < window)
+        near = q_pos[:, :, None] - k_pos[:, None, :] < window
+        if sinks:
+            near = near | (k_pos[:, None, :] < sinks)
+        mask = mask & near
     return mask
 
 
-def dot_attention(q, k, v, mask):
-    """Reference grouped-query attention; the oracle for any faster kernel.
-
-    q: [B, T, N, H]; k, v: [B, K, S, H]; mask: [B, T, S] -> [B, T, N, H].
-    Scores and softmax run in float32.
-    """
+def scores(q, k):
+    """q [B, T, N, H], k [B, K, S, H] -> float32 scaled scores [B, K, G, T, S]."""
     B, T, N, H = q.shape
     K = k.shape[1]
     qg = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (H ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, N, H).astype(q.dtype)
+    return jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * (H ** -0.5)
+
+
+def softmax_blocks(blocks, q_dtype):
+    """One softmax over several key blocks. blocks: [(scores [B,K,G,T,S_i], mask [B,T,S_i],
+    values [B,K,S_i,H])] -> [B, T, N, H]."""
+    masked = [jnp.where(m[:, None, None, :, :], s, _NEG) for s, m, _ in blocks]
+    probs = jax.nn.softmax(jnp.concatenate(masked, axis=-1), axis=-1)
+    out, offset = 0.0, 0
+    for s, _, v in blocks:
+        p = probs[..., offset:offset + s.shape[-1]].astype(v.dtype)
+        out = out + jnp.einsum("bkgts,bksh->btkgh", p, v, preferred_element_type=jnp.float32)
+        offset += s.shape[-1]
+    B, T, K, G, H = out.shape
+    return out.reshape(B, T, K * G, H).astype(q_dtype)
+
+
+def dot_attention(q, k, v, mask):
+    """Reference grouped-query attention over one block; the oracle for faster kernels.
+
+    q: [B, T, N, H]; k, v: [B, K, S, H]; mask: [B, T, S] -> [B, T, N, H].
+    """
+    return softmax_blocks([(scores(q, k), mask, v)], q.dtype)
+
+
+def attention_pattern(cfg: ModelConfig, cache: KVCache | None):
+    """(window, sinks) a query sees, from the model and the cache kind.
+
+    A ring of W slots shows at most the last W tokens, so it narrows the model's own window.
+    """
+    window, sinks = cfg.sliding_window, cfg.attention_sinks
+    if cache is not None and cache.kind in ("window", "sinks"):
+        ring = cache.max_len - cache.num_sinks
+        window = ring if window is None else min(window, ring)
+        sinks = cache.num_sinks
+    return window, sinks
 
 
 class Attention(nn.Module):
@@ -51,11 +88,14 @@ class Attention(nn.Module):
     std: float
 
     @nn.compact
-    def __call__(self, x, positions, lengths, kv=None, starts=None):
+    def __call__(self, x, positions, lengths, cache: KVCache | None = None, layer: int = 0,
+                 starts=None, slots=None):
         """x: [B, T, D]; positions: int32 [B, T]; lengths: int32 [B] real tokens of the chunk.
 
-        kv: None (no cache) or (k_buf, v_buf), each [B, K, S, H]; starts: int32 [B], the
-        slot where this chunk begins in each row. Returns ([B, T, D], new kv or None).
+        cache: None (no cache) or the KVCache before this chunk; `layer` picks its buffers;
+        starts: int32 [B] first position of the chunk per row; slots: int32 [B, T] where
+        the chunk is written (cache.chunk_slots). Returns ([B, T, D], this layer's new
+        cache arrays or None).
         """
         c = self.cfg
         B, T, _ = x.shape
@@ -65,22 +105,60 @@ class Attention(nn.Module):
         q = q.reshape(B, T, c.num_heads, c.head_dim)
         k = k.reshape(B, T, c.num_kv_heads, c.head_dim)
         v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
-        if c.positions == "rotary":
+        window, sinks = attention_pattern(c, cache)
+        rotary = c.positions == "rotary"
+        cache_positions = rotary and sinks > 0   # StreamingLLM: rotate at attention time
+        if rotary and not cache_positions:
             inv_freq = rope_inv_freq(c)
             q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)  # keys are cached after rotation
+            k = apply_rope(k, positions, inv_freq)   # keys are cached after rotation
 
         t = jnp.arange(T, dtype=jnp.int32)[None, :]
-        if kv is None:
-            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-            k_pos, k_valid, new_kv = positions, t < lengths[:, None], None
+        # Blocks of (keys [B,K,S,H], values, positions [B,S], valid [B,S]).
+        chunk = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, t < lengths[:, None])
+        new_layer = None
+        if cache is None:
+            blocks, starts = [chunk], jnp.zeros((B,), jnp.int32)
+        elif cache.slot_pos is not None and T > 1:   # ring + several tokens: old block + chunk
+            old = read_layer(cache.kind, layer_arrays(cache, layer), k.dtype)
+            blocks = [(*old, *slot_positions(cache, starts)), chunk]
+            new_layer = write_layer(cache, layer, k, v, slots)
+        else:                                         # write, then read back in place
+            new_layer = write_layer(cache, layer, k, v, slots)
+            written = read_layer(cache.kind, new_layer, k.dtype)
+            blocks = [(*written, *slot_positions(cache, starts, lengths, slots))]
+
+        if cache_positions:
+            score = _sink_scorer(c, q, positions, starts, window, sinks)
         else:
-            keys = write_chunk(kv[0], k, starts, lengths)
-            values = write_chunk(kv[1], v, starts, lengths)
-            S = keys.shape[2]
-            k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))
-            k_valid = k_pos < (starts + lengths)[:, None]
-            new_kv = (keys, values)
-        mask = attention_mask(positions, k_pos, k_valid, c.sliding_window)
-        out = dot_attention(q, keys, values, mask).reshape(B, T, c.num_heads * c.head_dim)
-        return dense(c, c.d_model, "o", c.out_bias, self.std)(out), new_kv
+            score = lambda kb, kp: scores(q, kb)  # noqa: E731
+        out = softmax_blocks(
+            [(score(kb, kp), attention_mask(positions, kp, kv, window, sinks), vb)
+             for kb, vb, kp, kv in blocks], q.dtype)
+        out = dense(c, c.d_model, "o", c.out_bias, self.std)(out.reshape(B, T, -1))
+        return out, new_layer
+
+
+def _sink_scorer(c: ModelConfig, q, positions, starts, window, sinks):
+    """Scores with StreamingLLM cache positions, for keys stored unrotated.
+
+    Once tokens have been evicted, the cache holds `sinks` first tokens and the last
+    `window` ones, placed at cache positions 0..sinks+window-1: the query at position p
+    sits at p - e(p), where e(p) = max(0, p - (sinks + window - 1)) tokens were evicted.
+    So a window key j is at distance p - j (its absolute distance) and a sink key at
+    p - e(p) - j. Rotary scores depend only on that distance, so window scores rotate
+    query and keys by a per-row reference e(start) (keeping angles small however long
+    the stream), and sink scores rotate the query by p - e(p) and sink keys by j.
+    """
+    inv_freq = rope_inv_freq(c)
+    evicted = lambda p: jnp.maximum(p - (sinks + window - 1), 0)  # noqa: E731
+    ref = evicted(starts)[:, None]                                          # [B, 1]
+    q_window = apply_rope(q, positions - ref, inv_freq)
+    q_sink = apply_rope(q, positions - evicted(positions), inv_freq)
+
+    def score(keys, k_pos):
+        window_scores = scores(q_window, apply_rope_heads_first(keys, k_pos - ref, inv_freq))
+        sink_scores = scores(q_sink, apply_rope_heads_first(keys, k_pos, inv_freq))
+        return jnp.where((k_pos < sinks)[:, None, None, None, :], sink_scores, window_scores)
+
+    return score

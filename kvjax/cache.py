@@ -3,7 +3,7 @@
 Axis letters: B batch, K kv heads, S cache slots (max_len), H head dim, T chunk length.
 
 Layout: `keys[l]` and `values[l]` are separate arrays of shape [B, K, S, H], one per layer,
-and `lengths` is int32 [B] (valid tokens per row; slot s of row b holds position s).
+and `lengths` is int32 [B]: tokens each row has seen (the next token's position).
 
 Why this layout:
   * One array per layer (a tuple, not one stacked [L, ...] array): the model unrolls its
@@ -14,6 +14,18 @@ Why this layout:
     the two einsums (`BKGTH,BKSH->BKGTS`, `BKGTS,BKSH->BKGTH`) need no transpose of the cache.
   * `lengths` per row, not one shared index: ragged batches need no left padding, and the
     same `prefill` appends a new chunk (a conversation turn) at each row's own end.
+
+Kinds (one interface; `kind` and `num_sinks` are static pytree metadata):
+  dense   slot s holds position s; full at S tokens (appending more raises).
+  int8    as dense, K/V stored as int8 with a float32 absmax scale per (token, kv head)
+          in `key_scales`/`value_scales` [B, K, S]; dequantised inside attention.
+  window  a ring of S slots: position p lives in slot p mod S, so a query sees the last S
+          tokens; memory is fixed however long generation runs. `slot_pos` [B, S] records
+          the position held by each slot (-1: empty), which drives masks after wrap-around.
+  sinks   StreamingLLM: slots [0, num_sinks) keep the first tokens forever, the other
+          S - num_sinks slots are a ring of recent tokens. Keys are stored *before*
+          rotation; attention assigns rotary positions by place in the cache (see
+          attention.py), as the StreamingLLM paper found necessary for stable perplexity.
 
 The cache is data: functions take one and return a new one. At the jit boundary it is
 donated, so XLA writes the new token's K/V into the same memory (see decode.py).
@@ -29,13 +41,20 @@ import numpy as np
 
 from .config import ModelConfig
 
+KINDS = ("dense", "int8", "window", "sinks")
+DEFAULT_SINKS = 4   # StreamingLLM's default: four initial tokens are enough to anchor attention
+
 
 @dataclass(frozen=True)
 class KVCache:
-    keys: tuple        # L arrays [B, K, S, H]
-    values: tuple      # L arrays [B, K, S, H]
-    lengths: jax.Array  # int32 [B]: valid tokens per row
+    keys: tuple             # L arrays [B, K, S, H] (int8 for kind "int8")
+    values: tuple           # L arrays [B, K, S, H]
+    lengths: jax.Array      # int32 [B]: tokens seen per row = position of the next token
+    key_scales: tuple = ()  # int8 only: L arrays float32 [B, K, S]
+    value_scales: tuple = ()
+    slot_pos: jax.Array | None = None   # window/sinks only: int32 [B, S], -1 = empty slot
     kind: str = "dense"
+    num_sinks: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -43,6 +62,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
+        """Number of slots S (for window/sinks, not a limit on tokens)."""
         return self.keys[0].shape[2]
 
     @property
@@ -50,67 +70,179 @@ class KVCache:
         return self.keys[0].dtype
 
     @property
+    def bounded(self) -> bool:
+        """True for kinds that raise when full (dense, int8); window/sinks run on forever."""
+        return self.kind in ("dense", "int8")
+
+    @property
     def nbytes(self) -> int:
-        """Exact bytes of every array this cache holds (buffers and lengths)."""
+        """Exact bytes of every array this cache holds (buffers, scales, positions, lengths)."""
         return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(self))
 
     def replace(self, **changes) -> "KVCache":
         return dataclasses.replace(self, **changes)
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["keys", "values", "lengths"],
-                                 meta_fields=["kind"])
+jax.tree_util.register_dataclass(
+    KVCache, data_fields=["keys", "values", "lengths", "key_scales", "value_scales", "slot_pos"],
+    meta_fields=["kind", "num_sinks"])
 
 
 def _resolve_dtype(cfg: ModelConfig, dtype) -> np.dtype:
     return jnp.dtype(dtype if dtype is not None else cfg.dtype)
 
 
-def _check_sizes(batch_size: int, max_len: int):
+def _check(batch_size: int, max_len: int, kind: str, num_sinks: int):
     for name, v in (("batch_size", batch_size), ("max_len", max_len)):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown cache kind {kind!r}; kinds are {list(KINDS)}")
+    if kind == "sinks" and not 1 <= num_sinks < max_len:
+        raise ValueError(f"a sinks cache needs 1 <= num_sinks < max_len; got num_sinks={num_sinks}, "
+                         f"max_len={max_len}")
 
 
-def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> int:
-    """Bytes `init_cache(cfg, batch_size, max_len, dtype)` allocates, computed without allocating."""
-    _check_sizes(batch_size, max_len)
-    per_buffer = batch_size * cfg.num_kv_heads * max_len * cfg.head_dim
-    return 2 * cfg.num_layers * per_buffer * _resolve_dtype(cfg, dtype).itemsize + 4 * batch_size
+def _sinks_for(kind: str, num_sinks) -> int:
+    return (DEFAULT_SINKS if num_sinks is None else int(num_sinks)) if kind == "sinks" else 0
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh=None) -> KVCache:
-    """An empty cache: zero buffers of [B, K, max_len, H] per layer and lengths 0.
+def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kind: str = "dense",
+                num_sinks: int | None = None) -> int:
+    """Bytes `init_cache` allocates for these arguments, computed without allocating."""
+    _check(batch_size, max_len, kind, _sinks_for(kind, num_sinks))
+    values = batch_size * cfg.num_kv_heads * max_len * cfg.head_dim
+    per_layer = 2 * values * (1 if kind == "int8" else _resolve_dtype(cfg, dtype).itemsize)
+    if kind == "int8":
+        per_layer += 2 * batch_size * cfg.num_kv_heads * max_len * 4     # float32 scales
+    extra = batch_size * max_len * 4 if kind in ("window", "sinks") else 0  # slot_pos
+    return cfg.num_layers * per_layer + extra + 4 * batch_size              # + lengths
 
-    `dtype` defaults to the model's dtype (`cfg.dtype`). With a `mesh` (see sharding.py)
-    the buffers are created directly in their sharded layout.
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh=None,
+               kind: str = "dense", num_sinks: int | None = None) -> KVCache:
+    """An empty cache of `max_len` slots per row.
+
+    dtype: storage dtype of dense/window/sinks buffers (default `cfg.dtype`; int8 ignores it).
+    kind: "dense" | "int8" | "window" | "sinks"; num_sinks: sink slots for "sinks" (default 4).
+    mesh: create the buffers directly in their sharded layout (see sharding.py).
     """
-    _check_sizes(batch_size, max_len)
+    sinks = _sinks_for(kind, num_sinks)
+    _check(batch_size, max_len, kind, sinks)
     if mesh is not None:
         from .sharding import init_sharded_cache  # sharding imports this module
-        return init_sharded_cache(cfg, batch_size, max_len, mesh, dtype)
-    dt = _resolve_dtype(cfg, dtype)
-    shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))  # noqa: E731
-    return KVCache(keys=zeros(), values=zeros(), lengths=jnp.zeros((batch_size,), jnp.int32))
+        return init_sharded_cache(cfg, batch_size, max_len, mesh, dtype, kind, sinks)
+    dt = jnp.int8 if kind == "int8" else _resolve_dtype(cfg, dtype)
+    B, K, S, H, L = batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, cfg.num_layers
+    bufs = lambda shape, d: tuple(jnp.zeros(shape, d) for _ in range(L))  # noqa: E731
+    return KVCache(
+        keys=bufs((B, K, S, H), dt), values=bufs((B, K, S, H), dt),
+        lengths=jnp.zeros((B,), jnp.int32),
+        key_scales=bufs((B, K, S), jnp.float32) if kind == "int8" else (),
+        value_scales=bufs((B, K, S), jnp.float32) if kind == "int8" else (),
+        slot_pos=jnp.full((B, S), -1, jnp.int32) if kind in ("window", "sinks") else None,
+        kind=kind, num_sinks=sinks)
 
 
-def write_chunk(buf: jax.Array, new: jax.Array, starts: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Write each row's first `lengths[b]` tokens of `new` at slots starts[b] ... into `buf`.
+# ----------------------------------------------------------------------------- traced helpers
 
-    buf: [B, K, S, H]; new: [B, T, K, H]; starts, lengths: int32 [B].
-    Padding tokens (t >= lengths[b]) get an out-of-range slot and are dropped, so a chunk
-    padded past the end of the buffer never shifts or clips a real write (which a clamped
-    `dynamic_update_slice` would do).
+def chunk_slots(cache: KVCache, starts: jax.Array, lengths: jax.Array, T: int) -> jax.Array:
+    """Slot for each token of a right-padded chunk [B, T] appended at `starts`; S = not written.
+
+    Padding is never written. In a ring, a chunk longer than the ring would hit a slot more
+    than once (a scatter with duplicate indices has no defined winner), so only the last
+    ring-size real tokens of the chunk are written: the earlier ones would be overwritten anyway.
     """
-    T, S = new.shape[1], buf.shape[2]
-    t = jnp.arange(T, dtype=jnp.int32)
-    slots = jnp.where(t[None, :] < lengths[:, None], starts[:, None] + t[None, :], S)  # [B, T]; S = dropped
+    S, s = cache.max_len, cache.num_sinks
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    pos = starts[:, None] + t                                           # [B, T]
+    end = (starts + lengths)[:, None]
+    keep = t < lengths[:, None]
+    if cache.kind == "window":
+        slot = pos % S
+        keep = keep & (pos >= end - S)
+    elif cache.kind == "sinks":
+        ring = S - s
+        slot = jnp.where(pos < s, pos, s + (pos - s) % ring)
+        keep = keep & ((pos < s) | (pos >= end - ring))
+    else:
+        slot = pos
+    return jnp.where(keep, slot, S)
 
-    def write_row(row_buf, row_new, row_slots):  # [K, S, H], [T, K, H], [T]
-        return row_buf.at[:, row_slots, :].set(row_new.transpose(1, 0, 2).astype(row_buf.dtype),
-                                               mode="drop")
 
-    # vmap over rows (rather than a scatter indexed by (row, slot)) makes the batch a
-    # batching dimension of the scatter, so a batch-sharded cache updates shard-locally.
-    return jax.vmap(write_row)(buf, new, slots)
+def _scatter_rows(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """buf [B, K, S, ...] <- new [B, T, K, ...] at slots [B, T] (slot S is dropped).
+
+    vmap over rows (rather than one scatter indexed by (row, slot)) makes the batch a
+    batching dimension of the scatter, so a batch-sharded cache updates shard-locally.
+    """
+    def row(b, n, sl):  # [K, S, ...], [T, K, ...], [T]
+        return b.at[:, sl].set(jnp.swapaxes(n, 0, 1).astype(b.dtype), mode="drop")
+
+    return jax.vmap(row)(buf, new, slots)
+
+
+def quantize_int8(x: jax.Array):
+    """Absmax int8 over the last axis: x [..., H] -> (int8 [..., H], float32 scale [...])."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=-1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(xf / safe[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def layer_arrays(cache: KVCache, layer: int) -> dict:
+    """One layer's stored arrays: k, v (and int8 scales ks, vs)."""
+    arrays = {"k": cache.keys[layer], "v": cache.values[layer]}
+    if cache.kind == "int8":
+        arrays.update(ks=cache.key_scales[layer], vs=cache.value_scales[layer])
+    return arrays
+
+
+def read_layer(kind: str, arrays: dict, dtype):
+    """(keys, values) [B, K, S, H] in `dtype` from one layer's arrays (int8 is dequantised here)."""
+    k, v = arrays["k"], arrays["v"]
+    if kind == "int8":
+        k = (k.astype(jnp.float32) * arrays["ks"][..., None]).astype(dtype)
+        v = (v.astype(jnp.float32) * arrays["vs"][..., None]).astype(dtype)
+    return k, v
+
+
+def write_layer(cache: KVCache, layer: int, k_new, v_new, slots) -> dict:
+    """One layer's arrays after writing a chunk's k/v [B, T, K, H] at `slots` [B, T]."""
+    if cache.kind == "int8":
+        (kq, ks), (vq, vs) = quantize_int8(k_new), quantize_int8(v_new)
+        new = {"k": kq, "v": vq, "ks": ks, "vs": vs}
+    else:
+        new = {"k": k_new, "v": v_new}
+    return {name: _scatter_rows(old, new[name], slots) for name, old in layer_arrays(cache, layer).items()}
+
+
+def slot_positions(cache: KVCache, starts, lengths=None, slots=None):
+    """(position held by each slot [B, S], slot valid [B, S]).
+
+    Before a chunk is appended (lengths None), or after it is written at `slots`.
+    """
+    B, S = cache.batch_size, cache.max_len
+    if cache.slot_pos is None:   # dense and int8: slot s holds position s
+        pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))
+        end = starts if lengths is None else starts + lengths
+        return pos, pos < end[:, None]
+    pos = cache.slot_pos
+    if lengths is not None:
+        T = slots.shape[1]
+        chunk = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        pos = jax.vmap(lambda p, sl, n: p.at[sl].set(n, mode="drop"))(pos, slots, chunk)
+    return pos, pos >= 0
+
+
+def assemble(cache: KVCache, layers: list, starts, lengths, slots) -> KVCache:
+    """The cache after a chunk: new per-layer arrays, lengths and slot positions."""
+    changes = dict(keys=tuple(l["k"] for l in layers), values=tuple(l["v"] for l in layers),
+                   lengths=starts + lengths)
+    if cache.kind == "int8":
+        changes.update(key_scales=tuple(l["ks"] for l in layers),
+                       value_scales=tuple(l["vs"] for l in layers))
+    if cache.slot_pos is not None:
+        changes["slot_pos"] = slot_positions(cache, starts, lengths, slots)[0]
+    return cache.replace(**changes)

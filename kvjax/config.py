@@ -47,6 +47,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None  # Mistral: a query sees keys with q_pos - k_pos < window
+    attention_sinks: int = 0          # StreamingLLM pattern: positions < this stay visible past the
+                                      # window, with rotary positions assigned by place in the cache
     tie_embeddings: bool = False
     dtype: str = "float32"            # parameter and activation dtype; softmax/norms run in float32
     name: str = "custom"
@@ -68,6 +70,9 @@ class ModelConfig:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"ModelConfig.sliding_window must be >= 1 or None, got {self.sliding_window}")
+        if self.attention_sinks < 0 or (self.attention_sinks and self.sliding_window is None):
+            raise ValueError(f"ModelConfig.attention_sinks={self.attention_sinks} needs a sliding_window "
+                             f"(sinks only matter where a window hides old tokens) and must be >= 0")
 
     @property
     def num_groups(self) -> int:

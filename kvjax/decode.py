@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import sharding, validate
-from .cache import KVCache, init_cache
+from .cache import KVCache, assemble, chunk_slots, init_cache
 from .config import ModelConfig
 from .model import Transformer, init_params
 from .sampling import sample
@@ -37,13 +37,11 @@ def _append(cfg: ModelConfig, params, tokens, lengths, cache: KVCache):
     T = tokens.shape[1]
     starts = cache.lengths
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
-    kv = tuple(zip(cache.keys, cache.values))
-    logits, new_kv = Transformer(cfg).apply(
-        {"params": params}, tokens, positions, lengths, kv, starts,
+    slots = chunk_slots(cache, starts, lengths, T)
+    logits, layers = Transformer(cfg).apply(
+        {"params": params}, tokens, positions, lengths, cache, starts, slots,
         logits_at=jnp.maximum(lengths - 1, 0))
-    new_cache = cache.replace(keys=tuple(k for k, _ in new_kv), values=tuple(v for _, v in new_kv),
-                              lengths=starts + lengths)
-    return logits[:, 0], new_cache                                             # [B, V]
+    return logits[:, 0], assemble(cache, layers, starts, lengths, slots)     # [B, V]
 
 
 def _decode(cfg: ModelConfig, params, tokens, cache: KVCache, active):
@@ -90,7 +88,7 @@ _generate_cached = jax.jit(_generate_impl, static_argnums=(0, 5), donate_argnums
 
 
 @lru_cache(maxsize=None)
-def _mesh_jits(cfg: ModelConfig, mesh):
+def _mesh_jits(cfg: ModelConfig, mesh, kind: str = "dense", num_sinks: int = 0):
     """The same three programs with explicit in/out shardings (pjit) for caches on `mesh`.
 
     Pinning the output cache to the input cache's sharding keeps it laid out the same way
@@ -98,7 +96,7 @@ def _mesh_jits(cfg: ModelConfig, mesh):
     """
     params_shape = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     ps = sharding.param_shardings(cfg, params_shape, mesh)
-    cs = sharding.cache_shardings(cfg, mesh)
+    cs = sharding.cache_shardings(cfg, mesh, kind, num_sinks)
     b1, b2 = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
     rep = sharding.replicated(mesh)
     knobs = {"temperature": b1, "top_k": b1, "top_p": b1, "eos": rep, "pad": rep, "key": rep}
@@ -171,8 +169,9 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache):
     mesh = sharding.mesh_of(cache)
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, tok.shape[0])
-    validate.check_room(cfg, sharding.to_host(cache.lengths), lens, cache.max_len, "prefill")
-    fn = _prefill_jit if mesh is None else _mesh_jits(cfg, mesh)["prefill"]
+    validate.check_room(cfg, sharding.to_host(cache.lengths), lens, cache.max_len, "prefill",
+                        cache.bounded)
+    fn = _prefill_jit if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["prefill"]
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache)
 
 
@@ -190,19 +189,20 @@ def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = 
         validate.check_cache(cfg, cache, tok.shape[0])
         ones = np.ones_like(tok, dtype=np.int32)
         validate.check_token_ids(cfg, validate.as_tokens(tok[:, None]), ones)
-        validate.check_room(cfg, sharding.to_host(cache.lengths), ones, cache.max_len, "decode_step")
+        validate.check_room(cfg, sharding.to_host(cache.lengths), ones, cache.max_len, "decode_step",
+                            cache.bounded)
     mesh = sharding.mesh_of(cache)
     if mesh is None:
         return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache)
     if not isinstance(tokens, jax.Array) or tokens.is_fully_addressable:
         (tokens,) = _placed(mesh, np.asarray(tokens, np.int32))
-    return _mesh_jits(cfg, mesh)["decode"](cfg, params, tokens, cache)
+    return _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["decode"](cfg, params, tokens, cache)
 
 
 def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_new_tokens: int = 32,
              temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, key=None, max_len=None,
              cache: KVCache | None = None, use_cache: bool = True, pad_token_id: int = 0,
-             mesh=None) -> GenerateOutput:
+             mesh=None, cache_kind: str = "dense", num_sinks: int | None = None) -> GenerateOutput:
     """Generate `max_new_tokens` per row after right-padded prompts [B, S].
 
     temperature/top_k/top_p: scalars or per-row [B] (temperature 0 = greedy). A row that
@@ -213,6 +213,9 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     `use_cache=False` is the honest baseline: every token re-runs the model over its prefix.
     `mesh`: allocate the new cache sharded on this mesh (a given cache keeps its own layout);
     rows are split over "data", heads over "model" (see sharding.py).
+    `cache_kind`/`num_sinks`: the kind of a newly allocated cache ("dense", "int8",
+    "window", "sinks"; see cache.py). window/sinks caches of `max_len` slots generate past
+    max_len by design; dense and int8 raise when prompt + max_new_tokens exceeds it.
     """
     tok = validate.as_tokens(prompt_tokens, "prompt_tokens")
     lens = validate.as_lengths(prompt_lengths, tok, "prompt_lengths")
@@ -230,7 +233,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     if cache is None:
         if mesh is not None:
             sharding.check_mesh(cfg, mesh, B)
-        cache = init_cache(cfg, B, max_len if max_len is not None else S + max_new_tokens, mesh=mesh)
+        cache = init_cache(cfg, B, max_len if max_len is not None else S + max_new_tokens, mesh=mesh,
+                           kind=cache_kind, num_sinks=num_sinks)
     elif max_len is not None and max_len != cache.max_len:
         raise ValueError(f"max_len={max_len} disagrees with the given cache's max_len={cache.max_len}")
     validate.check_cache(cfg, cache, B)
@@ -238,8 +242,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, B)
     validate.check_room(cfg, sharding.to_host(cache.lengths), lens + max_new_tokens, cache.max_len,
-                        f"generate (prompt + max_new_tokens={max_new_tokens})")
-    fn = _generate_cached if mesh is None else _mesh_jits(cfg, mesh)["generate"]
+                        f"generate (prompt + max_new_tokens={max_new_tokens})", cache.bounded)
+    fn = _generate_cached if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["generate"]
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, int(max_new_tokens),
               _place_knobs(mesh, knobs))
 

@@ -63,14 +63,28 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate x [B, T, N, H] by positions [B, T]; half-split layout (`rotate_half`) as in HF."""
-    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :]                                           # [B, T, 1, H/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    xf = x.astype(jnp.float32)
-    x1, x2 = jnp.split(xf, 2, axis=-1)
+def rope_tables(positions: jax.Array, inv_freq: jax.Array):
+    """cos, sin of positions [B, X] times inv_freq: each float32 [B, X, H/2]."""
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Half-split rotary (`rotate_half`, as in HF) of x [..., H] by cos/sin [..., H/2] of x's rank."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate x [B, T, N, H] (sequence second) by positions [B, T]."""
+    cos, sin = rope_tables(positions, inv_freq)
+    return rotate(x, cos[:, :, None, :], sin[:, :, None, :])
+
+
+def apply_rope_heads_first(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate cache-layout keys x [B, K, S, H] by positions [B, S]."""
+    cos, sin = rope_tables(positions, inv_freq)
+    return rotate(x, cos[:, None, :, :], sin[:, None, :, :])
 
 
 class MLP(nn.Module):

@@ -2,10 +2,10 @@
 
 Axis letters: B batch, T sequence (chunk), D model, V vocab, L layers.
 
-Params are a plain pytree (`init_params`); the cache is an explicit argument and return
-value (a tuple of per-layer (keys, values) buffers), never a mutable Flax collection.
-One forward path serves a full no-cache pass, chunked prefill and single-token decode:
-they differ only in whether `kv` is given and in the chunk length T.
+Params are a plain pytree (`init_params`); the cache is an explicit argument (a KVCache)
+and the new per-layer cache arrays are an explicit return value, never a mutable Flax
+collection. One forward path serves a full no-cache pass, chunked prefill and
+single-token decode: they differ only in whether `cache` is given and in the chunk length T.
 
 Parameter tree (names used by the checkpoint mapping in hf.py):
   embed/embedding [V, D]; pos_embed/embedding [P, D] (learned positions only)
@@ -29,12 +29,12 @@ class Block(nn.Module):
     std: float
 
     @nn.compact
-    def __call__(self, x, positions, lengths, kv=None, starts=None):
-        h, kv = Attention(self.cfg, self.std, name="attn")(
-            Norm(self.cfg, name="attn_norm")(x), positions, lengths, kv, starts)
+    def __call__(self, x, positions, lengths, cache=None, layer=0, starts=None, slots=None):
+        h, new_layer = Attention(self.cfg, self.std, name="attn")(
+            Norm(self.cfg, name="attn_norm")(x), positions, lengths, cache, layer, starts, slots)
         x = x + h
         x = x + MLP(self.cfg, self.std, name="mlp")(Norm(self.cfg, name="mlp_norm")(x))
-        return x, kv
+        return x, new_layer
 
 
 class Transformer(nn.Module):
@@ -42,13 +42,15 @@ class Transformer(nn.Module):
     std: float = 0.02  # init scale only
 
     @nn.compact
-    def __call__(self, tokens, positions, lengths, kv=None, starts=None, logits_at=None):
+    def __call__(self, tokens, positions, lengths, cache=None, starts=None, slots=None,
+                 logits_at=None):
         """tokens, positions: int32 [B, T]; lengths: int32 [B] real tokens per row.
 
-        kv: None or a tuple of L (k_buf, v_buf) pairs; starts: int32 [B] (cache path).
+        cache: None or the KVCache before this chunk; starts: int32 [B] the chunk's first
+        position per row; slots: int32 [B, T] where each token is written (cache path).
         logits_at: None for logits at every position [B, T, V], or int32 [B] to compute
         them only at one position per row [B, 1, V] (prefill and decode need no more).
-        Returns (logits, new kv or None).
+        Returns (logits, list of L per-layer new cache arrays, or None).
         """
         c = self.cfg
         dt = jnp.dtype(c.dtype)
@@ -61,11 +63,11 @@ class Transformer(nn.Module):
             pos_embed = nn.Embed(c.max_position, c.d_model, dtype=dt, param_dtype=dt,
                                  name="pos_embed", embedding_init=nn.initializers.normal(self.std))
             x = x + pos_embed(jnp.clip(positions, 0, c.max_position - 1))
-        new_kv = []
+        new_layers = []
         for i in range(c.num_layers):  # unrolled: each layer updates its own cache buffer
-            x, layer_kv = Block(c, self.std, name=f"layers_{i}")(
-                x, positions, lengths, None if kv is None else kv[i], starts)
-            new_kv.append(layer_kv)
+            x, new_layer = Block(c, self.std, name=f"layers_{i}")(
+                x, positions, lengths, cache, i, starts, slots)
+            new_layers.append(new_layer)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)       # [B, 1, D]
         x = Norm(c, name="final_norm")(x)
@@ -74,7 +76,7 @@ class Transformer(nn.Module):
         else:
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=dt, param_dtype=dt,
                               name="lm_head", kernel_init=nn.initializers.normal(self.std))(x)
-        return logits.astype(jnp.float32), (None if kv is None else tuple(new_kv))
+        return logits.astype(jnp.float32), (None if cache is None else new_layers)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02):

@@ -118,20 +118,30 @@ def shard_params(cfg: ModelConfig, params, mesh: Mesh):
     return jax.device_put(params, param_shardings(cfg, params, mesh))
 
 
-def cache_shardings(cfg: ModelConfig, mesh: Mesh, kind: str = "dense") -> KVCache:
-    """A KVCache-shaped pytree of NamedSharding: keys/values [B, K, S, H] over (data, model?)."""
+def cache_shardings(cfg: ModelConfig, mesh: Mesh, kind: str = "dense", num_sinks: int = 0) -> KVCache:
+    """A KVCache-shaped pytree of NamedSharding for a cache of `kind`.
+
+    keys/values [B, K, S, H] and int8 scales [B, K, S] over (data, model-or-replicated);
+    slot positions [B, S] and lengths [B] over data.
+    """
     rules = layout(cfg, mesh)
-    buf = NamedSharding(mesh, _spec(("batch", "kv_heads", "sequence", "head_dim"), rules))
-    bufs = tuple(buf for _ in range(cfg.num_layers))
-    return KVCache(keys=bufs, values=bufs, lengths=NamedSharding(mesh, P("data")), kind=kind)
+    per_layer = lambda logical: tuple(NamedSharding(mesh, _spec(logical, rules))  # noqa: E731
+                                      for _ in range(cfg.num_layers))
+    bufs = per_layer(("batch", "kv_heads", "sequence", "head_dim"))
+    scales = per_layer(("batch", "kv_heads", "sequence")) if kind == "int8" else ()
+    return KVCache(keys=bufs, values=bufs, lengths=NamedSharding(mesh, P("data")),
+                   key_scales=scales, value_scales=scales,
+                   slot_pos=NamedSharding(mesh, P("data", None)) if kind in ("window", "sinks") else None,
+                   kind=kind, num_sinks=num_sinks)
 
 
-def init_sharded_cache(cfg: ModelConfig, batch_size: int, max_len: int, mesh: Mesh, dtype=None) -> KVCache:
+def init_sharded_cache(cfg: ModelConfig, batch_size: int, max_len: int, mesh: Mesh, dtype=None,
+                       kind: str = "dense", num_sinks: int = 0) -> KVCache:
     """`init_cache` created directly in its sharded layout (no full copy on any one device)."""
     check_mesh(cfg, mesh, batch_size)
-    shardings = cache_shardings(cfg, mesh)
-    make = jax.jit(lambda: _init_cache_unsharded(cfg, batch_size, max_len, dtype),
-                   out_shardings=shardings)
+    shardings = cache_shardings(cfg, mesh, kind, num_sinks)
+    make = jax.jit(lambda: _init_cache_unsharded(cfg, batch_size, max_len, dtype, kind=kind,
+                                                 num_sinks=num_sinks), out_shardings=shardings)
     return make()
 
 

@@ -52,10 +52,12 @@ def check_token_ids(cfg: ModelConfig, tokens: np.ndarray, lengths: np.ndarray, n
                          f"[0, {cfg.vocab_size})")
 
 
-def check_room(cfg: ModelConfig, used: np.ndarray, adding: np.ndarray, max_len: int, what: str):
-    """used[b] + adding[b] tokens must fit in the cache and the model's position table."""
+def check_room(cfg: ModelConfig, used: np.ndarray, adding: np.ndarray, max_len: int, what: str,
+               bounded: bool = True):
+    """used[b] + adding[b] tokens must fit in the cache (when `bounded`: dense and int8 kinds;
+    window and sinks caches run on past max_len) and in the model's learned position table."""
     total = used + adding
-    if (total > max_len).any():
+    if bounded and (total > max_len).any():
         b = int(np.argmax(total > max_len))
         raise ValueError(f"{what}: row {b} needs {int(total[b])} cache slots ({int(used[b])} "
                          f"already used + {int(adding[b])} new) but max_len is {max_len}")
