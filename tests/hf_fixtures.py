@@ -45,6 +45,28 @@ VARIANTS = {
 WEIGHT_STD = 0.3
 
 
+def random_params(cfg, seed: int = 0, std: float = 0.2):
+    """Random kvjax parameters with the model's exact tree, drawn on the host.
+
+    Norm scales are 1 + N(0, std); everything else N(0, std). Cheaper than init_params in
+    tests that need many configs (no compilation).
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kvjax.hf import _param_shapes
+
+    rng = np.random.default_rng(seed)
+    tree = {}
+    for path, shape in _param_shapes(cfg).items():
+        value = rng.normal(0.0, std, shape) + (1.0 if path[-1] == "scale" else 0.0)
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = jnp.asarray(value, cfg.dtype)
+    return tree
+
+
 def hf_model(variant: str, seed: int = 0, **overrides):
     """A transformers causal LM for VARIANTS[variant], float32, eval mode, random weights."""
     import torch

@@ -8,13 +8,12 @@ import re
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 import kvjax
 from kvjax.cli import build_parser, main
-from hf_fixtures import VARIANTS, hf_model, make_hf_tokenizer
+from hf_fixtures import VARIANTS, hf_model, make_hf_tokenizer, random_params
 
 PROMPT = "The quick brown fox"
 NEW = 12
@@ -100,7 +99,7 @@ def test_bfloat16(hf_dirs, capsys):
 
 def test_kvjax_checkpoint_with_byte_tokenizer(tmp_path, capsys):
     cfg = kvjax.ModelConfig.preset("llama-tiny")
-    params = kvjax.init_params(cfg, jax.random.key(3), std=0.2)
+    params = random_params(cfg, seed=3)
     tok = kvjax.ByteTokenizer()
     kvjax.save_hf(cfg, params, tmp_path, tokenizer=tok)
     ids = tok.encode("hello")
@@ -147,7 +146,7 @@ def test_bad_flag_values_one_line(tmp_path, capsys, argv, message):
 
 def test_bad_model_paths_one_line(tmp_path, capsys):
     cfg = kvjax.ModelConfig.preset("gpt2-tiny")
-    params = kvjax.init_params(cfg, jax.random.key(0))
+    params = random_params(cfg)
     kvjax.save_hf(cfg, params, tmp_path / "no_tok")
     kvjax.save_hf(cfg, params, tmp_path / "gpt2", tokenizer=kvjax.ByteTokenizer())
     (tmp_path / "empty").mkdir()

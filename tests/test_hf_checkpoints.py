@@ -8,32 +8,20 @@ import json
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import kvjax
-from kvjax.hf import CheckpointError, _param_shapes, config_from_hf, hf_model_type, tensor_table
+from hf_fixtures import random_params
+from kvjax.hf import CheckpointError, config_from_hf, hf_model_type, tensor_table
 
 ROUND_TRIP = ["gpt2-tiny", "llama-tiny", "mistral-tiny", "qwen2-tiny", "mqa-tiny", "llama3-tiny"]
 
 
 def _params(cfg, seed=0):
-    """Random parameters with the model's exact tree and shapes, drawn on the host.
-
-    (Not init_params: these tests need many configs and only the values' round trip.)
-    """
-    rng = np.random.default_rng(seed)
-    tree = {}
-    for path, shape in _param_shapes(cfg).items():
-        value = jnp.asarray(rng.normal(0.0, 0.2, shape), cfg.dtype)
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
-    return tree
+    return random_params(cfg, seed)
 
 
 def _assert_same_params(a, b):
@@ -146,7 +134,8 @@ def test_mapping_covers_every_parameter_once():
     for name in ["gpt2-tiny", "llama-tiny", "qwen2-tiny"]:  # learned / untied / q,k,v bias + tied
         cfg = kvjax.ModelConfig.preset(name)
         mapped = [p for t in tensor_table(cfg, hf_model_type(cfg)) for p in t.kv]
-        leaves = jax.tree_util.tree_flatten_with_path(kvjax.init_params(cfg, jax.random.key(0)))[0]
+        tree = jax.eval_shape(lambda: kvjax.init_params(cfg, jax.random.key(0)))
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
         assert sorted(mapped) == sorted(tuple(k.key for k in p) for p, _ in leaves)
         assert len(mapped) == len(set(mapped))
 

@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers", reason="transformers not inst
                                    "parity tests need the reference implementation")
 
 import kvjax  # noqa: E402
-from hf_fixtures import VARIANTS, VOCAB, hf_model  # noqa: E402
+from hf_fixtures import VARIANTS, VOCAB, hf_model, random_params  # noqa: E402
 
 LOGIT_TOL = 2e-5          # max abs logit error, relative to max |logit|
 NEW = 32                  # greedy tokens compared per prompt
@@ -178,11 +178,8 @@ def test_sliding_window_off_by_one_would_fail(tmp_path_factory):
 @pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])
 def test_kvjax_models_saved_for_transformers(preset, tmp_path):
     """A model made in kvjax (the training path) runs in transformers with the same logits."""
-    from conftest import INIT_STD
-    import jax
-
     cfg = kvjax.ModelConfig.preset(preset)
-    params = kvjax.init_params(cfg, jax.random.key(0), std=INIT_STD)
+    params = random_params(cfg, seed=5)
     kvjax.save_hf(cfg, params, tmp_path, tokenizer=kvjax.ByteTokenizer())
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, attn_implementation="eager", dtype=torch.float32).eval()
