@@ -175,10 +175,14 @@ def test_sliding_window_off_by_one_would_fail(tmp_path_factory):
         assert np.abs(got - ref).max() > 100 * LOGIT_TOL * np.abs(ref).max(), f"window {wrong}"
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])
-def test_kvjax_models_saved_for_transformers(preset, tmp_path):
-    """A model made in kvjax (the training path) runs in transformers with the same logits."""
-    cfg = kvjax.ModelConfig.preset(preset)
+@pytest.mark.parametrize("preset, changes", [("llama-tiny", {}), ("gpt2-tiny", {}),
+                                             ("qwen2-tiny", {"sliding_window": 8})])
+def test_kvjax_models_saved_for_transformers(preset, changes, tmp_path):
+    """A model made in kvjax (the training path) runs in transformers with the same logits.
+
+    The Qwen2 case checks how save_hf writes a window (use_sliding_window on every layer).
+    """
+    cfg = kvjax.ModelConfig.preset(preset, **changes)
     params = random_params(cfg, seed=5)
     kvjax.save_hf(cfg, params, tmp_path, tokenizer=kvjax.ByteTokenizer())
     model = transformers.AutoModelForCausalLM.from_pretrained(
