@@ -48,7 +48,9 @@ class Config(ShapeConfig):
     base_context: int = option(2048, min=1, help="context length held fixed in the batch sweep")
     base_batch: int = option(1, min=1, help="batch size held fixed in the context sweep")
     cache_dtype: str | None = option(None, choices=(None, "float32", "bfloat16", "float16"),
-                                     help="cache dtype; null = the model dtype")
+                                     help="cache dtype; null = the model dtype (int8 ignores it)")
+    cache_kind: str = option("dense", choices=("dense", "int8"),
+                             help="cache layout: dense buffers, or int8 values with float32 scales")
     allocate: bool = option(True, help="allocate caches to compare real bytes with the prediction")
     alloc_limit_mib: float = option(256.0, min=0.0, help="largest cache (MiB) to actually allocate")
     budget_gib: float = option(16.0, min=0.0, help="memory budget (GiB) for the longest-context table")
@@ -74,27 +76,34 @@ def param_bytes_abstract(cfg) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
 
 
-def max_context(cfg, batch: int, budget: int, dtype) -> int:
+def max_context(cfg, batch: int, budget: int, dtype, kind: str = "dense") -> int:
     """Longest max_len with cache_bytes(cfg, batch, max_len) <= budget (0 if none fits)."""
-    one, two = kvjax.cache_bytes(cfg, batch, 1, dtype), kvjax.cache_bytes(cfg, batch, 2, dtype)
-    per_token, fixed = two - one, one - (two - one)
+    size = lambda n: kvjax.cache_bytes(cfg, batch, n, dtype, kind=kind)  # noqa: E731 (linear in n)
+    per_token, fixed = size(2) - size(1), 2 * size(1) - size(2)
     n = (budget - fixed) // per_token
     if n < 1:
         return 0
-    assert kvjax.cache_bytes(cfg, batch, n, dtype) <= budget < kvjax.cache_bytes(cfg, batch, n + 1, dtype)
+    assert size(n) <= budget < size(n + 1)
     return int(n)
+
+
+def _per_token(cfg, c: Config) -> int:
+    """Bytes one more cached token adds to one row."""
+    return (kvjax.cache_bytes(cfg, 1, 2, c.cache_dtype, kind=c.cache_kind)
+            - kvjax.cache_bytes(cfg, 1, 1, c.cache_dtype, kind=c.cache_kind))
 
 
 def _measure(ctx, cfg, c: Config, batch: int, context: int, sweep: str) -> dict:
     dtype = c.cache_dtype
-    predicted = kvjax.cache_bytes(cfg, batch, context, dtype)
+    predicted = kvjax.cache_bytes(cfg, batch, context, dtype, kind=c.cache_kind)
     row = {"sweep": sweep, "layout": layout(cfg.num_heads, cfg.num_kv_heads),
-           "kv_heads": cfg.num_kv_heads, "batch_size": batch, "context_len": context,
+           "kv_heads": cfg.num_kv_heads, "cache_kind": c.cache_kind, "batch_size": batch,
+           "context_len": context,
            "predicted_bytes": predicted, "allocated_bytes": None, "match": None,
            "device_delta_bytes": None, "device_stats": "unavailable"}
     if c.allocate and predicted <= c.alloc_limit_mib * MIB:
         before = memory_stats(ctx.device)
-        cache = jax.block_until_ready(kvjax.init_cache(cfg, batch, context, dtype))
+        cache = jax.block_until_ready(kvjax.init_cache(cfg, batch, context, dtype, kind=c.cache_kind))
         after = memory_stats(ctx.device)
         row["allocated_bytes"] = cache.nbytes
         row["match"] = cache.nbytes == predicted
@@ -112,12 +121,13 @@ def _measure(ctx, cfg, c: Config, batch: int, context: int, sweep: str) -> dict:
 def run(ctx, c: Config) -> dict:
     base = model_config("memory_scaling", c, ctx.dtype)
     cfgs = {k: base.replace(num_kv_heads=k) for k in c.kv_heads}
-    itemsize = np.dtype(c.cache_dtype or base.dtype).itemsize
+    per_token = {k: _per_token(cfgs[k], c) for k in c.kv_heads}
+    storage = "int8 + float32 scales" if c.cache_kind == "int8" else (c.cache_dtype or base.dtype)
     ctx.note(f"Shape: {base.name} (layers={base.num_layers}, query heads={base.num_heads}, "
-             f"head_dim={base.head_dim}), cache dtype {c.cache_dtype or base.dtype}. Bytes per "
-             f"cached token per row = 2 x layers x kv_heads x head_dim x {itemsize} bytes. Caches up "
-             f"to {c.alloc_limit_mib:g} MiB are allocated on {ctx.device.platform} and compared "
-             f"with kvjax.cache_bytes.")
+             f"head_dim={base.head_dim}), {c.cache_kind} cache, {storage}. Bytes per cached token "
+             f"per row: " + ", ".join(f"{layout(base.num_heads, k)} {per_token[k]:,}" for k in c.kv_heads)
+             + f". Caches up to {c.alloc_limit_mib:g} MiB are allocated on {ctx.device.platform} "
+               f"and compared with kvjax.cache_bytes.")
 
     points = [("context", k, c.base_batch, n) for k in c.kv_heads for n in c.context_lens]
     points += [("batch", k, b, c.base_context) for k in c.kv_heads for b in c.batch_sizes]
@@ -156,7 +166,7 @@ def run(ctx, c: Config) -> dict:
         for b in c.batch_sizes:
             line = [b]
             for k in c.kv_heads:
-                n = max_context(cfgs[k], b, budget - params[k], c.cache_dtype)
+                n = max_context(cfgs[k], b, budget - params[k], c.cache_dtype, c.cache_kind)
                 fit[(label, k, b)] = n
                 ctx.log({"sweep": "budget", "budget": label, "budget_bytes": budget,
                          "layout": layout(base.num_heads, k), "kv_heads": k, "batch_size": b,
@@ -177,8 +187,7 @@ def run(ctx, c: Config) -> dict:
     return {"shape": base.name, "allocated_points": len(allocated),
             "predicted_equals_allocated": all(r["match"] for r in allocated) if allocated else None,
             "ok": all(r["match"] for r in allocated),
-            "bytes_per_token_per_row": {layout(base.num_heads, k): kvjax.cache_bytes(cfgs[k], 1, 2, c.cache_dtype)
-                                        - kvjax.cache_bytes(cfgs[k], 1, 1, c.cache_dtype) for k in c.kv_heads},
+            "bytes_per_token_per_row": {layout(base.num_heads, k): per_token[k] for k in c.kv_heads},
             "max_context_at_budget": {f"{layout(base.num_heads, k)} B={b}": fit[(budgets[0][0], k, b)]
                                       for k in c.kv_heads for b in c.batch_sizes},
             "device_memory_stats": "available" if stats_seen else "unavailable"}
