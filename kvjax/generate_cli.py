@@ -37,29 +37,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "generate", help="continue a prompt with a local checkpoint",
         description="Continue PROMPT with a local checkpoint folder (Hugging Face format: "
                     "config.json, *.safetensors, and tokenizer.json or kvjax_tokenizer.json). "
-                    "Prints the continuation on stdout and a timing report on stderr.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "Prints the continuation on stdout and a timing report on stderr.")
     p.add_argument("--model", required=True, metavar="PATH",
                    help="checkpoint folder; supported model_type: gpt2, llama, mistral, qwen2")
     p.add_argument("--prompt", required=True, help="text to continue (encoded with the "
                    "checkpoint's tokenizer, special tokens such as BOS included)")
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, metavar="N",
-                   help="tokens to generate (fewer if the model emits its EOS token)")
+                   help="tokens to generate (fewer if the model emits its EOS token); default %(default)s")
     p.add_argument("--temperature", type=_float_range(0.0, math.inf), default=0.0,
-                   metavar="T", help="sampling temperature; 0 means greedy (argmax)")
+                   metavar="T", help="sampling temperature; 0 (the default) means greedy (argmax)")
     p.add_argument("--top-k", type=_int_at_least(0), default=0, metavar="K",
-                   help="sample only among the K most likely tokens; 0 disables")
+                   help="sample only among the K most likely tokens; 0 (the default) disables")
     p.add_argument("--top-p", type=_float_range(0.0, 1.0, low_open=True), default=1.0,
                    metavar="P", help="sample only from the smallest set of tokens whose "
-                   "probability reaches P (nucleus); 1 disables")
+                   "probability reaches P (nucleus); 1 (the default) disables")
     p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="random seed for sampling (same seed, same text)")
+                   help="random seed for sampling (same seed, same text); default %(default)s")
     p.add_argument("--no-cache", action="store_true",
                    help="baseline without a KV cache: re-run the model over the whole prefix "
                         "for every new token (slower, same tokens)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and activation dtype the checkpoint is converted to "
-                        "(softmax and norms run in float32 either way)")
+                        "(softmax and norms run in float32 either way); default %(default)s")
     p.set_defaults(func=run)
 
     def error(message):  # one line on stderr and exit 2, like cli.UserError
