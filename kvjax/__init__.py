@@ -5,6 +5,7 @@ from .decode import GenerateOutput, decode_step, forward, generate, prefill
 from .model import Transformer, init_params, param_bytes, param_count
 from .sampling import filter_logits, greedy, sample
 from .sharding import init_distributed, make_mesh, shard_params
+from .persist import load_cache, save_cache
 from .hf import CheckpointError, load_hf, save_hf
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -14,7 +15,7 @@ __all__ = [
     "KVCache", "cache_bytes", "init_cache", "PRESETS", "ModelConfig", "RopeScaling",
     "GenerateOutput", "decode_step", "forward", "generate", "prefill", "Transformer",
     "init_params", "param_bytes", "param_count", "filter_logits", "greedy", "sample",
-    "init_distributed", "make_mesh", "shard_params",
+    "init_distributed", "make_mesh", "shard_params", "load_cache", "save_cache",
     "CheckpointError", "load_hf", "save_hf", "ByteTokenizer", "HFTokenizer", "Tokenizer",
     "load_tokenizer",
 ]

@@ -1,0 +1,144 @@
+"""Saving and loading a KV cache: conversation memory that survives the process.
+
+A cache file is one uncompressed `.npz` holding every array of the cache plus a JSON
+record of its kind, sink count, dtypes and the model config it was built for. Loading
+checks that record against the model it is loaded for and names every mismatch.
+
+Writes are atomic: the file is written under a temporary name in the same folder,
+flushed to disk, then renamed over the target, so a crash mid-save leaves either the old
+file or none, never a truncated file that loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import KVCache
+from .config import ModelConfig
+
+FORMAT = "kvjax-cache-v1"
+
+
+def config_record(cfg: ModelConfig) -> dict:
+    """The config as plain JSON values (nested dataclasses become dicts)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def fingerprint(cfg: ModelConfig) -> str:
+    """A short hash of everything in the config that shapes the cache's contents."""
+    record = config_record(cfg)
+    record.pop("name", None)     # a renamed preset computes the same keys and values
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _leaves(cache: KVCache) -> dict[str, jax.Array]:
+    out = {"lengths": cache.lengths}
+    for field in ("keys", "values", "key_scales", "value_scales"):
+        for i, arr in enumerate(getattr(cache, field)):
+            out[f"{field}.{i}"] = arr
+    if cache.slot_pos is not None:
+        out["slot_pos"] = cache.slot_pos
+    return out
+
+
+def save_cache(path, cache: KVCache, cfg: ModelConfig | None = None) -> Path:
+    """Write `cache` (and, when given, the fingerprint of its model's config) to `path`.
+
+    Arrays are gathered to the host first, so a sharded cache saves the same way.
+    """
+    from .sharding import to_host
+
+    path = Path(path)
+    arrays, dtypes = {}, {}
+    for name, arr in _leaves(cache).items():
+        host = to_host(arr)
+        dtypes[name] = str(jnp.dtype(host.dtype))
+        # NumPy's .npz cannot describe bfloat16: store the raw bits, the dtype in the record.
+        arrays[name] = host.view(np.uint16) if host.dtype == jnp.bfloat16 else host
+    meta = {"format": FORMAT, "kind": cache.kind, "num_sinks": cache.num_sinks,
+            "num_layers": len(cache.keys), "dtypes": dtypes,
+            "config": None if cfg is None else config_record(cfg),
+            "fingerprint": None if cfg is None else fingerprint(cfg)}
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_cache(path, cfg: ModelConfig | None = None, kind: str | None = None, mesh=None) -> KVCache:
+    """Read a cache written by `save_cache`.
+
+    cfg: the model it will be used with; a cache saved for another config is refused,
+    naming the fields that differ. kind: the kind you expect (refused if different).
+    mesh: place the loaded cache on this mesh (see sharding.py).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no cache file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data["__meta__"]).decode())
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a kvjax cache file (format {meta.get('format')!r})")
+            arrays = {name: data[name] for name in meta["dtypes"]}
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        if isinstance(e, ValueError) and "not a kvjax cache" in str(e):
+            raise
+        raise ValueError(f"{path} is not a readable kvjax cache file: {e}") from e
+
+    if kind is not None and kind != meta["kind"]:
+        raise ValueError(f"{path} holds a {meta['kind']!r} cache, not the requested kind {kind!r}")
+    if cfg is not None:
+        _check_model(path, meta, cfg, arrays)
+
+    def get(name):
+        dt = jnp.dtype(meta["dtypes"][name])
+        host = arrays[name]
+        return jnp.asarray(host.view(dt) if dt == jnp.bfloat16 else host)
+
+    L = meta["num_layers"]
+    per_layer = lambda field: tuple(get(f"{field}.{i}") for i in range(L)) if f"{field}.0" in arrays else ()  # noqa: E731
+    cache = KVCache(keys=per_layer("keys"), values=per_layer("values"), lengths=get("lengths"),
+                    key_scales=per_layer("key_scales"), value_scales=per_layer("value_scales"),
+                    slot_pos=get("slot_pos") if "slot_pos" in arrays else None,
+                    kind=meta["kind"], num_sinks=meta["num_sinks"])
+    if mesh is not None:
+        from .sharding import cache_shardings, check_mesh
+        if cfg is None:
+            raise ValueError("load_cache(..., mesh=...) needs the model config to lay the cache out")
+        check_mesh(cfg, mesh, cache.batch_size)
+        cache = jax.device_put(cache, cache_shardings(cfg, mesh, cache.kind, cache.num_sinks))
+    return cache
+
+
+def _check_model(path, meta, cfg: ModelConfig, arrays):
+    saved = meta.get("config")
+    if saved is not None and meta["fingerprint"] != fingerprint(cfg):
+        now = config_record(cfg)
+        diff = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+                for k in sorted(set(saved) | set(now)) if k != "name" and saved.get(k) != now.get(k)]
+        raise ValueError(f"{path} was saved for a different model ({'; '.join(diff)})")
+    k0 = arrays["keys.0"].shape
+    want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    got = (meta["num_layers"], k0[1], k0[3])
+    if got != want:
+        raise ValueError(f"{path} holds a cache of (layers, kv heads, head dim) = {got}, but this model "
+                         f"needs {want}")
