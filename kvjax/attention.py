@@ -40,12 +40,21 @@ def attention_mask(q_pos, k_pos, k_valid, window=None, sinks=0):
     return mask
 
 
+def _f32_dot(spec, a, b):
+    """einsum accumulating and returning float32. XLA's CPU runtime has no bf16 x bf16 -> f32
+    dot, so on CPU half-precision operands are widened first; accelerators read them as
+    stored (the cache stays half-size in memory traffic)."""
+    if jax.default_backend() == "cpu" and (a.dtype.itemsize < 4 or b.dtype.itemsize < 4):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def scores(q, k):
     """q [B, T, N, H], k [B, K, S, H] -> float32 scaled scores [B, K, G, T, S]."""
     B, T, N, H = q.shape
     K = k.shape[1]
     qg = q.reshape(B, T, K, N // K, H)
-    return jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * (H ** -0.5)
+    return _f32_dot("btkgh,bksh->bkgts", qg, k) * (H ** -0.5)
 
 
 def softmax_blocks(blocks, q_dtype):
@@ -56,7 +65,7 @@ def softmax_blocks(blocks, q_dtype):
     out, offset = 0.0, 0
     for s, _, v in blocks:
         p = probs[..., offset:offset + s.shape[-1]].astype(v.dtype)
-        out = out + jnp.einsum("bkgts,bksh->btkgh", p, v, preferred_element_type=jnp.float32)
+        out = out + _f32_dot("bkgts,bksh->btkgh", p, v)
         offset += s.shape[-1]
     B, T, K, G, H = out.shape
     return out.reshape(B, T, K * G, H).astype(q_dtype)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import jax
@@ -99,7 +100,7 @@ def load_cache(path, cfg: ModelConfig | None = None, kind: str | None = None, me
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a kvjax cache file (format {meta.get('format')!r})")
             arrays = {name: data[name] for name in meta["dtypes"]}
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         if isinstance(e, ValueError) and "not a kvjax cache" in str(e):
             raise
         raise ValueError(f"{path} is not a readable kvjax cache file: {e}") from e
