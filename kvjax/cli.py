@@ -54,4 +54,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m kvjax.cli` runs this file as __main__: call the imported module's main so
+    # that UserError raised by subcommands is the class main catches.
+    from kvjax.cli import main as _main
+
+    sys.exit(_main())

@@ -15,6 +15,8 @@ Parameter tree (names used by the checkpoint mapping in hf.py):
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -84,10 +86,16 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02):
 
     Initialised under jit so full-size shapes are created directly in `cfg.dtype`.
     """
+    return _jitted_init(cfg, std)(key)
+
+
+@lru_cache(maxsize=None)
+def _jitted_init(cfg: ModelConfig, std: float):
+    """One compiled initialiser per (config, std): repeated init_params calls do not recompile."""
     model = Transformer(cfg, std)
     tokens = jnp.zeros((1, 1), jnp.int32)
     lengths = jnp.ones((1,), jnp.int32)
-    return jax.jit(lambda k: model.init(k, tokens, tokens, lengths)["params"])(key)
+    return jax.jit(lambda k: model.init(k, tokens, tokens, lengths)["params"])
 
 
 def param_bytes(params) -> int:

@@ -21,20 +21,23 @@ from kvjax import sharding  # noqa: E402
 if distributed:
     assert sharding.init_distributed()   # from KVJAX_* environment variables
 
+kind = overrides.pop("cache_kind", "dense")
 cfg = kvjax.ModelConfig.preset(overrides.pop("preset", "llama-tiny"), **overrides)
 params = kvjax.init_params(cfg, jax.random.key(0), std=0.2)
 mesh = sharding.make_mesh(mesh_spec)
-B, S, N, MAX_LEN = 8, 10, 12, 40
+# Ring kinds get fewer slots than the run needs, so they wrap while sharded.
+B, S, N, MAX_LEN = 8, 10, 12, 40 if kind in ("dense", "int8") else 20
 rng = np.random.default_rng(0)
 prompts = rng.integers(0, cfg.vocab_size, (B, S)).astype(np.int32)
 lens = rng.integers(1, S + 1, B).astype(np.int32)
 
 # Reference on one local device, unsharded.
-ref = kvjax.generate(cfg, params, prompts, lens, max_new_tokens=N, max_len=MAX_LEN)
+ref = kvjax.generate(cfg, params, prompts, lens, max_new_tokens=N, max_len=MAX_LEN, cache_kind=kind)
 ref_tokens = np.asarray(ref.tokens)
 
 sp = sharding.shard_params(cfg, params, mesh)
-out = kvjax.generate(cfg, sp, prompts, lens, max_new_tokens=N, max_len=MAX_LEN, mesh=mesh)
+out = kvjax.generate(cfg, sp, prompts, lens, max_new_tokens=N, max_len=MAX_LEN, mesh=mesh,
+                     cache_kind=kind)
 tokens = sharding.to_host(out.tokens)
 # Continue through prefill + decode_step on the sharded cache (it must stay sharded).
 logits, cache = kvjax.prefill(cfg, sp, prompts[:, :3], np.full(B, 3), out.cache)
@@ -46,8 +49,8 @@ ref_logits, _ = kvjax.decode_step(cfg, params, np.asarray(ref_logits).argmax(-1)
 from kvjax.decode import _mesh_jits  # noqa: E402
 
 step_tokens = jax.ShapeDtypeStruct((B,), np.int32, sharding=sharding.batch_sharding(mesh, 1))
-hlo = _mesh_jits(cfg, mesh)["decode"].lower(
-    cfg, sp, step_tokens, kvjax.init_cache(cfg, B, MAX_LEN, mesh=mesh)).compile().as_text()
+hlo = _mesh_jits(cfg, mesh, kind, out.cache.num_sinks)["decode"].lower(
+    cfg, sp, step_tokens, kvjax.init_cache(cfg, B, MAX_LEN, mesh=mesh, kind=kind)).compile().as_text()
 gathers = []
 for line in hlo.splitlines():
     m = re.search(r"= \w+\[([\d,]*)\]\S* (all-gather|all-to-all|collective-permute)\(", line)
@@ -61,7 +64,8 @@ report = {
     "tokens": tokens.tolist(),
     "logits_max_err": float(np.abs(np.asarray(sharding.to_host(logits)) - np.asarray(ref_logits)).max()),
     "cache_spec": str(cache.keys[0].sharding.spec),
-    "shard_shape": list(shard.shape), "shard_bytes": int(shard.nbytes),
+    "shard_shape": list(shard.shape), "shard_bytes": int(shard.nbytes), "itemsize": shard.dtype.itemsize,
+    "kind": cache.kind, "max_len_seen": int(sharding.to_host(cache.lengths).max()),
     "global_shape": list(cache.keys[0].shape),
     "cache_gathers": gathers,
     "layout": sharding.layout(cfg, mesh),

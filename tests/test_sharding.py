@@ -34,17 +34,19 @@ def _run(tmp_path, mesh, overrides, devices=8):
     return json.loads(out.read_text())
 
 
-# (mesh, model overrides, expected cache spec, expected per-device shard [B, K, S, H])
+# (mesh, model overrides incl. cache kind, expected cache spec, expected per-device shard [B, K, S, H])
 CASES = {
-    "data-parallel 8x1": ({"data": 8}, {}, "PartitionSpec('data', 'model', None, None)", [1, 2, 40, 16]),
-    "tensor-parallel 1x8 (8 kv heads)": ({"model": 8}, {"num_heads": 8, "num_kv_heads": 8},
-                                         "PartitionSpec('data', 'model', None, None)", [8, 1, 40, 16]),
-    "tensor-parallel 1x8, GQA 2 kv heads": ({"model": 8}, {"num_heads": 8, "num_kv_heads": 2},
-                                            "PartitionSpec('data', None, None, None)", [8, 2, 40, 16]),
-    "2x4 GPT-2": ({"data": 2, "model": 4}, {"preset": "gpt2-tiny"},
-                  "PartitionSpec('data', 'model', None, None)", [4, 1, 40, 16]),
-    "2x4 MQA": ({"data": 2, "model": 4}, {"preset": "mqa-tiny"},
-                "PartitionSpec('data', None, None, None)", [4, 1, 40, 16]),
+    "data-parallel 8x1, dense": ({"data": 8}, {}, "PartitionSpec('data', 'model', None, None)", [1, 2, 40, 16]),
+    "tensor-parallel 1x8 (8 kv heads), int8": (
+        {"model": 8}, {"num_heads": 8, "num_kv_heads": 8, "cache_kind": "int8"},
+        "PartitionSpec('data', 'model', None, None)", [8, 1, 40, 16]),
+    "tensor-parallel 1x8, GQA 2 kv heads, window": (
+        {"model": 8}, {"num_heads": 8, "num_kv_heads": 2, "cache_kind": "window"},
+        "PartitionSpec('data', None, None, None)", [8, 2, 20, 16]),
+    "2x4 GPT-2, dense": ({"data": 2, "model": 4}, {"preset": "gpt2-tiny"},
+                         "PartitionSpec('data', 'model', None, None)", [4, 1, 40, 16]),
+    "2x4 MQA, sinks": ({"data": 2, "model": 4}, {"preset": "mqa-tiny", "cache_kind": "sinks"},
+                       "PartitionSpec('data', None, None, None)", [4, 1, 20, 16]),
 }
 
 
@@ -57,7 +59,10 @@ def test_sharded_generate_matches_one_device(tmp_path, case):
     assert r["logits_max_err"] < 2e-4                   # float32, same math in another order
     assert r["cache_spec"] == spec.replace("PartitionSpec", "P")
     assert r["shard_shape"] == shard
-    assert r["shard_bytes"] == 4 * shard[0] * shard[1] * shard[2] * shard[3]
+    assert r["shard_bytes"] == r["itemsize"] * shard[0] * shard[1] * shard[2] * shard[3]
+    assert r["kind"] == overrides.get("cache_kind", "dense")
+    if r["kind"] in ("window", "sinks"):
+        assert r["max_len_seen"] > shard[2]             # the ring wrapped while sharded
     assert r["cache_gathers"] == []                     # no collective moves a cache buffer
 
 
