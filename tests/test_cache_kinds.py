@@ -145,3 +145,18 @@ def test_bad_kind_arguments():
         kvjax.init_cache(cfg, 1, 8, kind="paged")
     with pytest.raises(ValueError, match=r"num_sinks=8, max_len=8"):
         kvjax.init_cache(cfg, 1, 8, kind="sinks", num_sinks=8)
+
+
+@pytest.mark.parametrize("kind, slots, oracle", [("dense", T, {}), ("sinks", 10, {"sliding_window": 6, "attention_sinks": 4})])
+def test_stream_logits_reads_a_stream_through_the_cache(kind, slots, oracle, rng):
+    from kvjax.evaluate import stream_logits, token_nll
+
+    cfg, params = model("llama-tiny")
+    toks = rng.integers(0, cfg.vocab_size, (B, T), dtype=np.int32)
+    logits, cache = stream_logits(cfg, params, toks, kvjax.init_cache(cfg, B, slots, kind=kind))
+    full = np.asarray(kvjax.forward(cfg.replace(**oracle), params, toks))
+    np.testing.assert_allclose(np.asarray(logits), full, **TOL)
+    assert int(cache.lengths[0]) == T
+    nll = token_nll(logits, toks)
+    ref = -np.take_along_axis(jax.nn.log_softmax(full[:, :-1]), toks[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(nll, ref, **TOL)
