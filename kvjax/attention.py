@@ -98,12 +98,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, lengths, cache: KVCache | None = None, layer: int = 0,
-                 starts=None, slots=None):
+                 starts=None, slots=None, live: int | None = None):
         """x: [B, T, D]; positions: int32 [B, T]; lengths: int32 [B] real tokens of the chunk.
 
         cache: None (no cache) or the KVCache before this chunk; `layer` picks its buffers;
         starts: int32 [B] first position of the chunk per row; slots: int32 [B, T] where
-        the chunk is written (cache.chunk_slots). Returns ([B, T, D], this layer's new
+        the chunk is written (cache.chunk_slots); live (static): read only slots [0, live),
+        which must hold every row's tokens (dense/int8; the caller plans it). Returns ([B, T, D], this layer's new
         cache arrays or None).
         """
         c = self.cfg
@@ -134,8 +135,12 @@ class Attention(nn.Module):
             new_layer = write_layer(cache, layer, k, v, slots)
         else:                                         # write, then read back in place
             new_layer = write_layer(cache, layer, k, v, slots)
-            written = read_layer(cache.kind, new_layer, k.dtype)
-            blocks = [(*written, *slot_positions(cache, starts, lengths, slots))]
+            pos, valid = slot_positions(cache, starts, lengths, slots)
+            view = new_layer
+            if live is not None and live < cache.max_len:   # skip slots no row has reached
+                view = {name: a[:, :, :live] for name, a in new_layer.items()}
+                pos, valid = pos[:, :live], valid[:, :live]
+            blocks = [(*read_layer(cache.kind, view, k.dtype), pos, valid)]
 
         if cache_positions:
             score = _sink_scorer(c, q, positions, starts, window, sinks)

@@ -32,21 +32,24 @@ class GenerateOutput(NamedTuple):
 
 # ----------------------------------------------------------------------------- traced cores
 
-def _append(cfg: ModelConfig, params, tokens, lengths, cache: KVCache):
-    """Append a right-padded chunk [B, T] at each row's cache length; logits of its last real token."""
+def _append(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, live: int | None = None):
+    """Append a right-padded chunk [B, T] at each row's cache length; logits of its last real token.
+
+    live (static): attention reads only slots [0, live); every row's tokens must end there.
+    """
     T = tokens.shape[1]
     starts = cache.lengths
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
     slots = chunk_slots(cache, starts, lengths, T)
     logits, layers = Transformer(cfg).apply(
         {"params": params}, tokens, positions, lengths, cache, starts, slots,
-        logits_at=jnp.maximum(lengths - 1, 0))
+        logits_at=jnp.maximum(lengths - 1, 0), live=live)
     return logits[:, 0], assemble(cache, layers, starts, lengths, slots)     # [B, V]
 
 
-def _decode(cfg: ModelConfig, params, tokens, cache: KVCache, active):
+def _decode(cfg: ModelConfig, params, tokens, cache: KVCache, active, live=None):
     """One token per row [B]; rows with active=False write nothing and keep their length."""
-    return _append(cfg, params, tokens[:, None], active.astype(jnp.int32), cache)
+    return _append(cfg, params, tokens[:, None], active.astype(jnp.int32), cache, live)
 
 
 def _forward(cfg: ModelConfig, params, tokens, lengths, logits_at=None):
@@ -57,33 +60,71 @@ def _forward(cfg: ModelConfig, params, tokens, lengths, logits_at=None):
     return logits
 
 
-def _decode_all(cfg: ModelConfig, params, tokens, cache: KVCache):
-    return _decode(cfg, params, tokens, cache, jnp.ones(tokens.shape, bool))
+def _decode_all(cfg: ModelConfig, params, tokens, cache: KVCache, live=None):
+    return _decode(cfg, params, tokens, cache, jnp.ones(tokens.shape, bool), live)
 
 
-def _generate_impl(cfg, params, prompts, prompt_lengths, cache, max_new_tokens, knobs):
-    """Prefill, then `max_new_tokens` steps of (sample, decode) in one `lax.scan`.
+# Attention reads a power-of-two prefix of the cache that covers every row's live tokens
+# (at least MIN_LIVE slots), so a step's cost follows the live context, not max_len.
+MIN_LIVE = 128
+# Longest-row lengths are rounded up to this before planning, so prompts whose lengths
+# differ within one band share a compiled program.
+LIVE_BAND = 64
 
-    Step i samples token i from the current logits, then decodes it so the returned cache
-    holds every generated token (ready for the next prefill of a conversation).
+
+def live_bucket(n: int, max_len: int) -> int:
+    """Slots attention reads when the longest row holds n tokens."""
+    return min(max(MIN_LIVE, 1 << max(n - 1, 0).bit_length()), max_len)
+
+
+def live_plan(end_of_prompt: int, max_new_tokens: int, cache: KVCache):
+    """(prefill live, ((steps, live), ...)) for a generate whose longest row holds
+    `end_of_prompt` tokens after the prompt. Ring caches always read all their slots."""
+    S = cache.max_len
+    if not cache.bounded:
+        return S, ((max_new_tokens, S),)
+    start = min(-(-end_of_prompt // LIVE_BAND) * LIVE_BAND, S)
+    segments = []
+    for i in range(max_new_tokens):        # step i writes a token at position <= start + i
+        live = live_bucket(start + i + 1, S)
+        if segments and segments[-1][1] == live:
+            segments[-1][0] += 1
+        else:
+            segments.append([1, live])
+    return live_bucket(start, S), tuple(map(tuple, segments))
+
+
+def _generate_impl(cfg, params, prompts, prompt_lengths, cache, plan, knobs):
+    """Prefill, then steps of (sample, decode) in `lax.scan`s, all in one jit.
+
+    plan (static): (prefill live, ((steps, live), ...)): one scan per segment, each reading
+    only the cache prefix its tokens can reach. Step i samples token i from the current
+    logits, then decodes it, so the returned cache holds every generated token (ready for
+    the next prefill of a conversation).
     """
-    logits, cache = _append(cfg, params, prompts, prompt_lengths, cache)
+    prefill_live, segments = plan
+    logits, cache = _append(cfg, params, prompts, prompt_lengths, cache, prefill_live)
+    done = jnp.zeros(prompts.shape[:1], bool)
+    toks, actives, first = [], [], 0
+    for steps, live in segments:
+        def step(carry, i, live=live):
+            logits, cache, done = carry
+            tok, active, done = _pick(logits, i, done, knobs)
+            logits, cache = _decode(cfg, params, tok, cache, active, live)
+            return (logits, cache, done), (tok, active)
 
-    def step(carry, i):
-        logits, cache, done = carry
-        tok, active, done = _pick(logits, i, done, knobs)
-        logits, cache = _decode(cfg, params, tok, cache, active)
-        return (logits, cache, done), (tok, active)
-
-    done0 = jnp.zeros(prompts.shape[:1], bool)
-    (_, cache, _), (toks, active) = jax.lax.scan(
-        step, (logits, cache, done0), jnp.arange(max_new_tokens, dtype=jnp.int32))
+        (logits, cache, done), (tok, active) = jax.lax.scan(
+            step, (logits, cache, done), jnp.arange(first, first + steps, dtype=jnp.int32))
+        toks.append(tok)
+        actives.append(active)
+        first += steps
+    toks, active = jnp.concatenate(toks, 0), jnp.concatenate(actives, 0)
     return GenerateOutput(toks.T, active.sum(0, dtype=jnp.int32), cache)
 
 
 _forward_jit = jax.jit(_forward, static_argnums=0)
-_prefill_jit = jax.jit(_append, static_argnums=0, donate_argnums=4)
-_decode_jit = jax.jit(_decode_all, static_argnums=0, donate_argnums=3)
+_prefill_jit = jax.jit(_append, static_argnums=(0, 5), donate_argnums=4)
+_decode_jit = jax.jit(_decode_all, static_argnums=(0, 4), donate_argnums=3)
 _generate_cached = jax.jit(_generate_impl, static_argnums=(0, 5), donate_argnums=4)
 
 
@@ -101,9 +142,9 @@ def _mesh_jits(cfg: ModelConfig, mesh, kind: str = "dense", num_sinks: int = 0):
     rep = sharding.replicated(mesh)
     knobs = {"temperature": b1, "top_k": b1, "top_p": b1, "eos": rep, "pad": rep, "key": rep}
     return {
-        "prefill": jax.jit(_append, static_argnums=0, donate_argnums=4,
+        "prefill": jax.jit(_append, static_argnums=(0, 5), donate_argnums=4,
                            in_shardings=(ps, b2, b1, cs), out_shardings=(b2, cs)),
-        "decode": jax.jit(_decode_all, static_argnums=0, donate_argnums=3,
+        "decode": jax.jit(_decode_all, static_argnums=(0, 4), donate_argnums=3,
                           in_shardings=(ps, b1, cs), out_shardings=(b2, cs)),
         "generate": jax.jit(_generate_impl, static_argnums=(0, 5), donate_argnums=4,
                             in_shardings=(ps, b2, b1, cs, knobs),
@@ -169,10 +210,11 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache):
     mesh = sharding.mesh_of(cache)
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, tok.shape[0])
-    validate.check_room(cfg, sharding.to_host(cache.lengths), lens, cache.max_len, "prefill",
-                        cache.bounded)
+    used = sharding.to_host(cache.lengths)
+    validate.check_room(cfg, used, lens, cache.max_len, "prefill", cache.bounded)
+    live = live_bucket(int((used + lens).max()), cache.max_len) if cache.bounded else None
     fn = _prefill_jit if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["prefill"]
-    return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache)
+    return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, live)
 
 
 def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = True):
@@ -182,6 +224,7 @@ def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = 
     `check=False` skips the host checks (token range, free cache slot), which read the
     tokens and cache lengths back from the device and so wait for the previous step.
     """
+    live = None       # without the host check the longest row is unknown: read every slot
     if check:
         tok = np.asarray(tokens)
         if tok.ndim != 1:
@@ -189,14 +232,16 @@ def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = 
         validate.check_cache(cfg, cache, tok.shape[0])
         ones = np.ones_like(tok, dtype=np.int32)
         validate.check_token_ids(cfg, validate.as_tokens(tok[:, None]), ones)
-        validate.check_room(cfg, sharding.to_host(cache.lengths), ones, cache.max_len, "decode_step",
-                            cache.bounded)
+        used = sharding.to_host(cache.lengths)
+        validate.check_room(cfg, used, ones, cache.max_len, "decode_step", cache.bounded)
+        if cache.bounded:
+            live = live_bucket(int(used.max()) + 1, cache.max_len)
     mesh = sharding.mesh_of(cache)
     if mesh is None:
-        return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache)
+        return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache, live)
     if not isinstance(tokens, jax.Array) or tokens.is_fully_addressable:
         (tokens,) = _placed(mesh, np.asarray(tokens, np.int32))
-    return _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["decode"](cfg, params, tokens, cache)
+    return _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["decode"](cfg, params, tokens, cache, live)
 
 
 def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_new_tokens: int = 32,
@@ -241,10 +286,12 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     mesh = sharding.mesh_of(cache)
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, B)
-    validate.check_room(cfg, sharding.to_host(cache.lengths), lens + max_new_tokens, cache.max_len,
+    used = sharding.to_host(cache.lengths)
+    validate.check_room(cfg, used, lens + max_new_tokens, cache.max_len,
                         f"generate (prompt + max_new_tokens={max_new_tokens})", cache.bounded)
+    plan = live_plan(int((used + lens).max()), int(max_new_tokens), cache)
     fn = _generate_cached if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["generate"]
-    return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, int(max_new_tokens),
+    return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan,
               _place_knobs(mesh, knobs))
 
 
