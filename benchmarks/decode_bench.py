@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 import kvjax
+from kvjax.baselines import hf_model_like, hf_step_ms
 
 
 def median_time(fn, repeats: int) -> float:
@@ -60,55 +61,6 @@ def kvjax_nocache(cfg, params, batch, prompt_len, new, repeats):
     return 1e3 * median_time(gen, repeats) / new
 
 
-def hf_model(cfg: kvjax.ModelConfig):
-    """A transformers model with kvjax's shape and random weights, or None if unavailable."""
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        return None
-    common = dict(vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_layers,
-                  num_attention_heads=cfg.num_heads, tie_word_embeddings=cfg.tie_embeddings)
-    if cfg.positions == "learned":
-        hf_cfg = transformers.GPT2Config(n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-                                         n_positions=cfg.max_position, vocab_size=cfg.vocab_size)
-    else:
-        hf_cfg = transformers.LlamaConfig(hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
-                                          num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                                          max_position_embeddings=cfg.max_position,
-                                          rope_theta=cfg.rope_theta, **common)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
-    return model.to("cuda") if torch.cuda.is_available() else model
-
-
-def hf_ms_per_step(model, cfg, batch, prompt_len, new, repeats, cache_implementation=None):
-    import torch
-
-    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=model.device)
-    kw = dict(do_sample=False, min_new_tokens=new, max_new_tokens=new, pad_token_id=0)
-    if cache_implementation:
-        kw["cache_implementation"] = cache_implementation
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-
-    def run(n):
-        with torch.inference_mode():
-            model.generate(ids, **{**kw, "min_new_tokens": n, "max_new_tokens": n})
-        sync()
-
-    def timed(n):
-        run(n)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run(n)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    # Subtract a 1-token generate (prefill + setup) to get the per-step decode cost.
-    return 1e3 * max(timed(new) - timed(1), 0.0) / (new - 1)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="gpt2-small", help="model shape (kvjax.ModelConfig.presets())")
@@ -131,7 +83,7 @@ def main(argv=None):
           f"x{jax.device_count()} | {platform.processor() or platform.machine()} | new tokens {args.new_tokens}")
 
     print("\n1. cache vs no-cache, batch 1 (ms per new token; speedup = no-cache / cache)")
-    hf = None if args.no_hf else hf_model(cfg)
+    hf = None if args.no_hf else hf_model_like(cfg)
     head = f"{'prompt':>7} {'cache ms':>9} {'tok/s':>8} {'no-cache ms':>12} {'tok/s':>8} {'speedup':>8} {'prefill ms':>11}"
     print(head + ("" if hf is None else f" {'hf ms/step':>11} {'kvjax/hf':>9}"))
     for n in args.prompt_lens:
@@ -139,7 +91,7 @@ def main(argv=None):
         nc_ms = kvjax_nocache(cfg, params, 1, n, args.new_tokens, args.repeats)
         line = f"{n:>7} {c_ms:>9.2f} {1e3/c_ms:>8.1f} {nc_ms:>12.2f} {1e3/nc_ms:>8.1f} {nc_ms/c_ms:>7.1f}x {pre_ms:>11.1f}"
         if hf is not None:
-            hms = hf_ms_per_step(hf, cfg, 1, n, args.new_tokens, args.repeats)
+            hms = hf_step_ms(hf, cfg.vocab_size, 1, n, args.new_tokens, args.repeats)
             line += f" {hms:>11.2f} {hms/c_ms:>8.2f}x"
         print(line)
 
@@ -152,7 +104,7 @@ def main(argv=None):
         live_kv = kvjax.cache_bytes(cfg, b, args.batch_prompt_len + args.new_tokens // 2) - 4 * b
         line = f"{b:>6} {ms:>8.2f} {b*1e3/ms:>9.1f} {(pbytes + live_kv)/ms/1e6:>7.1f}"
         if hf is not None:
-            hms = hf_ms_per_step(hf, cfg, b, args.batch_prompt_len, args.new_tokens, args.repeats)
+            hms = hf_step_ms(hf, cfg.vocab_size, b, args.batch_prompt_len, args.new_tokens, args.repeats)
             line += f" {hms:>11.2f} {b*1e3/hms:>9.1f} {hms/ms:>8.2f}x"
         print(line)
     if hf is None and not args.no_hf:
