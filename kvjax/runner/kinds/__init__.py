@@ -21,6 +21,7 @@ KINDS = {
     "memory_scaling": "kvjax.runner.kinds.memory_scaling",
     "batch_throughput": "kvjax.runner.kinds.batch_throughput",
     "train": "kvjax.runner.kinds.train",
+    "decode_bench": "kvjax.runner.kinds.decode_bench",
 }
 
 
