@@ -122,3 +122,33 @@ def test_two_processes_match_one_process(tmp_path):
     assert r["logits_max_err"] < 2e-4
     assert r["cache_gathers"] == []
     assert r["shard_shape"] == [4, 2, 40, 16]      # 2 kv heads < model axis 4: replicated
+
+
+def test_kvjax_run_on_two_processes_writes_one_results_folder(tmp_path):
+    """`kvjax run` with --coordinator: both processes run, only process 0 writes results."""
+    port = _free_port()
+    out = tmp_path / "results"
+    config = str(Path(ROOT) / "experiments" / "sharded_decode.yaml")
+    sets = ["--set", "sharded_decode.new_tokens=8", "--set", "sharded_decode.repeats=1"]
+    procs = []
+    try:
+        for pid in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "kvjax.cli", "run", config, "--out", str(out), *sets,
+                 "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)],
+                env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path)))
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    assert (out / "COMPLETE").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    headline = summary.get("headline", summary)
+    assert headline["tokens_identical"] is True and headline["processes"] == 2
+    env = json.loads((out / "env.json").read_text())
+    assert env["mesh"]["axes"] == {"data": 2, "model": 4} and env["mesh"]["processes"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]   # nothing else written

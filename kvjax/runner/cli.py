@@ -31,6 +31,13 @@ def add_parser(subparsers):
                         "<out_dir>/<name>/<timestamp>/")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config, print the resolved config and exit without running")
+    p.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="multi-host: address of process 0's coordinator (or env KVJAX_COORDINATOR); "
+                        "every process runs the same command; only process 0 writes results")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="multi-host: total processes (or env KVJAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="multi-host: this process's index in [0, N) (or env KVJAX_PROCESS_ID)")
     p.set_defaults(func=run)
     return p
 
@@ -42,6 +49,8 @@ def run(args) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if not args.dry_run:
+            _start_distributed(args)
         if args.dry_run:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
             return 0
@@ -51,3 +60,22 @@ def run(args) -> int:
     except ConfigError as e:
         raise UserError(str(e)) from None
     return 0 if result.ok else 1
+
+
+def _start_distributed(args) -> None:
+    """jax.distributed from flags or KVJAX_* variables (a no-op when neither names a coordinator)."""
+    import os
+
+    from kvjax.cli import UserError
+    from kvjax.sharding import init_distributed
+
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if args.coordinator is None and not os.environ.get("KVJAX_COORDINATOR"):
+        if any(v is not None for v in given):
+            raise UserError("--num-processes/--process-id need --coordinator (or KVJAX_COORDINATOR)")
+        return
+    try:
+        init_distributed(args.coordinator, args.num_processes, args.process_id)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"multi-host start failed: {e}; give --coordinator, --num-processes and "
+                        f"--process-id (or the KVJAX_* variables)") from None

@@ -6,6 +6,7 @@
     device: auto                 # auto | cpu | gpu | tpu
     dtype: float32               # model dtype: float32 | bfloat16 | float16
     out_dir: runs
+    mesh: {}                     # optional device mesh, e.g. {data: 2, model: 4} (see kvjax.sharding)
     cache_vs_nocache:            # the kind's own keys (its frozen Config dataclass)
       seq_lens: [64, 128, 256]
 
@@ -35,6 +36,8 @@ class TopLevel:
                          choices=DEVICES)
     dtype: str = option("float32", help="model parameter/activation dtype", choices=DTYPES)
     out_dir: str = option("runs", help="root folder for results (--out DIR names the exact folder)")
+    mesh: dict = option({}, help="device mesh axes, e.g. {data: 2, model: 4}; kinds that shard "
+                                 "(sharded_decode) run on it; empty = no mesh")
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,11 @@ class RunConfig:
     dtype: str
     out_dir: str
     settings: Any  # the kind's Config instance (the section named after the kind)
+    mesh: dict = None
 
     def to_dict(self) -> dict:
         """The resolved config (every default filled in), as plain YAML-able data."""
-        top = {k: getattr(self, k) for k in ("name", "kind", "seed", "device", "dtype", "out_dir")}
+        top = {k: getattr(self, k) for k in ("name", "kind", "seed", "device", "dtype", "out_dir", "mesh")}
         return {**top, self.kind: to_plain(self.settings)}
 
 
@@ -86,8 +90,12 @@ def parse_config(data: dict, overrides=()) -> RunConfig:
     if inherit is not None and (section is None or isinstance(section, dict)):
         section = {**inherit(top), **(section or {})}
     settings = build(module.Config, section, kind)
+    for axis, size in top.mesh.items():
+        if axis not in ("data", "model") or not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"mesh.{axis}: got {size!r}; allowed: axes 'data' and 'model' with "
+                              f"positive integer sizes")
     cfg = RunConfig(name=top.name, kind=top.kind, seed=top.seed, device=top.device,
-                    dtype=top.dtype, out_dir=top.out_dir, settings=settings)
+                    dtype=top.dtype, out_dir=top.out_dir, settings=settings, mesh=dict(top.mesh))
     check = getattr(module, "validate", None)
     if check is not None:
         check(cfg)  # cross-field checks; raises ConfigError naming the key

@@ -22,11 +22,15 @@ from .schema import ConfigError
 
 
 def select_device(name: str):
-    """The first device of the requested platform (auto: JAX's default device)."""
+    """This process's first device of the requested platform (auto: JAX's default backend).
+
+    Local, not global, devices: with several processes, global device 0 belongs to
+    process 0, and arrays placed there are not addressable by the others.
+    """
     if name == "auto":
-        return jax.devices()[0]
+        return jax.local_devices()[0]
     try:
-        return jax.devices(name)[0]
+        return jax.local_devices(backend=name)[0]
     except RuntimeError:
         present = sorted({d.platform for d in jax.devices()})
         raise ConfigError(f"device: {name!r} requested but JAX found no {name} devices here "

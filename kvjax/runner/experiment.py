@@ -13,6 +13,7 @@ Kinds talk to the run only through `Context`: `log` a metrics row, add a `table`
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,9 @@ class Context:
     """What a kind's `run(ctx, cfg)` uses to report its work."""
 
     def __init__(self, cfg: RunConfig, results: ResultsFolder, device, console: Console,
-                 err_console: Console):
+                 err_console: Console, mesh=None):
         self.cfg = cfg
+        self.mesh = mesh          # a jax.sharding.Mesh when the config names one
         self.seed = cfg.seed
         self.dtype = cfg.dtype
         self.device = device
@@ -121,22 +123,48 @@ def run_experiment(cfg: RunConfig, out=None, console: Console | None = None,
     """Run a validated config; returns the results folder and headline numbers."""
     device = select_device(cfg.device)
     module = kinds.load(cfg.kind)
+    mesh = None
+    if cfg.mesh:
+        import kvjax
+        try:
+            mesh = kvjax.make_mesh(cfg.mesh)
+        except ValueError as e:
+            raise ConfigError(f"mesh: {e}") from None
+    if jax.process_index() != 0:
+        # Every process runs the experiment (collectives need them all); only process 0
+        # keeps a results folder, the others write into a scratch folder removed after.
+        import shutil
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(prefix="kvjax-run-"))
+        try:
+            with open(os.devnull, "w") as sink:
+                quiet = Console(file=sink)
+                return _run(cfg, module, device, mesh, scratch, quiet, quiet)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     if console is None:
         console = Console()
         if not console.is_terminal:  # a log file: wide enough for the tables
             console = Console(width=160)
     err_console = err_console or Console(stderr=True)
-    path = prepare_folder(cfg, out)
+    return _run(cfg, module, device, mesh, prepare_folder(cfg, out), console, err_console)
+
+
+def _run(cfg, module, device, mesh, path, console, err_console) -> RunResult:
     results = ResultsFolder(path)
     results.write_yaml("config.yaml", cfg.to_dict())
     env = environment(device)
+    if mesh is not None:
+        from kvjax.sharding import describe
+        env["mesh"] = describe(mesh)
     results.write_json("env.json", env)
     console.print(f"[bold]{cfg.name}[/bold] ({cfg.kind}) on {device.platform}:{device.device_kind} "
                   f"x{env['device_count']}, jax {jax.__version__} -> {path}")
     start = time.perf_counter()
     try:
         with jax.default_device(device):
-            ctx = Context(cfg, results, device, console, err_console)
+            ctx = Context(cfg, results, device, console, err_console, mesh)
             headline = dict(module.run(ctx, cfg.settings) or {})
         wall = time.perf_counter() - start
         headline.setdefault("wall_s", round(wall, 3))

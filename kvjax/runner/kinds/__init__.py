@@ -22,6 +22,8 @@ KINDS = {
     "batch_throughput": "kvjax.runner.kinds.batch_throughput",
     "train": "kvjax.runner.kinds.train",
     "decode_bench": "kvjax.runner.kinds.decode_bench",
+    "sharded_decode": "kvjax.runner.kinds.sharded_decode",
+    "compression_quality": "kvjax.runner.kinds.compression_quality",
 }
 
 
