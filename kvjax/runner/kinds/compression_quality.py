@@ -1,0 +1,157 @@
+"""compression_quality: what each cache kind saves in memory and loses in quality.
+
+On the bundled trained models (or any checkpoint folder trained by `kvjax train`), every
+measurement reads its text through the cache under test, token by token, exactly as
+generation would (`kvjax.evaluate.stream_logits`):
+
+  * memory: cache bytes per cached token, and for a context of `seq_len` tokens;
+  * held-out perplexity of the text model (pydoc held-out topics, `ppl_windows` windows
+    of `seq_len` tokens), and bits per byte;
+  * recall accuracy of the key-value model against the distance between the pair and the
+    query (exact match of the whole value, single-query sequences);
+  * a long stream (`stream_len` tokens, several times the ring size) of held-out text:
+    mean NLL per position block for dense (it fits: one slot per token), window and sinks.
+
+Kinds: dense, int8, window (a ring of W slots) for each W in `windows`, and sinks
+(`num_sinks` first tokens + a ring of W) for each W.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import kvjax
+from kvjax import data
+from kvjax.evaluate import stream_logits, token_nll
+
+from .. import plots
+from ..schema import option
+
+
+@dataclass(frozen=True)
+class Config:
+    text_model: str = option("text", help="bundled model name or checkpoint folder of the text model")
+    recall_model: str = option("recall", help="bundled model name or checkpoint folder of the recall model")
+    windows: tuple[int, ...] = option((32, 64), min=2, min_items=1,
+                                      help="ring sizes W for the window and sinks kinds")
+    num_sinks: int = option(4, min=1, help="sink tokens kept by the sinks kind")
+    int8: bool = option(True, help="include the int8 kind")
+    seq_len: int = option(256, min=8, help="tokens per held-out perplexity window")
+    ppl_windows: int = option(32, min=1, help="held-out windows scored per kind")
+    recall_rows: int = option(32, min=1, help="recall sequences per distance per kind")
+    stream_len: int = option(1024, min=16, help="tokens of the long held-out stream")
+    stream_rows: int = option(2, min=1, help="long streams scored per kind")
+    stream_block: int = option(64, min=1, help="positions averaged per point of the stream plot")
+
+
+def _kinds(c: Config, context: int):
+    """(label, kind, slots, sinks) for every cache under test; dense/int8 hold `context` slots."""
+    out = [("dense", "dense", context, None)]
+    if c.int8:
+        out.append(("int8", "int8", context, None))
+    for w in c.windows:
+        out.append((f"window {w}", "window", w, None))
+        out.append((f"sinks {c.num_sinks}+{w}", "sinks", w + c.num_sinks, c.num_sinks))
+    return out
+
+
+def load_model(name: str):
+    """(cfg, params, folder) from a bundled model name or a checkpoint folder."""
+    from kvjax import bundled
+
+    if name in bundled.bundled_names():
+        folder = bundled.bundled_path(name)
+    else:
+        folder = Path(name)
+    cfg, params = kvjax.load_hf(folder, dtype="float32")
+    return cfg, params, Path(folder)
+
+
+def _recall_task(folder: Path) -> data.RecallTask:
+    from kvjax.train import TrainConfig
+
+    record = json.loads((folder / "train_config.json").read_text())
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}).recall_task()
+
+
+def _score(cfg, params, tokens, kind, slots, sinks):
+    cache = kvjax.init_cache(cfg, tokens.shape[0], slots, kind=kind, num_sinks=sinks)
+    logits, _ = stream_logits(cfg, params, tokens, cache)
+    return np.asarray(logits)
+
+
+def run(ctx, c: Config) -> dict:
+    headline = {}
+    # ---- text model: memory, perplexity, long stream
+    cfg, params, _ = load_model(c.text_model)
+    held = data.text_stream("heldout")
+    windows = data.text_eval_windows(held, c.seq_len - 1, c.ppl_windows)       # [n, seq_len]
+    stream = data.text_eval_windows(held, c.stream_len - 1, c.stream_rows)     # [rows, stream_len]
+    ppl_rows, stream_curves = [], {}
+    kinds = _kinds(c, c.seq_len)
+    with ctx.progress(len(kinds), "text model") as advance:
+        for label, kind, slots, sinks in kinds:
+            advance(note=label)
+            nll = token_nll(_score(cfg, params, windows, kind, slots, sinks), windows)
+            per_token = kvjax.cache_bytes(cfg, 1, slots, kind=kind, num_sinks=sinks) / slots
+            at_context = kvjax.cache_bytes(cfg, 1, min(slots, c.seq_len) if kind in ("window", "sinks")
+                                           else c.seq_len, kind=kind, num_sinks=sinks)
+            row = {"model": "text", "cache": label, "kind": kind, "slots": slots,
+                   "bytes_per_token": per_token, "cache_bytes_at_seq_len": at_context,
+                   "nll": float(nll.mean()), "ppl": float(np.exp(nll.mean())),
+                   "bits_per_byte": float(nll.mean() / np.log(2))}
+            ctx.log(row)
+            ppl_rows.append(row)
+            stream_slots = c.stream_len if kind in ("dense", "int8") else slots
+            s_nll = token_nll(_score(cfg, params, stream, kind, stream_slots, sinks), stream)
+            blocks = s_nll.mean(0)[: (c.stream_len - 1) // c.stream_block * c.stream_block]
+            stream_curves[label] = blocks.reshape(-1, c.stream_block).mean(1).tolist()
+            ctx.log({"model": "text", "cache": label, "stream_nll_by_block": stream_curves[label]})
+    dense_ppl = ppl_rows[0]["ppl"]
+    ctx.table(f"Held-out perplexity of the text model ({len(windows)} windows of {c.seq_len} tokens)",
+              ["cache", "slots", "bytes/token", "cache bytes @ seq_len", "ppl", "bits/byte", "vs dense"],
+              [[r["cache"], r["slots"], r["bytes_per_token"], r["cache_bytes_at_seq_len"], r["ppl"],
+                r["bits_per_byte"], f"{100 * (r['ppl'] / dense_ppl - 1):+.2f}%"] for r in ppl_rows])
+    for r in ppl_rows:
+        headline[f"ppl_{r['cache'].replace(' ', '_')}"] = r["ppl"]
+
+    # ---- recall model: accuracy by distance
+    rcfg, rparams, rfolder = load_model(c.recall_model)
+    task = _recall_task(rfolder)
+    distances = task.distances()
+    acc = {}
+    rkinds = _kinds(c, task.seq_len(1))
+    with ctx.progress(len(rkinds), "recall model") as advance:
+        for label, kind, slots, sinks in rkinds:
+            advance(note=label)
+            acc[label] = []
+            for d in distances:
+                batch = data.recall_batch(task, np.random.default_rng(ctx.seed + d), c.recall_rows, distance=d)
+                a = data.recall_accuracy(_score(rcfg, rparams, batch.tokens, kind, slots, sinks), batch)
+                acc[label].append(a)
+                ctx.log({"model": "recall", "cache": label, "distance": d, "accuracy": a})
+    ctx.table(f"Recall accuracy by pair-to-query distance (tokens; {c.recall_rows} sequences each)",
+              ["cache"] + [str(d) for d in distances] + ["mean"],
+              [[label] + accs + [float(np.mean(accs))] for label, accs in acc.items()])
+    for label, accs in acc.items():
+        headline[f"recall_{label.replace(' ', '_')}"] = float(np.mean(accs))
+
+    # ---- plots
+    fig, axes = plots.figure(ncols=3, width=5.0)
+    plots.lines(axes[0], distances, acc, xlabel="pair-to-query distance (tokens)", ylabel="exact-match accuracy",
+                title="Recall through the cache")
+    x = [(i + 0.5) * c.stream_block for i in range(len(next(iter(stream_curves.values()))))]
+    plots.lines(axes[1], x, stream_curves, xlabel="position in stream", ylabel="NLL (nats/byte)",
+                title=f"Long held-out stream ({c.stream_len} tokens)", markers=False)
+    axes[2].scatter([r["bytes_per_token"] for r in ppl_rows], [r["ppl"] for r in ppl_rows])
+    for r in ppl_rows:
+        axes[2].annotate(r["cache"], (r["bytes_per_token"], r["ppl"]), fontsize=7)
+    axes[2].set_xlabel("cache bytes per cached token")
+    axes[2].set_ylabel("held-out perplexity")
+    axes[2].set_title("Memory vs quality", fontsize=10)
+    axes[2].grid(True, alpha=0.3)
+    ctx.save_figure(fig, "compression_quality.png")
+    return headline
