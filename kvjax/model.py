@@ -94,9 +94,14 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02):
 def _jitted_init(cfg: ModelConfig, std: float):
     """One compiled initialiser per (config, std): repeated init_params calls do not recompile."""
     model = Transformer(cfg, std)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    lengths = jnp.ones((1,), jnp.int32)
-    return jax.jit(lambda k: model.init(k, tokens, tokens, lengths)["params"])
+
+    def init(key):
+        # Dummy inputs are made inside the traced function: a builder called under another
+        # trace (e.g. jax.eval_shape) must not cache that trace's values in its closure.
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        return model.init(key, tokens, tokens, jnp.ones((1,), jnp.int32))["params"]
+
+    return jax.jit(init)
 
 
 def param_bytes(params) -> int:
