@@ -24,10 +24,8 @@ into jit); decode.py uses the shardings below as exactly those arguments.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 

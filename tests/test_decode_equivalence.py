@@ -8,8 +8,6 @@ masked), which moves float32 results by ~1e-6 relative; logits here are O(10), s
 leaves margin for accumulation over layers yet catches any masking or position error
 (those move logits by O(1)).
 """
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
