@@ -34,7 +34,8 @@ from ..schema import option
 @dataclass(frozen=True)
 class Config:
     text_model: str = option("text", help="bundled model name or checkpoint folder of the text model")
-    recall_model: str = option("recall", help="bundled model name or checkpoint folder of the recall model")
+    recall_model: str = option("recall", help="bundled model name or checkpoint folder of the recall "
+                                              "model; empty: skip the recall measurement")
     windows: tuple[int, ...] = option((32, 64), min=2, min_items=1,
                                       help="ring sizes W for the window and sinks kinds")
     num_sinks: int = option(4, min=1, help="sink tokens kept by the sinks kind")
@@ -119,10 +120,38 @@ def run(ctx, c: Config) -> dict:
         headline[f"ppl_{r['cache'].replace(' ', '_')}"] = r["ppl"]
 
     # ---- recall model: accuracy by distance
+    acc, distances = {}, []
+    if c.recall_model:
+        distances = _recall(ctx, c, acc)
+    else:
+        ctx.note("Recall measurement skipped (recall_model is empty).")
+
+    # ---- plots
+    fig, axes = plots.figure(ncols=3, width=5.0)
+    if acc:
+        plots.lines(axes[0], distances, acc, xlabel="pair-to-query distance (tokens)",
+                    ylabel="exact-match accuracy", title="Recall through the cache")
+    x = [(i + 0.5) * c.stream_block for i in range(len(next(iter(stream_curves.values()))))]
+    plots.lines(axes[1], x, stream_curves, xlabel="position in stream", ylabel="NLL (nats/byte)",
+                title=f"Long held-out stream ({c.stream_len} tokens)", markers=False)
+    axes[2].scatter([r["bytes_per_token"] for r in ppl_rows], [r["ppl"] for r in ppl_rows])
+    for r in ppl_rows:
+        axes[2].annotate(r["cache"], (r["bytes_per_token"], r["ppl"]), fontsize=7)
+    axes[2].set_xlabel("cache bytes per cached token")
+    axes[2].set_ylabel("held-out perplexity")
+    axes[2].set_title("Memory vs quality", fontsize=10)
+    axes[2].grid(True, alpha=0.3)
+    ctx.save_figure(fig, "compression_quality.png")
+    for label, accs in acc.items():
+        headline[f"recall_{label.replace(' ', '_')}"] = float(np.mean(accs))
+    return headline
+
+
+def _recall(ctx, c: Config, acc: dict) -> list[int]:
+    """Fill acc[label] with accuracy per distance; returns the distances."""
     rcfg, rparams, rfolder = load_model(c.recall_model)
     task = _recall_task(rfolder)
     distances = task.distances()
-    acc = {}
     rkinds = _kinds(c, task.seq_len(1))
     with ctx.progress(len(rkinds), "recall model") as advance:
         for label, kind, slots, sinks in rkinds:
@@ -136,22 +165,4 @@ def run(ctx, c: Config) -> dict:
     ctx.table(f"Recall accuracy by pair-to-query distance (tokens; {c.recall_rows} sequences each)",
               ["cache"] + [str(d) for d in distances] + ["mean"],
               [[label] + accs + [float(np.mean(accs))] for label, accs in acc.items()])
-    for label, accs in acc.items():
-        headline[f"recall_{label.replace(' ', '_')}"] = float(np.mean(accs))
-
-    # ---- plots
-    fig, axes = plots.figure(ncols=3, width=5.0)
-    plots.lines(axes[0], distances, acc, xlabel="pair-to-query distance (tokens)", ylabel="exact-match accuracy",
-                title="Recall through the cache")
-    x = [(i + 0.5) * c.stream_block for i in range(len(next(iter(stream_curves.values()))))]
-    plots.lines(axes[1], x, stream_curves, xlabel="position in stream", ylabel="NLL (nats/byte)",
-                title=f"Long held-out stream ({c.stream_len} tokens)", markers=False)
-    axes[2].scatter([r["bytes_per_token"] for r in ppl_rows], [r["ppl"] for r in ppl_rows])
-    for r in ppl_rows:
-        axes[2].annotate(r["cache"], (r["bytes_per_token"], r["ppl"]), fontsize=7)
-    axes[2].set_xlabel("cache bytes per cached token")
-    axes[2].set_ylabel("held-out perplexity")
-    axes[2].set_title("Memory vs quality", fontsize=10)
-    axes[2].grid(True, alpha=0.3)
-    ctx.save_figure(fig, "compression_quality.png")
-    return headline
+    return distances
