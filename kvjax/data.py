@@ -109,6 +109,7 @@ class RecallTask:
     value_len: int = 2
     key_chars: str = string.ascii_lowercase
     value_chars: str = string.digits
+    echo_key: bool = False  # pairs `keyvaluekey;`: the repeated key trains the copy circuit
 
     def __post_init__(self):
         for f in ("num_pairs", "key_len", "value_len"):
@@ -127,7 +128,7 @@ class RecallTask:
 
     @property
     def pair_len(self) -> int:
-        return self.key_len + self.value_len + 1
+        return self.key_len * (2 if self.echo_key else 1) + self.value_len + 1
 
     @property
     def query_len(self) -> int:
@@ -209,11 +210,13 @@ def recall_batch(task: RecallTask, rng: np.random.Generator, batch_size: int, nu
     values = val_ids[rng.integers(0, len(val_ids), size=(B, n, V))]           # [B, n, V]
 
     semi = np.full((B, max(n, M), 1), ord(";"), np.int32)
-    pairs = np.concatenate([keys, values, semi[:, :n]], axis=2).reshape(B, n * P)
+    echo = [keys] if task.echo_key else []
+    pairs = np.concatenate([keys, values, *echo, semi[:, :n]], axis=2).reshape(B, n * P)
     rows = np.arange(B)[:, None]
     qk, qv = keys[rows, queried], values[rows, queried]                       # [B, M, K], [B, M, V]
     q = np.full((B, M, 1), ord("?"), np.int32)
-    queries = np.concatenate([q, qk, qv, semi[:, :M]], axis=2).reshape(B, M * (P + 1))
+    qecho = [qk] if task.echo_key else []
+    queries = np.concatenate([q, qk, qv, *qecho, semi[:, :M]], axis=2).reshape(B, M * (P + 1))
     tokens = np.concatenate([np.full((B, 1), BOS_ID, np.int32), pairs, queries], axis=1)
 
     pair_value_pos = 1 + queried * P + K                                      # [B, M]

@@ -74,7 +74,7 @@ def load_model(c: Config, dtype: str, seed: int):
         from kvjax.bundled import load_bundled
 
         try:
-            cfg, params, tok = load_bundled(c.model)
+            cfg, params, tok = load_bundled(c.model, dtype=dtype)
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise ConfigError(f"quickstart.model: {e}") from None
     else:
