@@ -131,6 +131,9 @@ def run(ctx, c: Config) -> dict:
     if acc:
         plots.lines(axes[0], distances, acc, xlabel="pair-to-query distance (tokens)",
                     ylabel="exact-match accuracy", title="Recall through the cache")
+    else:
+        axes[0].text(0.5, 0.5, "recall not measured\n(no recall_model)", ha="center", va="center")
+        axes[0].set_axis_off()
     x = [(i + 0.5) * c.stream_block for i in range(len(next(iter(stream_curves.values()))))]
     plots.lines(axes[1], x, stream_curves, xlabel="position in stream", ylabel="NLL (nats/byte)",
                 title=f"Long held-out stream ({c.stream_len} tokens)", markers=False)
