@@ -91,9 +91,11 @@ class TrainConfig:
     recall_pairs: int = 32
     recall_key_len: int = 2
     recall_value_len: int = 2
-    recall_min_pairs: int = 1          # training sequences have U[min, recall_pairs] pairs (curriculum)
-    recall_queries: int = 8            # queries per training sequence, pairs drawn with replacement
-                                       # (evaluation: one query per sequence)
+    recall_min_pairs: int = 1          # training sequences have U[min, max] pairs, where max grows
+    recall_ramp_start: int = 8         # ... linearly from recall_ramp_start to recall_pairs
+    recall_ramp_steps: int = 0         # ... over the first recall_ramp_steps steps (0: no ramp)
+    recall_queries: int = 0            # queries per training sequence (pairs drawn with replacement);
+                                       # 0: as many as fit in seq_len. Evaluation: one per sequence.
     recall_echo_key: bool = False      # pairs `keyvaluekey;` (see kvjax.data.RecallTask.echo_key)
     recall_loss: str = "answers"       # train on "answers" (query values) or "all" tokens
     recall_key_chars: str = string.ascii_letters
@@ -117,13 +119,13 @@ class TrainConfig:
         positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
                     "seq_len", "num_steps", "batch_size", "log_every", "eval_every",
                     "checkpoint_every", "keep_checkpoints", "recall_pairs", "recall_key_len",
-                    "recall_value_len", "recall_min_pairs", "recall_queries",
-                    "recall_eval_per_distance")
+                    "recall_value_len", "recall_min_pairs", "recall_eval_per_distance")
         for f in positive:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(f, "an int >= 1")
-        for f in ("seed", "warmup_steps", "eval_windows"):
+        for f in ("seed", "warmup_steps", "eval_windows", "recall_queries", "recall_ramp_steps",
+                  "recall_ramp_start"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(f, "an int >= 0")
@@ -155,10 +157,10 @@ class TrainConfig:
             task = self.recall_task()  # validates the recall fields together
             if self.recall_min_pairs > self.recall_pairs:
                 bad("recall_min_pairs", f"<= recall_pairs={self.recall_pairs}")
-            need = task.seq_len(self.recall_queries)
+            need = task.seq_len(max(self.recall_queries, 1))
             if need > self.seq_len:
                 bad("seq_len", f">= {need}, the length of a recall sequence with "
-                               f"{self.recall_pairs} pairs and {self.recall_queries} queries")
+                               f"{self.recall_pairs} pairs and {max(self.recall_queries, 1)} queries")
 
     def model_config(self, dtype: str = "float32") -> ModelConfig:
         return ModelConfig(
@@ -287,9 +289,11 @@ class _Task:
         if c.task == "text":
             tokens = data.text_batch(self.train_stream, rng, c.batch_size, c.seq_len)
             return tokens, np.ones((c.batch_size, c.seq_len), np.float32)
-        n = int(rng.integers(c.recall_min_pairs, c.recall_pairs + 1))
-        batch = data.recall_batch(self.recall, rng, c.batch_size, num_pairs=n,
-                                  num_queries=c.recall_queries, repeat_queries=True)
+        n = int(rng.integers(c.recall_min_pairs, recall_max_pairs(c, step) + 1))
+        P = self.recall.pair_len
+        m = c.recall_queries or (c.seq_len - 1 - n * P) // (P + 1)
+        batch = data.recall_batch(self.recall, rng, c.batch_size, num_pairs=n, num_queries=m,
+                                  repeat_queries=True)
         return self._pad(batch, c.seq_len + 1, all_tokens=c.recall_loss == "all")
 
     def evaluate(self, eval_step, params) -> dict:
@@ -323,6 +327,14 @@ class _Task:
                      for i in range(0, n, c.batch_size)]
             result[d] = _recall_accuracy_from_argmax(np.concatenate(preds), batch)
         return result
+
+
+def recall_max_pairs(c: TrainConfig, step: int) -> int:
+    """The most pairs a training sequence has at `step` (the curriculum ramp)."""
+    if c.recall_ramp_steps == 0 or step >= c.recall_ramp_steps:
+        return c.recall_pairs
+    lo = max(min(c.recall_ramp_start, c.recall_pairs), c.recall_min_pairs)
+    return lo + (c.recall_pairs - lo) * step // c.recall_ramp_steps
 
 
 def _recall_accuracy_from_argmax(pred: np.ndarray, batch: data.RecallBatch) -> float:

@@ -143,6 +143,20 @@ def test_recall_accuracy_is_exact():
         data.exact_match(np.zeros((2, 2)), np.zeros((2, 3)))
 
 
+def test_recall_echo_key_format_and_distances():
+    task = data.RecallTask(num_pairs=6, key_len=1, value_len=1, echo_key=True)
+    assert task.pair_len == 4
+    b = data.recall_batch(task, np.random.default_rng(6), 5, distance=task.distances()[2])
+    for r in range(5):
+        text = _row_text(b.tokens[r])
+        pairs = [text[i * 4:(i + 1) * 4] for i in range(6)]
+        assert all(p[0] == p[2] and p[1].isdigit() and p[3] == ";" for p in pairs)
+        query = text[24:]
+        assert query[0] == "?" and query[1] == query[3] == pairs[3][0] and query[2] == pairs[3][1]
+    start = int(b.answer_starts[0, 0])
+    np.testing.assert_array_equal(b.tokens[:, start - task.distances()[2]], b.answers[:, 0, 0])
+
+
 def test_recall_prompts_stop_before_the_value():
     d = TASK.distances()[3]
     b = data.recall_batch(TASK, np.random.default_rng(4), 3, distance=d)

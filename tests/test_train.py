@@ -49,6 +49,23 @@ def test_recall_config_checks_sequence_fits():
     assert T.TrainConfig.from_dict(tiny(num_steps=10).to_dict()) == tiny(num_steps=10)
 
 
+def test_recall_curriculum_ramps_the_number_of_pairs():
+    c = tiny(task="recall", seq_len=128, num_steps=100, recall_pairs=20, recall_key_len=1,
+             recall_value_len=1, recall_min_pairs=2, recall_ramp_start=5, recall_ramp_steps=60)
+    assert [T.recall_max_pairs(c, s) for s in (0, 30, 59, 60, 99)] == [5, 12, 19, 20, 20]
+    task = T._Task(c)
+    P = c.recall_task().pair_len
+    for step in (0, 80):
+        tokens, weights = task.train_batch(step)
+        assert tokens.shape == (8, 129) and weights.shape == (8, 128)
+        real = (tokens != kvjax.ByteTokenizer.PAD).sum(1)
+        # recall_queries=0: queries fill the context up to less than one query's length.
+        assert (real > 128 - (P + 1)).all() and (real <= 129).all()
+        text = kvjax.ByteTokenizer().decode(tokens[0])
+        pairs = text.split("?")[0].count(";")
+        assert c.recall_min_pairs <= pairs <= T.recall_max_pairs(c, step)
+
+
 def test_schedule_warms_up_then_decays_to_end_value():
     c = tiny(num_steps=100, warmup_steps=10, learning_rate=1e-3, end_lr_ratio=0.1)
     _, schedule = T.make_optimizer(c)
