@@ -17,7 +17,6 @@ converted to `dtype` on the host, one tensor at a time.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .atomic import atomic_write
 from .config import _DTYPES, ModelConfig, RopeScaling
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
@@ -288,8 +288,8 @@ def _window(f: _Fields, model_type: str) -> int | None:
     if kinds == {"sliding_attention"} and window is not None:
         return int(window)
     if window is None:
-        f.fail(f"layer_types lists sliding_attention layers but sliding_window/use_sliding_window "
-               f"is not set")
+        f.fail("layer_types lists sliding_attention layers but sliding_window/use_sliding_window "
+               "is not set")
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
     f.fail(f"layers {sliding} use a sliding window of {window} while the others use full "
            f"attention (max_window_layers={f.get('max_window_layers', None)}); kvjax applies one "
@@ -568,12 +568,12 @@ def save_hf(cfg: ModelConfig, params, path, *, tokenizer=None, model_type: str |
             old.unlink()
     meta = {"format": "pt"}  # transformers refuses safetensors files without it
     if len(shards) == 1:
-        _atomic(folder / _SINGLE_FILE, lambda p: save_file(shards[0], str(p), metadata=meta))
+        atomic_write(folder / _SINGLE_FILE, lambda p: save_file(shards[0], str(p), metadata=meta))
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(folder / name, lambda p, s=shard: save_file(s, str(p), metadata=meta))
+            atomic_write(folder / name, lambda p, s=shard: save_file(s, str(p), metadata=meta))
             weight_map.update({n: name for n in shard})
         index = {"metadata": {"total_size": sum(int(x.nbytes) for x in tensors.values())},
                  "weight_map": dict(sorted(weight_map.items()))}
@@ -618,16 +618,5 @@ def _shard(tensors: dict, max_bytes: int | None) -> list[dict]:
     return shards
 
 
-def _atomic(file: Path, write):
-    """Write via a temporary name and rename, so an interrupted save leaves no half file."""
-    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, file)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_json(file: Path, data: dict):
-    _atomic(file, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write(file, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .atomic import atomic_write
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -69,19 +68,10 @@ def save_cache(path, cache: KVCache, cfg: ModelConfig | None = None) -> Path:
             "config": None if cfg is None else config_record(cfg),
             "fingerprint": None if cfg is None else fingerprint(cfg)}
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object, so np.savez does not append ".npz"
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, write)
 
 
 def load_cache(path, cfg: ModelConfig | None = None, kind: str | None = None, mesh=None) -> KVCache:

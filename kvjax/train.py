@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from . import data
+from .atomic import atomic_write_bytes
 from .config import ModelConfig
 from .hf import save_hf
 from .model import Transformer, init_params, param_count
@@ -365,15 +366,6 @@ def latest_checkpoint(path: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def export_model(config: TrainConfig, params, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write the model as a Hugging Face folder (save_dtype weights), tokenizer and train config."""
     path = Path(path)
@@ -399,7 +391,7 @@ def save_checkpoint(config: TrainConfig, state, out_dir: Path, extra: dict | Non
     tmp.mkdir()
     host_state = jax.device_get(state)
     export_model(config, host_state["params"], tmp, extra)
-    _atomic_write_bytes(tmp / "train_state.msgpack", flax.serialization.to_bytes(host_state))
+    atomic_write_bytes(tmp / "train_state.msgpack", flax.serialization.to_bytes(host_state))
     if final.exists():  # a re-save of the same step (e.g. after a resume at a checkpoint step)
         shutil.rmtree(final)
     os.rename(tmp, final)

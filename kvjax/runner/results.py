@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..atomic import atomic_write_bytes
+
 COMPLETE = "COMPLETE"
 FAILED = "FAILED"
 PARTIAL_METRICS = "metrics.jsonl.partial"
@@ -97,14 +99,7 @@ class ResultsFolder:
     # --------------------------------------------------------------------- atomic files
 
     def write_bytes(self, name: str, data: bytes) -> Path:
-        final = self.path / name
-        tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        return final
+        return atomic_write_bytes(self.path / name, data)
 
     def write_text(self, name: str, text: str) -> Path:
         return self.write_bytes(name, text.encode("utf-8"))
