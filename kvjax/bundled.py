@@ -39,6 +39,11 @@ def bundled_path(name: str) -> Path:
     return models_dir() / name
 
 
+def model_folder(source: str | Path) -> Path:
+    """A bundled model's folder for its name, else `source` itself as a folder path."""
+    return bundled_path(source) if str(source) in bundled_names() else Path(source)
+
+
 def load_bundled(name: str, dtype: str = "float32"):
     """Load a bundled model: returns (ModelConfig, params, tokenizer).
 

@@ -86,6 +86,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     save_dtype: str = "bfloat16"       # dtype of the Hugging Face weights in each checkpoint
     resume_from: Optional[str] = None  # a checkpoint folder or run folder to continue from
+    init_from: Optional[str] = None    # start from these weights (checkpoint folder, run folder or
+                                       # bundled model name) with a fresh optimizer at step 0
     # Text task.
     heldout_every: int = 10            # about 1 in heldout_every pydoc topics is held out
     # Recall task (see kvjax.data.RecallTask).
@@ -411,6 +413,27 @@ def _restore(config: TrainConfig, template, ckpt: Path):
     return flax.serialization.from_bytes(template, (ckpt / "train_state.msgpack").read_bytes())
 
 
+def _initial_weights(source: str, template):
+    """Weights for `init_from`: float32 params shaped like `template`, or a ValueError."""
+    from .bundled import bundled_names, model_folder
+    from .hf import load_hf
+
+    path = model_folder(source)
+    if not path.is_dir():
+        raise ValueError(f"TrainConfig.init_from={source!r}: not a folder nor a bundled model "
+                         f"(bundled: {bundled_names()})")
+    # A checkpoint, a run folder, or a folder of runs (`runs/<name>`: the newest one).
+    runs = sorted(p for p in path.iterdir() if p.is_dir() and latest_checkpoint(p))
+    ckpt = latest_checkpoint(path) or (latest_checkpoint(runs[-1]) if runs else path)
+    _, params = load_hf(ckpt, dtype="float32")
+    want = jax.tree_util.tree_map(lambda x: x.shape, template)
+    got = jax.tree_util.tree_map(lambda x: x.shape, params)
+    if want != got:
+        raise ValueError(f"TrainConfig.init_from={source!r}: the weights in {ckpt} do not fit this "
+                         f"model shape (d_model, layers, heads, mlp_dim, vocab_size must match)")
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
 def _jsonable(v):
     return json.loads(json.dumps(v))
 
@@ -434,6 +457,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike,
     task = _Task(config)
 
     params = init_params(cfg, jax.random.key(config.seed), std=config.init_std)
+    if config.init_from:
+        params = _initial_weights(config.init_from, params)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
     ckpt = latest_checkpoint(out_dir)
     if ckpt is None and config.resume_from:

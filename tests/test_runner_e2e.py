@@ -182,3 +182,27 @@ def test_train_kind_streams_metrics(tmp_path):
     rows, summary = check_folder(out, "train_loss.png")
     assert [r["step"] for r in rows] == [1, 2] and "eval_loss" in rows[-1]
     assert "eval_loss" not in rows[0] and summary["steps"] == 2
+
+
+def test_compression_quality_recall_fails_exactly_beyond_the_window(tmp_path):
+    """On the bundled models: every kind writes its rows; the recall model answers pairs
+    inside a 32-slot ring and guesses (chance ~0.1) for pairs farther back."""
+    out = tmp_path / "cq"
+    tiny = ["compression_quality.windows=[32]", "compression_quality.int8=false",
+            "compression_quality.seq_len=32", "compression_quality.ppl_windows=2",
+            "compression_quality.recall_rows=4", "compression_quality.stream_len=64",
+            "compression_quality.stream_rows=1", "compression_quality.stream_block=16"]
+    assert run_cli(EXP / "compression_quality.yaml", "--out", out, "--set", "device=cpu",
+                   *set_args(tiny)) == 0
+    rows, _ = check_folder(out, "compression_quality.png")
+    assert {r["cache"] for r in rows if "ppl" in r} == {"dense", "window 32", "sinks 4+32"}
+    recall = [r for r in rows if r.get("model") == "recall"]
+
+    def mean(cache, inside):
+        accs = [r["accuracy"] for r in recall if r["cache"] == cache and (r["distance"] < 32) == inside]
+        assert accs
+        return sum(accs) / len(accs)
+
+    assert mean("dense", True) >= 0.9 and mean("dense", False) >= 0.9
+    for ring in ("window 32", "sinks 4+32"):
+        assert mean(ring, True) >= 0.9 and mean(ring, False) <= 0.4

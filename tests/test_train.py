@@ -164,3 +164,27 @@ def test_recall_training_reduces_loss_and_reports_accuracy_by_distance(tmp_path)
     assert list(summary["accuracy_by_distance"]) == [str(d) for d in dist]
     assert all(0.0 <= a <= 1.0 for a in summary["accuracy_by_distance"].values())
     assert 0.0 <= summary["eval_accuracy"] <= 1.0
+
+
+def test_init_from_starts_at_given_weights_with_a_fresh_optimizer(tmp_path):
+    first = tiny(num_steps=30, eval_every=100, checkpoint_every=100)
+    done = T.train(first, tmp_path / "first")
+    # A longer context on the same shape: weights carry over (rotary positions have no
+    # parameters); step and optimizer start afresh.
+    log = []
+    second = tiny(seq_len=64, num_steps=4, log_every=1, eval_every=100, checkpoint_every=100,
+                  init_from=str(tmp_path / "first"))
+    summary = T.train(second, tmp_path / "second", progress=log.append)
+    assert summary["resumed_from_step"] == 0 and [r["step"] for r in log] == [1, 2, 3, 4]
+    # From scratch the first loss is ln(259) = 5.56; from the trained weights it is where
+    # the first run ended (different windows, so only roughly).
+    assert log[0]["loss"] < done["final_train_loss"] + 0.5 < 5.0
+    _, trained = kvjax.load_hf(T.latest_checkpoint(tmp_path / "first"))
+    start = T._initial_weights(str(tmp_path / "first"),
+                               kvjax.init_params(second.model_config(), jax.random.key(1)))
+    for a, b in zip(jax.tree_util.tree_leaves(start), jax.tree_util.tree_leaves(trained)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="init_from=.*do not fit"):
+        T.train(tiny(num_steps=4, d_model=64, init_from=str(tmp_path / "first")), tmp_path / "bad")
+    with pytest.raises(ValueError, match="init_from='nowhere'.*bundled"):
+        T.train(tiny(num_steps=4, init_from="nowhere"), tmp_path / "bad2")

@@ -61,14 +61,11 @@ def _kinds(c: Config, context: int):
 
 def load_model(name: str):
     """(cfg, params, folder) from a bundled model name or a checkpoint folder."""
-    from kvjax import bundled
+    from kvjax.bundled import model_folder
 
-    if name in bundled.bundled_names():
-        folder = bundled.bundled_path(name)
-    else:
-        folder = Path(name)
+    folder = model_folder(name)
     cfg, params = kvjax.load_hf(folder, dtype="float32")
-    return cfg, params, Path(folder)
+    return cfg, params, folder
 
 
 def _recall_task(folder: Path) -> data.RecallTask:
@@ -165,7 +162,10 @@ def _recall(ctx, c: Config, acc: dict) -> list[int]:
                 a = data.recall_accuracy(_score(rcfg, rparams, batch.tokens, kind, slots, sinks), batch)
                 acc[label].append(a)
                 ctx.log({"model": "recall", "cache": label, "distance": d, "accuracy": a})
+    # One row per distance (a recall model has dozens), one column per cache.
+    labels = list(acc)
     ctx.table(f"Recall accuracy by pair-to-query distance (tokens; {c.recall_rows} sequences each)",
-              ["cache"] + [str(d) for d in distances] + ["mean"],
-              [[label] + accs + [float(np.mean(accs))] for label, accs in acc.items()])
+              ["distance"] + labels,
+              [[d] + [acc[k][i] for k in labels] for i, d in enumerate(distances)]
+              + [["mean"] + [float(np.mean(acc[k])) for k in labels]])
     return distances

@@ -43,8 +43,10 @@ def validate(run_cfg) -> None:
     if c.source == "preset":
         model_config("quickstart", ShapeConfig(preset=c.model), run_cfg.dtype)
     else:
-        names = _bundled_names()
-        if names is not None and c.model not in names:
+        from kvjax.bundled import bundled_names
+
+        names = bundled_names()
+        if c.model not in names:
             import difflib
 
             close = difflib.get_close_matches(c.model, names, n=1)
@@ -54,18 +56,6 @@ def validate(run_cfg) -> None:
     for i, p in enumerate(c.prompts):
         if not p:
             raise ConfigError(f"quickstart.prompts[{i}]: empty prompt; allowed: non-empty text")
-
-
-def _bundled_names():
-    try:
-        from kvjax import bundled
-    except ImportError:
-        return []
-    for attr in ("list_bundled", "bundled_names", "available"):
-        fn = getattr(bundled, attr, None)
-        if callable(fn):
-            return sorted(fn())
-    return None  # no listing function: load_bundled reports an unknown name itself
 
 
 def load_model(c: Config, dtype: str, seed: int):
