@@ -7,7 +7,7 @@ checkpoints and caches in kvjax goes through here.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -16,9 +16,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """Call write(tmp_path) to fill a temporary file, fsync it and rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A unique name, not mkstemp: the writer creates the file, so it gets the usual
+    # permissions (mkstemp's 0600 would make checkpoints unreadable to other users).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

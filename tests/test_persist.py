@@ -100,3 +100,21 @@ def test_conversation_resumes_in_a_new_process(tmp_path, rng):
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert resumed == np.asarray(straight.tokens).tolist()
+
+
+def test_atomic_write_keeps_usual_permissions_and_leaves_nothing_on_failure(tmp_path):
+    import os
+    import stat
+
+    from kvjax.atomic import atomic_write, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "a.txt", "done")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    def dies(p):
+        p.write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "a.txt", dies)
+    assert target.read_text() == "done" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
