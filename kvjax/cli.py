@@ -1,8 +1,8 @@
-"""The `kvjax` command: one entry point, one module per subcommand.
+"""The `kvjax` command: one entry point; `kvjax generate`, `kvjax run`, `kvjax train`.
 
-Each subcommand module exposes `add_parser(subparsers)` (registering its flags, with
-help for every one) and sets `func` on its parser to a callable taking the parsed args
-and returning an exit code. Expected user errors (bad paths, bad values) are raised as
+Each subcommand has a registering function (SUBCOMMANDS) that adds its parser, with help
+for every flag, and sets `func` to a callable taking the parsed args and returning an
+exit code. Expected user errors (bad paths, bad values) are raised as
 `UserError` and printed as one line on stderr with exit code 2, never a traceback.
 """
 from __future__ import annotations
@@ -11,11 +11,11 @@ import argparse
 import importlib
 import sys
 
-# subcommand name -> module holding add_parser(subparsers)
+# subcommand name -> (module, function registering its parser)
 SUBCOMMANDS = {
-    "generate": "kvjax.generate_cli",
-    "run": "kvjax.runner.cli",
-    "train": "kvjax.train_cli",
+    "generate": ("kvjax.generate_cli", "add_parser"),
+    "run": ("kvjax.runner.cli", "add_parser"),
+    "train": ("kvjax.runner.cli", "add_train_parser"),
 }
 
 
@@ -26,14 +26,8 @@ class UserError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvjax", description="Fast KV-cache decoding in JAX.")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if not module.startswith(str(e.name)):  # a real import error inside it: surface it
-                raise
-            continue
-        mod.add_parser(subs)
+    for module, register in SUBCOMMANDS.values():
+        getattr(importlib.import_module(module), register)(subs)
     return parser
 
 

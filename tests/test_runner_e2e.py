@@ -169,8 +169,7 @@ def test_killed_process_leaves_no_complete_marker(tmp_path):
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_train_kind_streams_metrics(tmp_path):
-    pytest.importorskip("kvjax.train")
+def test_train_kind_streams_metrics(tmp_path, capsys):
     cfg = {"name": "tiny-train", "kind": "train",
            "train": {"d_model": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "mlp_dim": 64,
                      "seq_len": 16, "num_steps": 2, "warmup_steps": 1, "batch_size": 2,
@@ -178,10 +177,14 @@ def test_train_kind_streams_metrics(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "t"
-    assert run_cli(path, "--out", out) == 0
+    assert main(["train", str(path), "--out", str(out)]) == 0  # `kvjax train` = run, kind train
     rows, summary = check_folder(out, "train_loss.png")
     assert [r["step"] for r in rows] == [1, 2] and "eval_loss" in rows[-1]
     assert "eval_loss" not in rows[0] and summary["steps"] == 2
+    capsys.readouterr()
+    assert main(["train", str(EXP / "quickstart.yaml"), "--out", str(tmp_path / "q")]) == 2
+    assert "kind 'quickstart' is not 'train'" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_compression_quality_recall_fails_exactly_beyond_the_window(tmp_path):

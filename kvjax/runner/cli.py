@@ -22,6 +22,20 @@ def add_parser(subparsers):
                     "(config, environment, metrics JSONL/CSV, summary, plots, COMPLETE marker). "
                     f"Kinds: {', '.join(kinds.names())}.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _add_arguments(p, run)
+
+
+def add_train_parser(subparsers):
+    p = subparsers.add_parser(
+        "train", help="train a model from a config of kind 'train' (same as `kvjax run`)",
+        description="Train a model with optax from a YAML config of kind 'train' (e.g. "
+                    "experiments/train_tiny.yaml) into a results folder with checkpoints; "
+                    "exactly `kvjax run` restricted to that kind.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _add_arguments(p, run_train)
+
+
+def _add_arguments(p, func):
     p.add_argument("config", metavar="CONFIG.yaml", help="experiment config file (see experiments/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by dotted key, value parsed as YAML; repeatable "
@@ -38,17 +52,24 @@ def add_parser(subparsers):
                    help="multi-host: total processes (or env KVJAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, default=None, metavar="I",
                    help="multi-host: this process's index in [0, N) (or env KVJAX_PROCESS_ID)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=func)
     return p
 
 
-def run(args) -> int:
+def run_train(args) -> int:
+    return run(args, require_kind="train")
+
+
+def run(args, require_kind: str | None = None) -> int:
     from kvjax.cli import UserError
 
     from .config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if require_kind and cfg.kind != require_kind:
+            raise UserError(f"{args.config}: kind {cfg.kind!r} is not {require_kind!r}; "
+                            f"use `kvjax run {args.config}`")
         if not args.dry_run:
             _start_distributed(args)
         if args.dry_run:
