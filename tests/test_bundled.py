@@ -60,3 +60,24 @@ def test_recall_model_answers_through_the_cache_and_a_window_forgets_far_pairs()
     assert correct["near", "dense"] >= 15 and correct["far", "dense"] >= 15, correct
     assert correct["near", "window"] >= 15, correct     # 7 tokens back: inside the window
     assert correct["far", "window"] <= 8, correct       # chance is about 1 in 10
+
+
+@pytest.mark.parametrize("name, config", [("recall", "train_recall_long.yaml"),
+                                          ("text", "train_tiny.yaml")])
+def test_bundled_model_was_trained_by_its_committed_config(name, config):
+    """The recorded TrainConfig equals the one the committed YAML resolves to (fields that
+    do not change the trajectory, and recall fields of the text task, aside)."""
+    from pathlib import Path
+
+    from kvjax.runner import load_config
+    from kvjax.train import _RESUME_FREE
+
+    yaml_path = Path(__file__).resolve().parents[1] / "experiments" / config
+    resolved = load_config(yaml_path).settings.to_dict()
+    recorded = bundled.bundled_info(name)["train_config"]
+    skip = set(_RESUME_FREE) | ({k for k in resolved if k.startswith("recall_")} if name == "text" else set())
+    differ = {k: (recorded.get(k), resolved[k]) for k in resolved
+              if k not in skip and k in recorded and recorded[k] != resolved[k]}
+    assert not differ
+    missing = set(resolved) - set(recorded) - skip
+    assert missing <= {"init_from"} and not (name == "recall" and missing), missing
