@@ -138,6 +138,12 @@ class RecallTask:
         """Tokens in a sequence: <bos>, the pairs, the queries."""
         return 1 + self.num_pairs * self.pair_len + num_queries * self.query_len
 
+    def max_queries(self, seq_len: int, num_pairs: int | None = None) -> int:
+        """The most queries that fit in `seq_len` tokens after `num_pairs` pairs (default:
+        the task's), the inverse of `seq_len`."""
+        n = self.num_pairs if num_pairs is None else num_pairs
+        return (seq_len - 1 - n * self.pair_len) // self.query_len
+
     def distances(self) -> list[int]:
         """Every pair-to-query distance (tokens) a single-query sequence can have, ascending.
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import atomic_write, atomic_write_text
 from .config import _DTYPES, ModelConfig, RopeScaling
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
@@ -619,4 +619,4 @@ def _shard(tensors: dict, max_bytes: int | None) -> list[dict]:
 
 
 def _write_json(file: Path, data: dict):
-    atomic_write(file, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write_text(file, json.dumps(data, indent=2) + "\n")

@@ -293,8 +293,7 @@ class _Task:
             tokens = data.text_batch(self.train_stream, rng, c.batch_size, c.seq_len)
             return tokens, np.ones((c.batch_size, c.seq_len), np.float32)
         n = int(rng.integers(c.recall_min_pairs, recall_max_pairs(c, step) + 1))
-        P = self.recall.pair_len
-        m = c.recall_queries or (c.seq_len - 1 - n * P) // (P + 1)
+        m = c.recall_queries or self.recall.max_queries(c.seq_len, num_pairs=n)
         batch = data.recall_batch(self.recall, rng, c.batch_size, num_pairs=n, num_queries=m,
                                   repeat_queries=True)
         return self._pad(batch, c.seq_len + 1, all_tokens=c.recall_loss == "all")
@@ -422,9 +421,12 @@ def _initial_weights(source: str, template):
     if not path.is_dir():
         raise ValueError(f"TrainConfig.init_from={source!r}: not a folder nor a bundled model "
                          f"(bundled: {bundled_names()})")
-    # A checkpoint, a run folder, or a folder of runs (`runs/<name>`: the newest one).
-    runs = sorted(p for p in path.iterdir() if p.is_dir() and latest_checkpoint(p))
-    ckpt = latest_checkpoint(path) or (latest_checkpoint(runs[-1]) if runs else path)
+    # A checkpoint, a run folder, a folder of runs (`runs/<name>`: the newest one), or an
+    # exported model folder (a bundled model).
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        runs = sorted(p for p in path.iterdir() if p.is_dir() and latest_checkpoint(p))
+        ckpt = latest_checkpoint(runs[-1]) if runs else path
     _, params = load_hf(ckpt, dtype="float32")
     want = jax.tree_util.tree_map(lambda x: x.shape, template)
     got = jax.tree_util.tree_map(lambda x: x.shape, params)
@@ -456,15 +458,15 @@ def train(config: TrainConfig, out_dir: str | os.PathLike,
     opt, schedule = make_optimizer(config)
     task = _Task(config)
 
-    params = init_params(cfg, jax.random.key(config.seed), std=config.init_std)
-    if config.init_from:
-        params = _initial_weights(config.init_from, params)
-    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
     ckpt = latest_checkpoint(out_dir)
     if ckpt is None and config.resume_from:
         ckpt = latest_checkpoint(config.resume_from)
         if ckpt is None:
             raise ValueError(f"TrainConfig.resume_from={config.resume_from!r}: no checkpoint found there")
+    params = init_params(cfg, jax.random.key(config.seed), std=config.init_std)
+    if config.init_from and ckpt is None:  # a resumed run restores its own weights instead
+        params = _initial_weights(config.init_from, params)
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
     if ckpt is not None:
         state = jax.device_put(_restore(config, jax.device_get(state), ckpt))
     start = int(state["step"])

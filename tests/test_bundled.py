@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import bundled
+from kvjax import bundled, data
+from kvjax.train import TrainConfig
 
 
 def test_text_model_is_bundled_with_its_training_record():
@@ -28,16 +29,13 @@ def test_text_model_generates_words_with_and_without_cache():
 
 
 def _recall_setup():
-    from kvjax import data
-    from kvjax.train import TrainConfig
-
     cfg, params, _ = bundled.load_bundled("recall")
     info = bundled.bundled_info("recall")
-    return cfg, params, info, TrainConfig.from_dict(info["train_config"]).recall_task(), data
+    return cfg, params, info, TrainConfig.from_dict(info["train_config"]).recall_task()
 
 
 def test_recall_model_is_bundled_with_its_training_record():
-    _, _, info, task, _ = _recall_setup()
+    _, _, info, task = _recall_setup()
     assert info["train_config"]["task"] == "recall" and task.num_pairs == 32
     assert info["summary"]["eval_accuracy"] >= 0.95   # measured 1.00 (BUILD_NOTES.md)
     by_distance = info["summary"]["accuracy_by_distance"]
@@ -47,7 +45,7 @@ def test_recall_model_is_bundled_with_its_training_record():
 def test_recall_model_answers_through_the_cache_and_a_window_forgets_far_pairs():
     """Greedy generation of the value after `?key`: the dense cache holds every pair; a
     16-slot window cache cannot see a pair ~90 tokens back, so it drops to guessing."""
-    cfg, params, _, task, data = _recall_setup()
+    cfg, params, _, task = _recall_setup()
     near, far = task.distances()[1], task.distances()[-2]
     correct = {}
     for name, d in (("near", near), ("far", far)):

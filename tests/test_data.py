@@ -143,6 +143,16 @@ def test_recall_accuracy_is_exact():
         data.exact_match(np.zeros((2, 2)), np.zeros((2, 3)))
 
 
+def test_max_queries_inverts_seq_len():
+    for task in (TASK, data.RecallTask(num_pairs=6, key_len=1, value_len=1, echo_key=True)):
+        for m in (1, 3, 7):
+            assert task.max_queries(task.seq_len(m)) == m
+            assert task.max_queries(task.seq_len(m) + task.query_len - 1) == m
+        # Two pairs fewer free 2 * pair_len tokens: room for at least one more query.
+        extra = 2 * task.pair_len // task.query_len
+        assert extra >= 1 and task.max_queries(task.seq_len(2), num_pairs=task.num_pairs - 2) == 2 + extra
+
+
 def test_recall_echo_key_format_and_distances():
     task = data.RecallTask(num_pairs=6, key_len=1, value_len=1, echo_key=True)
     assert task.pair_len == 4

@@ -186,5 +186,9 @@ def test_init_from_starts_at_given_weights_with_a_fresh_optimizer(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="init_from=.*do not fit"):
         T.train(tiny(num_steps=4, d_model=64, init_from=str(tmp_path / "first")), tmp_path / "bad")
+    # Resuming restores the run's own checkpoint: the init_from weights are not needed then.
+    import shutil
+    shutil.rmtree(tmp_path / "first")
+    assert T.train(second, tmp_path / "second")["resumed_from_step"] == 4
     with pytest.raises(ValueError, match="init_from='nowhere'.*bundled"):
         T.train(tiny(num_steps=4, init_from="nowhere"), tmp_path / "bad2")

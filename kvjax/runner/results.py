@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, atomic_write_text
 
 COMPLETE = "COMPLETE"
 FAILED = "FAILED"
@@ -102,7 +102,7 @@ class ResultsFolder:
         return atomic_write_bytes(self.path / name, data)
 
     def write_text(self, name: str, text: str) -> Path:
-        return self.write_bytes(name, text.encode("utf-8"))
+        return atomic_write_text(self.path / name, text)
 
     def write_json(self, name: str, obj) -> Path:
         return self.write_text(name, dumps(obj, indent=2) + "\n")
