@@ -9,56 +9,48 @@ Prints three tables on whatever backend JAX runs:
   2. cached decode tokens/s and ms/step for each batch size;
   3. the same cached runs with Hugging Face transformers (PyTorch) `generate` on the
      same model shape (random weights), with the kvjax/transformers ratio, when installed.
-Times are medians over --repeats runs after a warm-up (compile) run, each ended with
-`jax.block_until_ready`. ms/step of the cached decode excludes prefill: it is
-(time to generate 2N tokens - time to generate N) / N, on the same cache shape. The bandwidth column is gpt-fast's figure:
-(parameter bytes + live KV bytes) read per step / step time.
+Every figure uses kvjax.timing's method: warm (compile excluded and reported apart),
+calibrated so one measurement lasts >= --min-seconds, --repeats measurements, median.
+The cached ms/step is generate's decode loop (a lax.scan of --new-tokens steps on a
+donated cache) timed on a cache prefilled outside the timed region; the no-cache figure is
+a whole generate(use_cache=False) per new token; transformers is timed the same way on its
+own decode loop (kvjax.baselines.hf_step_timing). A figure whose spread is wider than its
+median prints as INVALID and no ratio is formed from it. The bandwidth column is
+gpt-fast's figure: (parameter bytes + live KV bytes) read per step / step time.
 """
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import jax
 import numpy as np
 
 import kvjax
-from kvjax.baselines import hf_model_like, hf_step_ms
+from kvjax.baselines import hf_model_like, hf_step_timing
+from kvjax.bench import time_decode, time_prefill
+from kvjax.timing import Timing, measure
 
 
-def median_time(fn, repeats: int) -> float:
-    """Median wall seconds of fn() over `repeats` runs after one warm-up run."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _ms(t: Timing) -> str:
+    return f"{1e3 * t.median_s:.3f}" if t.valid else "INVALID"
 
 
-def kvjax_cached(cfg, params, batch, prompt_len, new, repeats):
-    """(ms per decode step, ms prefill) for generate with the cache.
-
-    A step's cost is the difference between generating 2*new and new tokens into the same
-    max_len (same prefill, same cache shape), divided by new.
-    """
+def kvjax_cached(cfg, params, batch, prompt_len, new, kw):
+    """(decode Timing per step, prefill Timing) with the cache."""
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
-    max_len = prompt_len + 2 * new
     lens = np.full((batch,), prompt_len, np.int32)
-    gen = lambda n: lambda: kvjax.generate(cfg, params, prompts, max_new_tokens=n, max_len=max_len).tokens  # noqa: E731
-    pre = lambda: kvjax.prefill(cfg, params, prompts, lens, kvjax.init_cache(cfg, batch, max_len))[0]  # noqa: E731
-    t_step = (median_time(gen(2 * new), repeats) - median_time(gen(new), repeats)) / new
-    return 1e3 * max(t_step, 0.0), 1e3 * median_time(pre, repeats)
+    _, step = time_decode(cfg, params, prompts, lens, kvjax.init_cache(cfg, batch, prompt_len + new), new, **kw)
+    _, pre = time_prefill(cfg, params, prompts, lens, kvjax.init_cache(cfg, batch, prompt_len + new), **kw)
+    return step, pre
 
 
-def kvjax_nocache(cfg, params, batch, prompt_len, new, repeats):
-    """ms per new token when every token re-runs the model over its whole prefix."""
+def kvjax_nocache(cfg, params, batch, prompt_len, new, kw):
+    """Timing per new token when every token re-runs the model over its whole prefix."""
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
-    gen = lambda: kvjax.generate(cfg, params, prompts, max_new_tokens=new, use_cache=False).tokens  # noqa: E731
-    return 1e3 * median_time(gen, repeats) / new
+    _, t = measure(lambda _: kvjax.generate(cfg, params, prompts, max_new_tokens=new, use_cache=False).tokens,
+                   units=new, **kw)
+    return t
 
 
 def main(argv=None):
@@ -70,7 +62,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes")
     ap.add_argument("--batch-prompt-len", type=int, default=128, help="prompt length for the batch table")
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed measurements (median reported)")
+    ap.add_argument("--min-seconds", type=float, default=0.2, help="calibrated length of one measurement")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     args = ap.parse_args(argv)
 
@@ -82,30 +75,39 @@ def main(argv=None):
           f"({pbytes/1e6:.0f} MB) | jax {jax.__version__} on {dev.platform}:{dev.device_kind} "
           f"x{jax.device_count()} | {platform.processor() or platform.machine()} | new tokens {args.new_tokens}")
 
-    print("\n1. cache vs no-cache, batch 1 (ms per new token; speedup = no-cache / cache)")
+    kw = dict(repeats=args.repeats, min_seconds=args.min_seconds)
     hf = None if args.no_hf else hf_model_like(cfg)
-    head = f"{'prompt':>7} {'cache ms':>9} {'tok/s':>8} {'no-cache ms':>12} {'tok/s':>8} {'speedup':>8} {'prefill ms':>11}"
-    print(head + ("" if hf is None else f" {'hf ms/step':>11} {'kvjax/hf':>9}"))
+
+    def ratio(a: Timing, b: Timing) -> str:
+        return f"{a.median_s / b.median_s:.2f}x" if a.valid and b.valid else "-"
+
+    print("\n1. cache vs no-cache, batch 1 (ms per new token; speedup = no-cache / cache)")
+    head = f"{'prompt':>7} {'cache ms':>9} {'no-cache ms':>12} {'speedup':>8} {'prefill ms':>11}"
+    print(head + ("" if hf is None else f" {'hf ms/step':>11} {'hf/kvjax':>9}"))
     for n in args.prompt_lens:
-        c_ms, pre_ms = kvjax_cached(cfg, params, 1, n, args.new_tokens, args.repeats)
-        nc_ms = kvjax_nocache(cfg, params, 1, n, args.new_tokens, args.repeats)
-        line = f"{n:>7} {c_ms:>9.2f} {1e3/c_ms:>8.1f} {nc_ms:>12.2f} {1e3/nc_ms:>8.1f} {nc_ms/c_ms:>7.1f}x {pre_ms:>11.1f}"
+        step, pre = kvjax_cached(cfg, params, 1, n, args.new_tokens, kw)
+        nocache = kvjax_nocache(cfg, params, 1, n, args.new_tokens, kw)
+        line = f"{n:>7} {_ms(step):>9} {_ms(nocache):>12} {ratio(nocache, step):>8} {_ms(pre):>11}"
         if hf is not None:
-            hms = hf_step_ms(hf, cfg.vocab_size, 1, n, args.new_tokens, args.repeats)
-            line += f" {hms:>11.2f} {hms/c_ms:>8.2f}x"
+            h = hf_step_timing(hf, cfg.vocab_size, 1, n, args.new_tokens, **kw)
+            line += f" {_ms(h):>11} {ratio(h, step):>9}"
         print(line)
 
     print(f"\n2. cached decode by batch (prompt {args.batch_prompt_len})"
-          + ("" if hf is None else "; transformers generate on the same shape, default cache"))
+          + ("" if hf is None else "; transformers' decode loop on the same shape, default cache"))
     head = f"{'batch':>6} {'ms/step':>8} {'tok/s':>9} {'GB/s':>7}"
-    print(head + ("" if hf is None else f" {'hf ms/step':>11} {'hf tok/s':>9} {'kvjax/hf':>9}"))
+    print(head + ("" if hf is None else f" {'hf ms/step':>11} {'hf/kvjax':>9}"))
     for b in args.batches:
-        ms, _ = kvjax_cached(cfg, params, b, args.batch_prompt_len, args.new_tokens, args.repeats)
-        live_kv = kvjax.cache_bytes(cfg, b, args.batch_prompt_len + args.new_tokens // 2) - 4 * b
-        line = f"{b:>6} {ms:>8.2f} {b*1e3/ms:>9.1f} {(pbytes + live_kv)/ms/1e6:>7.1f}"
+        step, _ = kvjax_cached(cfg, params, b, args.batch_prompt_len, args.new_tokens, kw)
+        live_kv = kvjax.cache_bytes(cfg, b, args.batch_prompt_len + (args.new_tokens + 1) // 2) - 4 * b
+        if step.valid:
+            line = (f"{b:>6} {_ms(step):>8} {b / step.median_s:>9.1f} "
+                    f"{(pbytes + live_kv) / step.median_s / 1e9:>7.1f}")
+        else:
+            line = f"{b:>6} {'INVALID':>8} {'-':>9} {'-':>7}"
         if hf is not None:
-            hms = hf_step_ms(hf, cfg.vocab_size, b, args.batch_prompt_len, args.new_tokens, args.repeats)
-            line += f" {hms:>11.2f} {b*1e3/hms:>9.1f} {hms/ms:>8.2f}x"
+            h = hf_step_timing(hf, cfg.vocab_size, b, args.batch_prompt_len, args.new_tokens, **kw)
+            line += f" {_ms(h):>11} {ratio(h, step):>9}"
         print(line)
     if hf is None and not args.no_hf:
         print("(transformers/torch not installed: comparison skipped)")

@@ -5,9 +5,6 @@ are random; only the speed of `generate` is compared, on the same shapes and dty
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 from .config import ModelConfig
 
 
@@ -33,32 +30,52 @@ def hf_model_like(cfg: ModelConfig):
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
-def hf_step_ms(model, vocab_size: int, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-               cache_implementation: str | None = None) -> float:
-    """Median ms per decode step of transformers' greedy `generate`.
+def hf_step_timing(model, vocab_size: int, batch: int, prompt_len: int, new_tokens: int,
+                   cache_implementation: str | None = None, seed: int = 0, **measure_kw):
+    """Per-step Timing of transformers' greedy decode loop on its own cache, prefill excluded.
 
-    (time for 2N new tokens - time for N) / N, so prefill and setup cancel out.
-    cache_implementation: None for the default dynamic cache, or e.g. "static".
+    The prompt is prefilled once, untimed. A timed call runs `new_tokens` steps of the loop
+    `generate` runs (the model's forward on one token per row with its cache, then argmax),
+    after rewinding the cache to the prompt (`crop`; with transformers 4.x a StaticCache
+    is simply overwritten from the prompt's end, its positions given explicitly), so every call does the same work at the same
+    context. Measured with `kvjax.timing.measure` (warm, calibrated, repeated), synchronising
+    CUDA when the model is on a GPU. cache_implementation: None (DynamicCache) or "static".
     """
     import torch
+    from transformers import DynamicCache, StaticCache
 
-    ids = torch.randint(0, vocab_size, (batch, prompt_len), device=model.device)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    extra = {"cache_implementation": cache_implementation} if cache_implementation else {}
+    from .timing import measure
 
-    def run(n):
-        with torch.inference_mode():
-            model.generate(ids, do_sample=False, min_new_tokens=n, max_new_tokens=n, pad_token_id=0,
-                           **extra)
-        sync()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, prompt_len), generator=gen).to(model.device)
+    cuda = model.device.type == "cuda"
+    sync = (lambda _: torch.cuda.synchronize()) if cuda else (lambda _: None)
+    if cache_implementation == "static":
+        cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+    elif cache_implementation is None:
+        cache = DynamicCache()
+    else:
+        raise ValueError(f"cache_implementation must be None or 'static', got {cache_implementation!r}")
+    positions = [torch.tensor([prompt_len + i], device=model.device) for i in range(new_tokens)]
+    import inspect   # transformers 5.2x: forward takes `cache` (not past_key_values), no cache_position
+    accepts = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in accepts else "past_key_values"
+    by_position = "cache_position" in accepts   # 4.x: positions given; 5.x: from the cache's length
+    where = (lambda pos: {"cache_position": pos}) if by_position else (lambda pos: {})  # noqa: E731
+    with torch.inference_mode():
+        out = model(ids, **{cache_kw: cache}, use_cache=True,
+                    **where(torch.arange(prompt_len, device=model.device)))
+        first = out.logits[:, -1].argmax(-1, keepdim=True)
 
-    def median_s(n):
-        run(n)  # warm-up (and, for the static cache, its allocation and compilation)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run(n)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        def call(_):
+            extra = cache.get_seq_length() - prompt_len
+            if extra and (cache_implementation is None or not by_position):
+                cache.crop(-extra)   # negative: drop that many (the same meaning in 4.x and 5.x)
+            tok = first
+            for pos in positions:
+                logits = model(tok, **{cache_kw: cache}, use_cache=True, **where(pos)).logits
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+            return tok
 
-    return 1e3 * max(median_s(2 * new_tokens) - median_s(new_tokens), 0.0) / new_tokens
+        _, t = measure(call, None, units=new_tokens, sync=sync, **measure_kw)
+    return t

@@ -94,17 +94,15 @@ def live_plan(end_of_prompt: int, max_new_tokens: int, cache: KVCache):
     return live_bucket(start, S), tuple(map(tuple, segments))
 
 
-def _generate_impl(cfg, params, prompts, prompt_lengths, cache, plan, knobs):
-    """Prefill, then steps of (sample, decode) in `lax.scan`s, all in one jit.
+def _decode_loop(cfg, params, logits, cache, segments, knobs):
+    """Steps of (sample, decode) in `lax.scan`s: the decode program of `generate`.
 
-    plan (static): (prefill live, ((steps, live), ...)): one scan per segment, each reading
-    only the cache prefix its tokens can reach. Step i samples token i from the current
-    logits, then decodes it, so the returned cache holds every generated token (ready for
-    the next prefill of a conversation).
+    segments (static): ((steps, live), ...): one scan per segment, each reading only the
+    cache prefix its tokens can reach. Step i samples token i from the current logits,
+    then decodes it, so the returned cache holds every generated token (ready for the
+    next prefill of a conversation). Returns (GenerateOutput, logits after the last step).
     """
-    prefill_live, segments = plan
-    logits, cache = _append(cfg, params, prompts, prompt_lengths, cache, prefill_live)
-    done = jnp.zeros(prompts.shape[:1], bool)
+    done = jnp.zeros(logits.shape[:1], bool)
     toks, actives, first = [], [], 0
     for steps, live in segments:
         def step(carry, i, live=live):
@@ -119,13 +117,25 @@ def _generate_impl(cfg, params, prompts, prompt_lengths, cache, plan, knobs):
         actives.append(active)
         first += steps
     toks, active = jnp.concatenate(toks, 0), jnp.concatenate(actives, 0)
-    return GenerateOutput(toks.T, active.sum(0, dtype=jnp.int32), cache)
+    return GenerateOutput(toks.T, active.sum(0, dtype=jnp.int32), cache), logits
+
+
+def _generate_impl(cfg, params, prompts, prompt_lengths, cache, plan, knobs):
+    """Prefill, then the decode loop (`_decode_loop`), all in one jit.
+
+    plan (static): (prefill live, ((steps, live), ...)), see `live_plan`.
+    """
+    prefill_live, segments = plan
+    logits, cache = _append(cfg, params, prompts, prompt_lengths, cache, prefill_live)
+    return _decode_loop(cfg, params, logits, cache, segments, knobs)[0]
 
 
 _forward_jit = jax.jit(_forward, static_argnums=0)
 _prefill_jit = jax.jit(_append, static_argnums=(0, 5), donate_argnums=4)
 _decode_jit = jax.jit(_decode_all, static_argnums=(0, 4), donate_argnums=3)
 _generate_cached = jax.jit(_generate_impl, static_argnums=(0, 5), donate_argnums=4)
+# generate's decode loop on its own (benchmarks time it on a cache prefilled outside the timed region)
+_decode_loop_jit = jax.jit(_decode_loop, static_argnums=(0, 4), donate_argnums=3)
 
 
 @lru_cache(maxsize=None)

@@ -13,6 +13,7 @@ import pytest
 
 import kvjax
 from kvjax.cli import build_parser, main
+from conftest import require_module
 from hf_fixtures import VARIANTS, hf_model, make_hf_tokenizer, random_params
 
 PROMPT = "The quick brown fox"
@@ -33,9 +34,8 @@ def _report(err):
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    torch = pytest.importorskip("torch", reason="torch not installed: these checkpoints are "
-                                "written by transformers")
-    pytest.importorskip("transformers", reason="transformers not installed")
+    torch = require_module("torch", "these checkpoints are written by transformers")
+    require_module("transformers", "these checkpoints are written by transformers")
     dirs = {}
     for variant in sorted(VARIANTS):
         folder = tmp_path_factory.mktemp(f"cli-{variant}")
@@ -76,10 +76,12 @@ def test_report_fields_and_no_cache_gives_same_text(hf_dirs, capsys):
     cfg, _ = kvjax.load_hf(folder)
     n = int(report["prompt tokens"])
     assert report["KV cache"] == f"{kvjax.cache_bytes(cfg, 1, n + NEW):,} bytes"
+    assert "timings of a warm second run" in err        # the default times a warm call
     rc, out2, err2 = _run(capsys, "--model", folder, "--prompt", PROMPT, "--max-new-tokens", NEW,
-                          "--no-cache")
+                          "--no-cache", "--timing", "first")
     assert rc == 0 and out2 == out
     assert _report(err2)["KV cache"] == "0 bytes" and "no cache" in err2
+    assert "they include first-call costs" in err2      # a single run says what it measured
 
 
 def test_sampling_is_seeded(hf_dirs, capsys):
@@ -117,7 +119,7 @@ def test_help_explains_every_flag(capsys):
     flags = [a for a in gen._actions if a.option_strings and a.dest != "help"]
     assert {a.option_strings[0] for a in flags} == {
         "--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
-        "--no-cache", "--dtype"}
+        "--no-cache", "--dtype", "--timing"}
     assert all(a.help and len(a.help) > 15 for a in flags)
     with pytest.raises(SystemExit) as e:
         main(["generate", "--help"])

@@ -95,8 +95,8 @@ def test_section_of_another_kind_is_named():
 
 
 def test_cross_field_checks_name_the_key():
-    msg = err({**BASE, "cache_vs_nocache": {"seq_lens": [8, 64], "step_repeats": 10}})
-    assert msg.startswith("cache_vs_nocache.seq_lens[0]: 8 is too short for step_repeats=10")
+    msg = err({**BASE, "cache_vs_nocache": {"generate_lens": [64, 16], "prompt_len": 16}})
+    assert msg.startswith("cache_vs_nocache.generate_lens[1]: 16 leaves no new tokens after prompt_len=16")
     msg = err({"name": "t", "kind": "memory_scaling", "memory_scaling": {"kv_heads": [32, 3]}})
     assert msg.startswith("memory_scaling.kv_heads[1]: 3 does not divide num_heads=32")
     msg = err({"name": "t", "kind": "memory_scaling", "memory_scaling": {"preset": "llama-1bb"}})

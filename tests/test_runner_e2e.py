@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import kvjax
 import kvjax.runner.kinds.memory_scaling as memory_scaling
 from kvjax.cli import main
 from kvjax.runner import is_complete, load_config
@@ -28,17 +29,18 @@ FILES = ["config.yaml", "env.json", "metrics.jsonl", "metrics.csv", "summary.md"
 # timed steps, the plain llama-tiny config) so later runs in this process reuse earlier
 # compiles.
 TINY = {
-    "quickstart.yaml": ["quickstart.max_new_tokens=4", "quickstart.repeats=1",
+    "quickstart.yaml": ["quickstart.max_new_tokens=4", "quickstart.repeats=2", "quickstart.min_seconds=0.01",
                         "quickstart.prompts=[abcd]"],  # <bos> + 4 bytes = 5 tokens
     "cache_vs_nocache.yaml": ["cache_vs_nocache.seq_lens=[8]", "cache_vs_nocache.step_repeats=2",
                               "cache_vs_nocache.generate_lens=[9]", "cache_vs_nocache.prompt_len=5",
-                              "cache_vs_nocache.gen_repeats=1", "cache_vs_nocache.model={}"],
+                              "cache_vs_nocache.gen_repeats=2", "cache_vs_nocache.model={}",
+                              "cache_vs_nocache.min_seconds=0.01"],
     "memory_scaling.yaml": ["memory_scaling.preset=llama-tiny", "memory_scaling.kv_heads=[4,2,1]",
                             "memory_scaling.context_lens=[16,32]", "memory_scaling.batch_sizes=[1,2]",
                             "memory_scaling.base_context=16", "memory_scaling.budget_gib=0.001"],
     "batch_throughput.yaml": ["batch_throughput.batch_sizes=[1]", "batch_throughput.prompt_len=5",
                               "batch_throughput.new_tokens=4", "batch_throughput.step_repeats=2",
-                              "batch_throughput.gen_repeats=1"],
+                              "batch_throughput.gen_repeats=2", "batch_throughput.min_seconds=0.01"],
 }
 
 
@@ -92,6 +94,46 @@ def test_each_kind_writes_every_results_file(tmp_path, name, plot):
         # causal pairs, one row per decoded token); no cache re-forms each prefix's triangle
         assert gen["scores_cached_needed"] == 15 + 6 + 7 + 8 + 9
         assert gen["scores_nocache_needed"] == 15 + 21 + 28 + 36
+        assert gen["tokens_match"] is True and summary["ok"] is True
+        _check_timing(step, "cached") and _check_timing(step, "nocache")
+        assert step["ratio"] == pytest.approx(step["nocache_ms"] / step["cached_ms"]) or not step["valid"]
+    if name == "batch_throughput.yaml":
+        (row,) = rows
+        _check_timing(row, "step")
+        _check_timing(row, "generate", unit="s")
+        assert row["step_tok_s"] == pytest.approx(1e3 / row["step_ms"])          # batch 1
+        assert row["generate_tok_s"] == pytest.approx(4 / row["generate_s"])     # 4 new tokens
+        cfg = kvjax.ModelConfig.preset("llama-tiny")
+        assert row["live_cache_bytes"] == kvjax.cache_bytes(cfg, 1, 5 + 2) - 4   # prompt + mean of 4 steps
+        assert summary["invalid_rows"] == sum(not r["valid"] for r in rows)
+
+
+def _check_timing(row, prefix, unit="ms"):
+    """A timing's figures are consistent: min <= median, spread >= 0, calibrated calls, no
+    compilation inside the timed region (a kind that recompiled per call would show here)."""
+    assert 0 < row[f"{prefix}_min_{unit}"] <= row[f"{prefix}_{unit}"]
+    assert row[f"{prefix}_spread_{unit}"] >= 0 and row[f"{prefix}_calls"] >= 1
+    assert row[f"{prefix}_repeats"] == 2
+    assert row[f"{prefix}_valid"] == (row[f"{prefix}_spread_{unit}"] <= row[f"{prefix}_{unit}"])
+    return True
+
+
+def test_cache_vs_nocache_fails_when_the_paths_disagree(tmp_path, monkeypatch, capsys):
+    """A wrong no-cache path (tokens shifted) must fail the run, not become a note."""
+    import kvjax.runner.kinds.cache_vs_nocache as kind
+
+    real = kvjax.generate
+
+    def broken(*a, use_cache=True, **k):
+        out = real(*a, use_cache=use_cache, **k)
+        return out if use_cache else out._replace(tokens=(out.tokens + 1) % 256)
+
+    monkeypatch.setattr(kind.kvjax, "generate", broken)
+    out = tmp_path / "run"
+    assert run_cli(EXP / "cache_vs_nocache.yaml", "--out", out, *set_args(TINY["cache_vs_nocache.yaml"])) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is False and summary["tokens_match"] is False
+    assert "CHECK FAILED" in (out / "summary.md").read_text()
 
 
 def test_quickstart_checks_tokens_identical(tmp_path):

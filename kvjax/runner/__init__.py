@@ -6,7 +6,6 @@
   experiment.py  runs a validated config into a results folder
   results.py     the results folder: atomic files, metrics JSONL/CSV, summary, COMPLETE marker
   env.py         device selection and the environment record
-  timing.py      honest timing of jitted calls (block_until_ready, warm-up, median)
   models.py      preset shapes with random weights for cost experiments
   plots.py       matplotlib (Agg) helpers
   cli.py         the `kvjax run` subcommand

@@ -43,8 +43,10 @@ def model_config(section: str, shape: ShapeConfig, dtype: str) -> kvjax.ModelCon
         raise ConfigError(f"{section}.model: {e}") from None
 
 
-def random_params(cfg: kvjax.ModelConfig, seed: int):
-    return kvjax.init_params(cfg, jax.random.key(seed))
+def random_params(cfg: kvjax.ModelConfig, seed: int, std: float = 0.02):
+    """Random weights. std 0.02 is the usual init; kinds that compare tokens across two paths
+    use a larger std (0.2), whose top logits are decisive, so a float near-tie cannot flip them."""
+    return kvjax.init_params(cfg, jax.random.key(seed), std=std)
 
 
 def random_tokens(cfg: kvjax.ModelConfig, seed: int, shape) -> np.ndarray:

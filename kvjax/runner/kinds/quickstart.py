@@ -3,7 +3,8 @@
 Greedy generation for a few prompts, once with the KV cache and once without
 (`kvjax.generate(..., use_cache=True/False)`, the same model and inputs). The run
 checks that both paths produce identical tokens, prints the text, the tokens/s of each
-path (median of `repeats` calls after a compile call, whose time is shown apart) and
+path (median of `repeats` warm measurements, each calibrated to last `min_seconds`;
+the first call, compile included, is shown apart; `kvjax.timing`) and
 the speedup, and the KV cache size (allocated `KVCache.nbytes` beside the
 `kvjax.cache_bytes` prediction).
 
@@ -18,11 +19,11 @@ import jax
 import numpy as np
 
 import kvjax
+from kvjax.timing import measure
 
 from .. import plots
 from ..models import ShapeConfig, model_config, random_params
 from ..schema import ConfigError, option
-from ..timing import measure
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class Config:
                                       help="prompts, generated together as one ragged batch")
     max_new_tokens: int = option(48, min=1, help="tokens generated per prompt")
     stop_at_eos: bool = option(True, help="stop a row at the tokenizer's end-of-sequence token")
-    repeats: int = option(3, min=1, help="timed generate calls per path (median)")
+    repeats: int = option(3, min=1, help="timed measurements of generate per path (median)")
+    min_seconds: float = option(0.2, min=0.0, help="calibrated length of one measurement (s)")
 
 
 def validate(run_cfg) -> None:
@@ -105,7 +107,7 @@ def run(ctx, c: Config) -> dict:
 
     results = {}
     for label, use_cache in ctx.track([("with cache", True), ("without cache", False)], "generate"):
-        out, t = measure(gen(use_cache), c.repeats)
+        out, t = measure(lambda _, g=gen(use_cache): g(), repeats=c.repeats, min_seconds=c.min_seconds)
         results[label] = (out, t)
     (out_c, t_c), (out_n, t_n) = results["with cache"], results["without cache"]
     toks_c, toks_n = np.asarray(out_c.tokens), np.asarray(out_n.tokens)
@@ -121,19 +123,25 @@ def run(ctx, c: Config) -> dict:
                  "identical": bool(np.array_equal(toks_c[b], toks_n[b]) and lens_c[b] == lens_n[b])})
 
     tps_c, tps_n = generated / t_c.median_s, generated / t_n.median_s
-    speedup = t_n.median_s / t_c.median_s
+    timing_ok = t_c.valid and t_n.valid
+    speedup = t_n.median_s / t_c.median_s if timing_ok else None
     cache = out_c.cache
     predicted = kvjax.cache_bytes(cfg, B, cache.max_len, cache.dtype)
     for label, t, tps in (("with cache", t_c, tps_c), ("without cache", t_n, tps_n)):
-        ctx.log({"path": label, "first_call_s": t.first_s, "median_s": t.median_s,
-                 "tokens": generated, "tokens_per_s": tps})
+        ctx.log({"path": label, "first_call_s": t.first_s, "median_s": t.median_s, "min_s": t.min_s,
+                 "spread_s": t.spread_s, "calls": t.calls, "compiles": t.compiles,
+                 "tokens": generated, "tokens_per_s": tps, "valid": t.valid, "invalid_reason": t.reason or None})
     ctx.table("Generation with and without the KV cache",
               ["path", "first call s (compile + run)", "median s", "tokens", "tokens/s"],
               [["with cache", t_c.first_s, t_c.median_s, generated, tps_c],
                ["without cache", t_n.first_s, t_n.median_s, generated, tps_n]])
     per_token = kvjax.cache_bytes(cfg, 1, 2, cache.dtype) - kvjax.cache_bytes(cfg, 1, 1, cache.dtype)
-    ctx.note(f"Tokens identical: {'yes' if identical else 'NO'}. Speedup from the cache: {speedup:.2f}x "
-             f"({tps_c:,.0f} vs {tps_n:,.0f} tokens/s).")
+    if timing_ok:
+        ctx.note(f"Tokens identical: {'yes' if identical else 'NO'}. Speedup from the cache: {speedup:.2f}x "
+                 f"({tps_c:,.0f} vs {tps_n:,.0f} tokens/s; first calls, compile included, shown apart).")
+    else:
+        ctx.note(f"Tokens identical: {'yes' if identical else 'NO'}. Timing INVALID, no speedup given: "
+                 f"{'; '.join(r for r in (t_c.reason, t_n.reason) if r)}")
     ctx.note(f"KV cache: {cache.nbytes:,} bytes allocated ({cache.nbytes / 2**20:.2f} MiB; "
              f"kvjax.cache_bytes predicts {predicted:,}) for batch {B} x {cache.max_len} slots, "
              f"{per_token:,} bytes per cached token per row, {cache.dtype}.")
@@ -142,7 +150,8 @@ def run(ctx, c: Config) -> dict:
 
     fig, axes = plots.figure()
     plots.bars(axes[0], ["with cache", "without cache"], [tps_c, tps_n], ylabel="tokens/s (median)",
-               title=f"{c.model}: {B} prompts x {N} tokens, speedup {speedup:.2f}x")
+               title=f"{c.model}: {B} prompts x {N} tokens"
+               + (f", speedup {speedup:.2f}x" if timing_ok else ", timing invalid"))
     ctx.save_figure(fig, "quickstart.png")
     return {"ok": identical, "tokens_identical": identical, "model": c.model, "source": c.source,
             "generated_tokens": generated, "cached_tokens_per_s": tps_c,

@@ -15,11 +15,11 @@ import jax
 import numpy as np
 
 import kvjax
+from kvjax.timing import measure
 from kvjax import sharding
 
 from ..models import ShapeConfig, model_config, random_params, random_tokens
 from ..schema import ConfigError, option
-from ..timing import measure
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class Config(ShapeConfig):
     cache_kind: str = option("dense", choices=("dense", "int8", "window", "sinks"),
                              help="cache kind (window/sinks use max_len slots and wrap)")
     max_len: int = option(0, min=0, help="cache slots; 0 = prompt_len + new_tokens")
-    repeats: int = option(3, min=1, help="timed generate calls (median)")
+    repeats: int = option(3, min=1, help="timed measurements of generate (median)")
+    min_seconds: float = option(0.2, min=0.0, help="calibrated length of one measurement (s)")
 
 
 def validate(run_cfg) -> None:
@@ -54,7 +55,8 @@ def run(ctx, c: Config) -> dict:
     kw = dict(max_new_tokens=c.new_tokens, max_len=max_len, cache_kind=c.cache_kind)
     B = c.batch_size
 
-    ref, t_one = measure(lambda: kvjax.generate(cfg, params, prompts, lens, **kw), c.repeats)
+    ref, t_one = measure(lambda _: kvjax.generate(cfg, params, prompts, lens, **kw), repeats=c.repeats,
+                         min_seconds=c.min_seconds)
     row = {"devices": 1, "tok_s": B * c.new_tokens / t_one.median_s, "generate_s": t_one.median_s}
     headline = {"one_device_tok_s": row["tok_s"]}
     ctx.log({"layout": "one device", **row})
@@ -63,7 +65,8 @@ def run(ctx, c: Config) -> dict:
     if ctx.mesh is not None:
         mesh = ctx.mesh
         sp = sharding.shard_params(cfg, params, mesh)
-        out, t_mesh = measure(lambda: kvjax.generate(cfg, sp, prompts, lens, mesh=mesh, **kw), c.repeats)
+        out, t_mesh = measure(lambda _: kvjax.generate(cfg, sp, prompts, lens, mesh=mesh, **kw),
+                              repeats=c.repeats, min_seconds=c.min_seconds)
         same = bool((sharding.to_host(out.tokens) == sharding.to_host(ref.tokens)).all())
         shard = out.cache.keys[0].addressable_shards[0].data
         per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree_util.tree_leaves(out.cache))

@@ -1,0 +1,192 @@
+"""Timings that can be trusted: warm, calibrated, repeated, synchronised; compilation apart.
+
+One method serves every figure kvjax prints (the runner's kinds, `kvjax generate`,
+benchmarks/decode_bench.py and the transformers baseline):
+
+  1. The first call compiles (if the shapes are new) and runs once. Its wall time, the
+     seconds JAX spent compiling and the number of compilations (counted from
+     `jax.monitoring`'s backend-compile events) are recorded apart and never mixed into
+     the timed figures.
+  2. Calibration (as timeit's autorange): warm calls in batches of 1, 2, 4, ... until a
+     batch lasts a quarter of `min_seconds`; a measurement is then `calls` back-to-back
+     calls ended by one synchronisation, `calls` chosen so it lasts about `min_seconds`
+     (0.2 s by default), which dwarfs timer and dispatch noise.
+  3. `repeats` measurements; each gives seconds per call = measurement / calls.
+
+A `Timing` reports the median, the minimum and the spread (max - min) of the per-call
+times, divided by `units` (e.g. decode steps per call) where asked. A result is *invalid*,
+with the reason, when a time is not positive or the spread is wider than the median;
+callers add their own checks (an MBU above 100% on an accelerator) with `invalidate`.
+Nothing is clamped: an impossible number is refused, not printed.
+
+Calls that thread a donated buffer (a KV cache) take the previous call's result as their
+argument: `measure(call, state)` calls `state = call(state)`.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import jax
+
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_COMPILE_PREFIX = "/jax/core/compile/"
+
+
+class _CompileLog:
+    """Process-wide totals of JAX compile events (a listener registered once)."""
+    count = 0        # backend compilations
+    seconds = 0.0    # tracing + lowering + backend compile
+    registered = False
+
+    @classmethod
+    def ensure(cls):
+        if not cls.registered:
+            def on_duration(event, duration, **_):
+                if event.startswith(_COMPILE_PREFIX):
+                    cls.seconds += duration
+                if event == _BACKEND_COMPILE:
+                    cls.count += 1
+            jax.monitoring.register_event_duration_secs_listener(on_duration)
+            cls.registered = True
+
+
+class compile_watch:
+    """Context manager: compilations and compile seconds JAX reported inside the block.
+
+    `seen` is False when this JAX version reports no compile events at all (checked once
+    by compiling a fresh function), so callers can say the figure includes compilation.
+    """
+    _works: bool | None = None
+
+    def __enter__(self):
+        _CompileLog.ensure()
+        if compile_watch._works is None:
+            before = _CompileLog.count
+            jax.jit(lambda x: x + 1)(0.0).block_until_ready()  # a fresh function compiles
+            compile_watch._works = _CompileLog.count > before
+        self.seen = compile_watch._works
+        self._count0, self._sec0 = _CompileLog.count, _CompileLog.seconds
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s = time.perf_counter() - self._t0
+        self.compiles = _CompileLog.count - self._count0
+        self.compile_s = _CompileLog.seconds - self._sec0
+        return False
+
+
+@dataclass
+class Timing:
+    """Per-call seconds of `repeats` calibrated measurements, and the first call apart."""
+    per_call: list[float] = field(default_factory=list)  # seconds per call, one per measurement
+    calls: int = 1           # back-to-back calls in each measurement (calibrated)
+    units: int = 1           # units of work per call (decode steps, tokens); per-unit figures divide by it
+    first_s: float = 0.0     # first call: compile (if new) + one run
+    compile_s: float = 0.0   # compile seconds JAX reported during the first call and calibration
+    compiles: int = 0        # compilations during the whole measurement (0 after the first call is the norm)
+    timed_compiles: int = 0  # compilations inside the timed measurements (must be 0)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        """Median seconds per unit."""
+        return statistics.median(self.per_call) / self.units
+
+    @property
+    def min_s(self) -> float:
+        return min(self.per_call) / self.units
+
+    @property
+    def spread_s(self) -> float:
+        """max - min of the per-unit times."""
+        return (max(self.per_call) - min(self.per_call)) / self.units
+
+    @property
+    def valid(self) -> bool:
+        return not self.reasons
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+    def invalidate(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+    def check(self) -> "Timing":
+        """Mark impossible or untrustworthy results invalid (never clamp them)."""
+        if not self.per_call:
+            self.invalidate("no timed measurement")
+        elif min(self.per_call) <= 0:
+            self.invalidate(f"non-positive time {min(self.per_call):.3g} s")
+        elif self.spread_s > self.median_s:
+            self.invalidate(f"spread {self.spread_s:.3g} s wider than the median {self.median_s:.3g} s")
+        if self.timed_compiles:
+            self.invalidate(f"{self.timed_compiles} compilation(s) inside the timed region")
+        return self
+
+    def fields(self, prefix: str, scale: float = 1e3, unit: str = "ms") -> dict:
+        """Flat metrics: {prefix}_{unit} (median), _min_, _spread_, calls, compiles, validity."""
+        out = {f"{prefix}_{unit}": scale * self.median_s if self.per_call else None,
+               f"{prefix}_min_{unit}": scale * self.min_s if self.per_call else None,
+               f"{prefix}_spread_{unit}": scale * self.spread_s if self.per_call else None,
+               f"{prefix}_calls": self.calls, f"{prefix}_repeats": len(self.per_call),
+               f"{prefix}_compile_s": self.compile_s, f"{prefix}_compiles": self.compiles,
+               f"{prefix}_valid": self.valid}
+        if not self.valid:
+            out[f"{prefix}_invalid_reason"] = self.reason
+        return out
+
+
+def _sync(x):
+    return jax.block_until_ready(x)
+
+
+def measure(call, state=None, *, units: int = 1, repeats: int = 5, min_seconds: float = 0.2,
+            max_calls: int = 100_000, sync=_sync):
+    """Time `state = call(state)` as described in the module docstring; returns (state, Timing).
+
+    units: work per call (per-unit figures divide by it). sync: waits for a result
+    (default `jax.block_until_ready`; e.g. `torch.cuda.synchronize` for PyTorch).
+    """
+    if repeats < 1 or units < 1:
+        raise ValueError(f"repeats and units must be >= 1, got repeats={repeats}, units={units}")
+    t = Timing(units=units)
+    with compile_watch() as first:
+        state = call(state)
+        sync(state)
+    t.first_s = first.wall_s
+    with compile_watch() as calib:   # timeit's autorange: double the calls until a batch lasts
+        k = 1                          # a quarter of min_seconds, then scale to min_seconds
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(k):
+                state = call(state)
+            sync(state)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds / 4 or k >= max_calls:
+                break
+            k = min(max_calls, 2 * k)
+    t.compile_s = first.compile_s + calib.compile_s
+    t.calls = max(1, min(max_calls, math.ceil(k * min_seconds / max(elapsed, 1e-9))))
+    with compile_watch() as timed:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(t.calls):
+                state = call(state)
+            sync(state)
+            t.per_call.append((time.perf_counter() - t0) / t.calls)
+    t.compiles = first.compiles + calib.compiles + timed.compiles
+    t.timed_compiles = timed.compiles
+    return state, t.check()
+
+
+def timed_once(fn, *args, **kwargs):
+    """(result, seconds, compile_watch) of one synchronised call: for one-off runs that say so."""
+    with compile_watch() as w:
+        out = fn(*args, **kwargs)
+        jax.block_until_ready(out)
+    return out, w.wall_s, w
