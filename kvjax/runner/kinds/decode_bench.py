@@ -30,6 +30,7 @@ skipped with a note, never silently.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import jax
@@ -67,6 +68,8 @@ class Config:
     short_live: int = option(256, min=1, help="length check: live tokens in both caches")
     hf: bool = option(True, help="also time transformers' decode loop (dynamic and static cache)")
     hf_max_batch: int = option(64, min=1, help="largest batch given to transformers")
+    time_budget_s: float = option(0.0, min=0.0, help="stop starting new combinations after this many "
+                                  "seconds (0: no limit); skipped ones are listed in a note")
 
 
 def validate(run_cfg) -> None:
@@ -122,6 +125,8 @@ def run(ctx, c: Config) -> dict:
                  "bytes / step time measures cache bandwidth, not DRAM, and the ratio to a copy's "
                  "bandwidth means nothing.")
     rows, headline = [], {"bandwidth_gb_s": bw, "spec_gb_s": spec}
+    start, skipped = time.perf_counter(), []
+    over_budget = lambda: c.time_budget_s and time.perf_counter() - start > c.time_budget_s  # noqa: E731
     for preset in c.presets:
         cfg = kvjax.ModelConfig.preset(preset).replace(dtype=ctx.dtype, **c.model)
         params = kvjax.init_params(cfg, jax.random.key(ctx.seed))
@@ -131,6 +136,9 @@ def run(ctx, c: Config) -> dict:
         with ctx.progress(len(combos), preset) as advance:
             for B, C in combos:
                 advance(note=f"B={B} C={C}")
+                if over_budget():
+                    skipped.append(f"{preset} B={B} C={C}")
+                    continue
                 if C + c.new_tokens > cfg.max_position and cfg.positions == "learned":
                     continue
                 if not _fits(cfg, B, C + c.new_tokens, pbytes, ctx.device):
@@ -158,6 +166,9 @@ def run(ctx, c: Config) -> dict:
                 rows.append(row)
 
         # Length awareness: same live tokens, short vs long allocation.
+        if over_budget():
+            skipped.append(f"{preset} length check")
+            continue
         short, _ = _kvjax_timings(cfg, params, 1, c.short_live, c.new_tokens, c, ctx.seed, c.short_max_len)
         if _fits(cfg, 1, c.long_max_len, pbytes, ctx.device):
             long, _ = _kvjax_timings(cfg, params, 1, c.short_live, c.new_tokens, c, ctx.seed, c.long_max_len)
@@ -174,6 +185,9 @@ def run(ctx, c: Config) -> dict:
             else:
                 ctx.note(f"{preset}: length check INVALID ({short.reason or long.reason})")
 
+    if skipped:
+        ctx.note(f"Time budget of {c.time_budget_s:.0f} s reached: not measured: {', '.join(skipped)}")
+        headline["skipped_for_time"] = skipped
     if not rows:
         raise RuntimeError("decode_bench measured nothing: every combination was skipped")
     _report(ctx, c, rows, headline)
