@@ -30,12 +30,17 @@ _NEG = jnp.finfo(jnp.float32).min  # finite, so a fully masked padding row never
 
 
 def attention_mask(q_pos, k_pos, k_valid, window=None, sinks=0):
-    """Visibility [B, T, S] from q_pos [B, T], k_pos [B, S], k_valid [B, S]."""
-    mask = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+    """Visibility [B, 1, T, S] from q_pos [B, T], k_pos and k_valid [B, S] (every kv head sees
+    the same slots), or [B, K, T, S] from per-head k_pos, k_valid [B, K, S] (pressed caches)."""
+    if k_pos.ndim == 2:
+        k_pos, k_valid = k_pos[:, None], k_valid[:, None]
+    qp = q_pos[:, None, :, None]                                  # [B, 1, T, 1]
+    kp = k_pos[:, :, None, :]                                     # [B, K', 1, S]
+    mask = k_valid[:, :, None, :] & (kp <= qp)
     if window is not None:
-        near = q_pos[:, :, None] - k_pos[:, None, :] < window
+        near = qp - kp < window
         if sinks:
-            near = near | (k_pos[:, None, :] < sinks)
+            near = near | (kp < sinks)
         mask = mask & near
     return mask
 
@@ -57,26 +62,33 @@ def scores(q, k):
     return _f32_dot("btkgh,bksh->bkgts", qg, k) * (H ** -0.5)
 
 
-def softmax_blocks(blocks, q_dtype):
-    """One softmax over several key blocks. blocks: [(scores [B,K,G,T,S_i], mask [B,T,S_i],
-    values [B,K,S_i,H])] -> [B, T, N, H]."""
-    masked = [jnp.where(m[:, None, None, :, :], s, _NEG) for s, m, _ in blocks]
+def softmax_blocks(blocks, q_dtype, column_sums: bool = False):
+    """One softmax over several key blocks. blocks: [(scores [B,K,G,T,S_i], mask [B,K',T,S_i]
+    (K' = 1 or K), values [B,K,S_i,H])] -> [B, T, N, H].
+
+    column_sums: also return, per block, the attention each key received summed over the
+    queries, float32 [B, N, S_i] (H2O's observed attention)."""
+    masked = [jnp.where(m[:, :, None], s, _NEG) for s, m, _ in blocks]
     probs = jax.nn.softmax(jnp.concatenate(masked, axis=-1), axis=-1)
-    out, offset = 0.0, 0
+    out, offset, sums = 0.0, 0, []
     for s, _, v in blocks:
-        p = probs[..., offset:offset + s.shape[-1]].astype(v.dtype)
-        out = out + _f32_dot("bkgts,bksh->btkgh", p, v)
+        p = probs[..., offset:offset + s.shape[-1]]
+        if column_sums:
+            B, K, G = p.shape[:3]
+            sums.append(p.sum(axis=3).reshape(B, K * G, -1))
+        out = out + _f32_dot("bkgts,bksh->btkgh", p.astype(v.dtype), v)
         offset += s.shape[-1]
     B, T, K, G, H = out.shape
-    return out.reshape(B, T, K * G, H).astype(q_dtype)
+    out = out.reshape(B, T, K * G, H).astype(q_dtype)
+    return (out, sums) if column_sums else out
 
 
 def dot_attention(q, k, v, mask):
     """Reference grouped-query attention over one block; the oracle for faster kernels.
 
-    q: [B, T, N, H]; k, v: [B, K, S, H]; mask: [B, T, S] -> [B, T, N, H].
+    q: [B, T, N, H]; k, v: [B, K, S, H]; mask: [B, T, S] or [B, K, T, S] -> [B, T, N, H].
     """
-    return softmax_blocks([(scores(q, k), mask, v)], q.dtype)
+    return softmax_blocks([(scores(q, k), mask[:, None] if mask.ndim == 3 else mask, v)], q.dtype)
 
 
 def attention_pattern(cfg: ModelConfig, cache: KVCache | None):
@@ -98,14 +110,15 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, lengths, cache: KVCache | None = None, layer: int = 0,
-                 starts=None, slots=None, live: int | None = None):
+                 starts=None, slots=None, live: int | None = None, press=None, budget=None):
         """x: [B, T, D]; positions: int32 [B, T]; lengths: int32 [B] real tokens of the chunk.
 
         cache: None (no cache) or the KVCache before this chunk; `layer` picks its buffers;
         starts: int32 [B] first position of the chunk per row; slots: int32 [B, T] where
         the chunk is written (cache.chunk_slots); live (static): read only slots [0, live),
-        which must hold every row's tokens (dense/int8; the caller plans it). Returns ([B, T, D], this layer's new
-        cache arrays or None).
+        which must hold every row's tokens (dense/int8; the caller plans it). press (static)
+        and budget (this layer's traced budgets): compact the chunk into a pressed cache
+        (kvjax/press/). Returns ([B, T, D], this layer's new cache arrays or None).
         """
         c = self.cfg
         B, T, _ = x.shape
@@ -118,10 +131,14 @@ class Attention(nn.Module):
         window, sinks = attention_pattern(c, cache)
         rotary = c.positions == "rotary"
         cache_positions = rotary and sinks > 0   # StreamingLLM: rotate at attention time
+        q_pre, inv_freq = q, None
         if rotary and not cache_positions:
             inv_freq = rope_inv_freq(c)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)   # keys are cached after rotation
+        if cache is not None and cache.pressed:
+            return _pressed(self, x, q_pre, q, k, v, positions, lengths, cache, layer, window, sinks,
+                            inv_freq, press, budget)
 
         t = jnp.arange(T, dtype=jnp.int32)[None, :]
         # Blocks of (keys [B,K,S,H], values, positions [B,S], valid [B,S]).
@@ -176,3 +193,50 @@ def _sink_scorer(c: ModelConfig, q, positions, starts, window, sinks):
         return jnp.where((k_pos < sinks)[:, None, None, None, :], sink_scores, window_scores)
 
     return score
+
+def _pressed(self, x, q_pre, q, k, v, positions, lengths, cache, layer, window, sinks, inv_freq,
+             press, budget):
+    """Attention over a pressed cache (per-head slot positions), appending the chunk's kept
+    tokens (kvjax/press/layer.py). One token without a press: write, then read in place.
+    Otherwise the chunk attends over the old cache plus all of its own tokens, then its
+    kept tokens are written (a press sees the whole chunk first, as in kvpress)."""
+    from .press.base import LayerInputs
+    from .press.layer import chunk_keep, write_chunk
+
+    c = self.cfg
+    B, T = positions.shape
+    valid = jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]
+    if press is None and T == 1:
+        new_layer = write_chunk(cache, layer, k, v, positions,
+                                chunk_keep(None, _keep_inputs(k, lengths)))
+        pos = new_layer["pos"]
+        kb, vb = read_layer(cache.kind, new_layer, k.dtype)
+        out = softmax_blocks([(scores(q, kb), attention_mask(positions, pos, pos >= 0, window, sinks), vb)],
+                             q.dtype)
+        return dense(c, c.d_model, "o", c.out_bias, self.std)(out.reshape(B, T, -1)), new_layer
+    old_pos = cache.head_pos[layer]
+    kb, vb = read_layer(cache.kind, _layer_view(cache, layer), k.dtype)
+    chunk_k, chunk_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    blocks = [(scores(q, kb), attention_mask(positions, old_pos, old_pos >= 0, window, sinks), vb),
+              (scores(q, chunk_k), attention_mask(positions, positions, valid, window, sinks), chunk_v)]
+    need_sums = press is not None and press.needs_attention
+    res = softmax_blocks(blocks, q.dtype, column_sums=need_sums)
+    out, sums = res if need_sums else (res, None)
+    o = dense(c, c.d_model, "o", c.out_bias, self.std)
+    out = o(out.reshape(B, T, -1))
+    inp = LayerInputs(cfg=c, layer=layer, x=x, q=q_pre, q_rot=q, k=k, v=v, positions=positions,
+                      lengths=lengths, inv_freq=inv_freq, o_kernel=o.variables["params"]["kernel"],
+                      attn_sums=sums[1] if need_sums else None, budget=budget or {})
+    return out, write_chunk(cache, layer, k, v, positions, chunk_keep(press, inp))
+
+
+def _layer_view(cache, layer):
+    from .cache import layer_arrays
+    return layer_arrays(cache, layer)
+
+
+def _keep_inputs(k, lengths):
+    """The few LayerInputs fields `chunk_keep(None, ...)` reads."""
+    from .press.base import LayerInputs
+    return LayerInputs(cfg=None, layer=0, x=None, q=None, q_rot=None, k=k, v=None, positions=None,
+                       lengths=lengths, inv_freq=None, o_kernel=None, attn_sums=None, budget={})

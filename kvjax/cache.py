@@ -27,6 +27,13 @@ Kinds (one interface; `kind` and `num_sinks` are static pytree metadata):
           rotation; attention assigns rotary positions by place in the cache (see
           attention.py), as the StreamingLLM paper found necessary for stable perplexity.
 
+Pressed (any dense or int8 cache after a press, see kvjax/press/): each kv head keeps its
+own set of tokens, so each layer adds `head_pos` [B, K, S_l] (the original position held
+by each slot, -1: empty; kept slots are packed at the front in position order) and
+`head_fill` [B, K] (slots used per head). `lengths` stays the position of the next token
+(a pressed context continues at its uncompressed length, as kvpress does), so it is no
+longer a slot count. Layers may have different slot counts S_l (PyramidKV budgets).
+
 The cache is data: functions take one and return a new one. At the jit boundary it is
 donated, so XLA writes the new token's K/V into the same memory (see decode.py).
 """
@@ -53,6 +60,8 @@ class KVCache:
     key_scales: tuple = ()  # int8 only: L arrays float32 [B, K, S]
     value_scales: tuple = ()
     slot_pos: jax.Array | None = None   # window/sinks only: int32 [B, S], -1 = empty slot
+    head_pos: tuple = ()    # pressed only: L arrays int32 [B, K, S_l], position per slot, -1 = empty
+    head_fill: tuple = ()   # pressed only: L arrays int32 [B, K], slots used per kv head
     kind: str = "dense"
     num_sinks: int = 0
 
@@ -70,6 +79,14 @@ class KVCache:
         return self.keys[0].dtype
 
     @property
+    def pressed(self) -> bool:
+        """True once a press has compacted the cache: slots hold per-head positions."""
+        return bool(self.head_pos)
+
+    def layer_slots(self, layer: int) -> int:
+        return self.keys[layer].shape[2]
+
+    @property
     def bounded(self) -> bool:
         """True for kinds that raise when full (dense, int8); window/sinks run on forever."""
         return self.kind in ("dense", "int8")
@@ -84,7 +101,8 @@ class KVCache:
 
 
 jax.tree_util.register_dataclass(
-    KVCache, data_fields=["keys", "values", "lengths", "key_scales", "value_scales", "slot_pos"],
+    KVCache, data_fields=["keys", "values", "lengths", "key_scales", "value_scales", "slot_pos",
+                          "head_pos", "head_fill"],
     meta_fields=["kind", "num_sinks"])
 
 
@@ -245,4 +263,57 @@ def assemble(cache: KVCache, layers: list, starts, lengths, slots) -> KVCache:
                        value_scales=tuple(l["vs"] for l in layers))
     if cache.slot_pos is not None:
         changes["slot_pos"] = slot_positions(cache, starts, lengths, slots)[0]
+    return cache.replace(**changes)
+
+
+# ----------------------------------------------------------------------------- pressed caches
+
+def as_pressed(cache: KVCache) -> KVCache:
+    """A dense/int8 cache in the pressed layout (traced): slot s of every head holds position s."""
+    if cache.pressed:
+        return cache
+    pos, fill = [], []
+    for layer in range(len(cache.keys)):
+        B, K, S = cache.keys[layer].shape[:3]
+        s = jnp.arange(S, dtype=jnp.int32)[None, None, :]
+        used = cache.lengths[:, None, None]
+        pos.append(jnp.where(s < used, s, -1) * jnp.ones((B, K, 1), jnp.int32))
+        fill.append(jnp.broadcast_to(jnp.minimum(cache.lengths, S)[:, None], (B, K)).astype(jnp.int32))
+    return cache.replace(head_pos=tuple(pos), head_fill=tuple(fill))
+
+
+def _scatter_heads(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """buf [B, K, S, ...] <- new [B, T, K, ...] at per-head slots [B, K, T] (slot S is dropped)."""
+    def one(b, n, sl):  # [S, ...], [T, ...], [T]
+        return b.at[sl].set(n.astype(b.dtype), mode="drop")
+
+    per_head = jax.vmap(one, in_axes=(0, 1, 0))           # over K: new is [T, K, ...]
+    return jax.vmap(per_head)(buf, new, slots)
+
+
+def write_layer_heads(cache: KVCache, layer: int, k_new, v_new, slots) -> dict:
+    """One layer's arrays after writing k/v [B, T, K, H] at per-head `slots` [B, K, T]."""
+    if cache.kind == "int8":
+        (kq, ks), (vq, vs) = quantize_int8(k_new), quantize_int8(v_new)
+        new = {"k": kq, "v": vq, "ks": ks, "vs": vs}
+    else:
+        new = {"k": k_new, "v": v_new}
+    return {name: _scatter_heads(old, new[name], slots) for name, old in layer_arrays(cache, layer).items()}
+
+
+def gather_layer_heads(cache: KVCache, layer: int, order) -> dict:
+    """One layer's arrays reordered per head: slot j of head (b, k) takes old slot order[b, k, j]."""
+    def take(a):
+        idx = order if a.ndim == 3 else order[..., None]
+        return jnp.take_along_axis(a, idx, axis=2)
+    return {name: take(a) for name, a in layer_arrays(cache, layer).items()}
+
+
+def assemble_pressed(cache: KVCache, layers: list, head_pos: list, head_fill: list, lengths) -> KVCache:
+    """The pressed cache made of new per-layer arrays, per-head positions and fills."""
+    changes = dict(keys=tuple(l["k"] for l in layers), values=tuple(l["v"] for l in layers),
+                   lengths=lengths, head_pos=tuple(head_pos), head_fill=tuple(head_fill))
+    if cache.kind == "int8":
+        changes.update(key_scales=tuple(l["ks"] for l in layers),
+                       value_scales=tuple(l["vs"] for l in layers))
     return cache.replace(**changes)

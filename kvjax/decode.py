@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import sharding, validate
-from .cache import KVCache, assemble, chunk_slots, init_cache
+from .cache import KVCache, as_pressed, assemble, assemble_pressed, chunk_slots, init_cache
 from .config import ModelConfig
 from .model import Transformer, init_params
 from .sampling import sample
@@ -32,18 +32,27 @@ class GenerateOutput(NamedTuple):
 
 # ----------------------------------------------------------------------------- traced cores
 
-def _append(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, live: int | None = None):
+def _append(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, live: int | None = None,
+            press=None, budgets=None):
     """Append a right-padded chunk [B, T] at each row's cache length; logits of its last real token.
 
     live (static): attention reads only slots [0, live); every row's tokens must end there.
+    press (static) / budgets (int32 [L, B, ...]): compact the chunk as it enters (kvjax/press/);
+    a pressed cache keeps per-head slot positions from then on.
     """
     T = tokens.shape[1]
+    if press is not None:
+        cache = as_pressed(cache)
     starts = cache.lengths
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
-    slots = chunk_slots(cache, starts, lengths, T)
+    slots = None if cache.pressed else chunk_slots(cache, starts, lengths, T)
     logits, layers = Transformer(cfg).apply(
         {"params": params}, tokens, positions, lengths, cache, starts, slots,
-        logits_at=jnp.maximum(lengths - 1, 0), live=live)
+        logits_at=jnp.maximum(lengths - 1, 0), live=live, press=press, budgets=budgets)
+    if cache.pressed:
+        nxt = layers[0].get("next", starts + lengths)
+        new = assemble_pressed(cache, layers, [l["pos"] for l in layers], [l["fill"] for l in layers], nxt)
+        return logits[:, 0], new
     return logits[:, 0], assemble(cache, layers, starts, lengths, slots)     # [B, V]
 
 
@@ -77,12 +86,19 @@ def live_bucket(n: int, max_len: int) -> int:
     return min(max(MIN_LIVE, 1 << max(n - 1, 0).bit_length()), max_len)
 
 
-def live_plan(end_of_prompt: int, max_new_tokens: int, cache: KVCache):
-    """(prefill live, ((steps, live), ...)) for a generate whose longest row holds
-    `end_of_prompt` tokens after the prompt. Ring caches always read all their slots."""
+def live_plan(end_of_prompt: int, max_new_tokens: int, cache: KVCache, decoding=None, prompt_width: int = 1):
+    """(prefill live, ((steps, live, compress, repeat), ...)) for a generate whose longest row
+    holds `end_of_prompt` tokens after the prompt.
+
+    Ring and pressed caches always read all their slots (live None). `decoding`: a
+    DecodingPress, whose compressions fall on steps fixed by its interval (see
+    `decoding_segments`).
+    """
     S = cache.max_len
-    if not cache.bounded:
-        return S, ((max_new_tokens, S),)
+    if decoding is not None:
+        return None, decoding_segments(max_new_tokens, decoding, prompt_width)
+    if not cache.bounded or cache.pressed:
+        return None, ((max_new_tokens, None, False, 1),)
     start = min(-(-end_of_prompt // LIVE_BAND) * LIVE_BAND, S)
     segments = []
     for i in range(max_new_tokens):        # step i writes a token at position <= start + i
@@ -91,51 +107,107 @@ def live_plan(end_of_prompt: int, max_new_tokens: int, cache: KVCache):
             segments[-1][0] += 1
         else:
             segments.append([1, live])
-    return live_bucket(start, S), tuple(map(tuple, segments))
+    return live_bucket(start, S), tuple((n, live, False, 1) for n, live in segments)
 
 
-def _decode_loop(cfg, params, logits, cache, segments, knobs):
+def decoding_segments(max_new_tokens: int, press, prompt_width: int):
+    """kvpress's DecodingPress schedule as static segments (steps, None, compress after, repeat).
+
+    The prefill counts as step 1 (compressed right away if the interval is 1 or the chunk is
+    at least target_size wide); decode step i is forward i + 2; a compression follows the
+    forward that brings the count to the interval, and the count restarts.
+    """
+    interval = press.compression_interval
+    count = 0 if (interval == 1 or prompt_width >= press.target_size) else 1
+    first = interval - count                     # decode steps until the first compression
+    out, left = [], max_new_tokens
+    if left <= first:
+        return ((left, None, False, 1),) if left else ()
+    out.append((first, None, True, 1))
+    left -= first
+    periods, tail = divmod(left, interval)
+    if periods:
+        out.append((interval, None, True, periods))
+    if tail:
+        out.append((tail, None, False, 1))
+    return tuple(out)
+
+
+def prefill_compresses(press, prompt_width: int) -> bool:
+    return press.compression_interval == 1 or prompt_width >= press.target_size
+
+
+def _decode_loop(cfg, params, logits, cache, segments, knobs, decoding=None):
     """Steps of (sample, decode) in `lax.scan`s: the decode program of `generate`.
 
-    segments (static): ((steps, live), ...): one scan per segment, each reading only the
-    cache prefix its tokens can reach. Step i samples token i from the current logits,
-    then decodes it, so the returned cache holds every generated token (ready for the
-    next prefill of a conversation). Returns (GenerateOutput, logits after the last step).
+    segments (static): ((steps, live, compress, repeat), ...): one scan per segment, each
+    reading only the cache prefix its tokens can reach (live; None reads every slot); a
+    segment with repeat r > 1 is an outer scan of r periods, each `steps` steps followed by
+    a DecodingPress compaction when `compress`. Step i samples token i from the current
+    logits, then decodes it, so the returned cache holds every generated token (ready for
+    the next prefill of a conversation). Returns (GenerateOutput, logits after the last step).
     """
     done = jnp.zeros(logits.shape[:1], bool)
     toks, actives, first = [], [], 0
-    for steps, live in segments:
+    for steps, live, compress, repeat in segments:
         def step(carry, i, live=live):
             logits, cache, done = carry
             tok, active, done = _pick(logits, i, done, knobs)
             logits, cache = _decode(cfg, params, tok, cache, active, live)
             return (logits, cache, done), (tok, active)
 
-        (logits, cache, done), (tok, active) = jax.lax.scan(
-            step, (logits, cache, done), jnp.arange(first, first + steps, dtype=jnp.int32))
+        def period(carry, i0, steps=steps, step=step, compress=compress):
+            carry, out = jax.lax.scan(step, carry, i0 + jnp.arange(steps, dtype=jnp.int32))
+            if compress:
+                logits, cache, done = carry
+                carry = (logits, _compress(cache, decoding), done)
+            return carry, out
+
+        carry = (logits, cache, done)
+        if repeat == 1:
+            carry, (tok, active) = period(carry, jnp.int32(first))
+        else:
+            carry, (tok, active) = jax.lax.scan(
+                period, carry, first + steps * jnp.arange(repeat, dtype=jnp.int32))
+            tok, active = tok.reshape(-1, tok.shape[-1]), active.reshape(-1, active.shape[-1])
+        logits, cache, done = carry
         toks.append(tok)
         actives.append(active)
-        first += steps
+        first += steps * repeat
+    if not toks:
+        B = logits.shape[0]
+        toks, actives = [jnp.zeros((0, B), jnp.int32)], [jnp.zeros((0, B), bool)]
     toks, active = jnp.concatenate(toks, 0), jnp.concatenate(actives, 0)
     return GenerateOutput(toks.T, active.sum(0, dtype=jnp.int32), cache), logits
+
+
+def _compress(cache, decoding):
+    from .press.decoding import compress_cache
+    return compress_cache(cache, decoding)
 
 
 def _generate_impl(cfg, params, prompts, prompt_lengths, cache, plan, knobs):
     """Prefill, then the decode loop (`_decode_loop`), all in one jit.
 
-    plan (static): (prefill live, ((steps, live), ...)), see `live_plan`.
+    plan (static): (prefill live, segments, prompt press, decoding press), see `live_plan`;
+    knobs["budgets"]: the prompt press's budgets (traced).
     """
-    prefill_live, segments = plan
-    logits, cache = _append(cfg, params, prompts, prompt_lengths, cache, prefill_live)
-    return _decode_loop(cfg, params, logits, cache, segments, knobs)[0]
+    prefill_live, segments, press, decoding = plan
+    if decoding is not None:
+        cache = as_pressed(cache)
+    logits, cache = _append(cfg, params, prompts, prompt_lengths, cache, prefill_live, press,
+                            knobs.get("budgets"))
+    if decoding is not None and prefill_compresses(decoding, prompts.shape[1]):
+        cache = _compress(cache, decoding)
+    return _decode_loop(cfg, params, logits, cache, segments, knobs, decoding)[0]
 
 
 _forward_jit = jax.jit(_forward, static_argnums=0)
-_prefill_jit = jax.jit(_append, static_argnums=(0, 5), donate_argnums=4)
+_prefill_jit = jax.jit(_append, static_argnums=(0, 5, 6), donate_argnums=4)
 _decode_jit = jax.jit(_decode_all, static_argnums=(0, 4), donate_argnums=3)
 _generate_cached = jax.jit(_generate_impl, static_argnums=(0, 5), donate_argnums=4)
 # generate's decode loop on its own (benchmarks time it on a cache prefilled outside the timed region)
-_decode_loop_jit = jax.jit(_decode_loop, static_argnums=(0, 4), donate_argnums=3)
+_decode_loop_jit = jax.jit(_decode_loop, static_argnums=(0, 4, 6), donate_argnums=3)
 
 
 @lru_cache(maxsize=None)
@@ -206,10 +278,14 @@ def forward(cfg: ModelConfig, params, tokens, lengths=None) -> jax.Array:
     return _forward_jit(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens))
 
 
-def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache):
+def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=None):
     """Append a right-padded chunk at each row's current cache length.
 
     tokens: int [B, T]; lengths: int [B], real tokens of this chunk per row (>= 1).
+    press: a kvjax.press press: the chunk is scored and only what each kv head keeps is
+    written (the cache may be smaller than the chunk). The chunk's own logits are those of
+    the full chunk (it attends to all of itself, as in kvpress); later tokens see what was
+    kept, at the original positions, and continue at the uncompressed length.
     Returns (logits of each row's last real token, float32 [B, V]; the new cache).
     The input cache is donated: use the returned one.
     """
@@ -221,6 +297,18 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache):
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, tok.shape[0])
     used = sharding.to_host(cache.lengths)
+    if press is not None or cache.pressed:
+        from .press import host
+        if press is not None:
+            host.check_press(press, cfg, cache, mesh, "prefill")
+            budgets = host.prefill_budgets(press, cfg, cache, lens, "prefill")
+            press = press.static()
+        else:
+            host.check_room(cache, lens, "prefill")
+            budgets = None
+        validate.check_room(cfg, used, lens, cache.max_len, "prefill", bounded=False)
+        return _prefill_jit(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens), cache, None,
+                            press, None if budgets is None else jax.tree.map(jnp.asarray, budgets))
     validate.check_room(cfg, used, lens, cache.max_len, "prefill", cache.bounded)
     live = live_bucket(int((used + lens).max()), cache.max_len) if cache.bounded else None
     fn = _prefill_jit if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["prefill"]
@@ -243,9 +331,14 @@ def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = 
         ones = np.ones_like(tok, dtype=np.int32)
         validate.check_token_ids(cfg, validate.as_tokens(tok[:, None]), ones)
         used = sharding.to_host(cache.lengths)
-        validate.check_room(cfg, used, ones, cache.max_len, "decode_step", cache.bounded)
-        if cache.bounded:
-            live = live_bucket(int(used.max()) + 1, cache.max_len)
+        if cache.pressed:
+            from .press import host
+            host.check_room(cache, ones, "decode_step")
+            validate.check_room(cfg, used, ones, cache.max_len, "decode_step", bounded=False)
+        else:
+            validate.check_room(cfg, used, ones, cache.max_len, "decode_step", cache.bounded)
+            if cache.bounded:
+                live = live_bucket(int(used.max()) + 1, cache.max_len)
     mesh = sharding.mesh_of(cache)
     if mesh is None:
         return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache, live)
@@ -257,7 +350,8 @@ def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = 
 def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_new_tokens: int = 32,
              temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, key=None, max_len=None,
              cache: KVCache | None = None, use_cache: bool = True, pad_token_id: int = 0,
-             mesh=None, cache_kind: str = "dense", num_sinks: int | None = None) -> GenerateOutput:
+             mesh=None, cache_kind: str = "dense", num_sinks: int | None = None,
+             press=None) -> GenerateOutput:
     """Generate `max_new_tokens` per row after right-padded prompts [B, S].
 
     temperature/top_k/top_p: scalars or per-row [B] (temperature 0 = greedy). A row that
@@ -297,12 +391,42 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, B)
     used = sharding.to_host(cache.lengths)
-    validate.check_room(cfg, used, lens + max_new_tokens, cache.max_len,
-                        f"generate (prompt + max_new_tokens={max_new_tokens})", cache.bounded)
-    plan = live_plan(int((used + lens).max()), int(max_new_tokens), cache)
+    what = f"generate (prompt + max_new_tokens={max_new_tokens})"
+    if press is not None or cache.pressed:
+        plan, knobs = _pressed_plan(cfg, cache, press, mesh, lens, int(max_new_tokens), S, knobs, what)
+        validate.check_room(cfg, used, lens + max_new_tokens, cache.max_len, what, bounded=False)
+    else:
+        validate.check_room(cfg, used, lens + max_new_tokens, cache.max_len, what, cache.bounded)
+        plan = (*live_plan(int((used + lens).max()), int(max_new_tokens), cache), None, None)
     fn = _generate_cached if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["generate"]
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan,
               _place_knobs(mesh, knobs))
+
+
+def _pressed_plan(cfg, cache, press, mesh, lens, N, width, knobs, what):
+    """(plan, knobs) for a generate that presses its prompt, runs a DecodingPress, or continues
+    a pressed cache; checks the room every layer needs first."""
+    from .press import host
+    from .press.decoding import DecodingPress
+
+    prompt_press = decoding = None
+    knobs = dict(knobs)
+    if press is not None:
+        host.check_press(press, cfg, cache, mesh, "generate")
+    if isinstance(press, DecodingPress):
+        decoding = press
+        _, segments = live_plan(0, N, cache, decoding, width)
+        host.check_decoding_room(cache, press, lens, segments, prefill_compresses(press, width), what)
+    else:
+        if press is not None:
+            knobs["budgets"] = jax.tree.map(jnp.asarray, host.prefill_budgets(press, cfg, cache, lens, what))
+            kept = press.kept_bound(lens, cfg)
+            prompt_press = press.static()
+        else:
+            kept = lens
+        host.check_room(cache, np.asarray(kept) + N, what)
+        segments = ((N, None, False, 1),)          # a pressed cache reads all its slots
+    return (None, segments, prompt_press, decoding), knobs
 
 
 def _knobs(cfg, B, temperature, top_k, top_p, eos_token_id, key, pad_token_id):

@@ -31,9 +31,11 @@ class Block(nn.Module):
     std: float
 
     @nn.compact
-    def __call__(self, x, positions, lengths, cache=None, layer=0, starts=None, slots=None, live=None):
+    def __call__(self, x, positions, lengths, cache=None, layer=0, starts=None, slots=None, live=None,
+                 press=None, budget=None):
         h, new_layer = Attention(self.cfg, self.std, name="attn")(
-            Norm(self.cfg, name="attn_norm")(x), positions, lengths, cache, layer, starts, slots, live)
+            Norm(self.cfg, name="attn_norm")(x), positions, lengths, cache, layer, starts, slots, live,
+            press, budget)
         x = x + h
         x = x + MLP(self.cfg, self.std, name="mlp")(Norm(self.cfg, name="mlp_norm")(x))
         return x, new_layer
@@ -45,7 +47,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, lengths, cache=None, starts=None, slots=None,
-                 logits_at=None, live=None):
+                 logits_at=None, live=None, press=None, budgets=None):
         """tokens, positions: int32 [B, T]; lengths: int32 [B] real tokens per row.
 
         cache: None or the KVCache before this chunk; starts: int32 [B] the chunk's first
@@ -53,6 +55,8 @@ class Transformer(nn.Module):
         logits_at: None for logits at every position [B, T, V], or int32 [B] to compute
         them only at one position per row [B, 1, V] (prefill and decode need no more).
         live (static int): attention reads only cache slots [0, live) (dense/int8 caches).
+        press (static) and budgets (dict of int32 [L, B, ...]): compact the chunk into a
+        pressed cache (kvjax/press/).
         Returns (logits, list of L per-layer new cache arrays, or None).
         """
         c = self.cfg
@@ -68,8 +72,9 @@ class Transformer(nn.Module):
             x = x + pos_embed(jnp.clip(positions, 0, c.max_position - 1))
         new_layers = []
         for i in range(c.num_layers):  # unrolled: each layer updates its own cache buffer
+            budget = None if budgets is None else {k: v[i] for k, v in budgets.items()}
             x, new_layer = Block(c, self.std, name=f"layers_{i}")(
-                x, positions, lengths, cache, i, starts, slots, live)
+                x, positions, lengths, cache, i, starts, slots, live, press, budget)
             new_layers.append(new_layer)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)       # [B, 1, D]

@@ -1,0 +1,80 @@
+"""KV-cache compression presses, with kvpress's class and argument names (kvpress 0.5.5).
+
+    from kvjax import press
+    p = press.SnapKVPress(compression_ratio=0.5, window_size=64, kernel_size=5)
+    cache = kvjax.init_cache(cfg, batch_size=B, max_len=kept + room)    # only as large as what is kept
+    logits, cache = kvjax.prefill(cfg, params, context, lengths, cache, press=p)
+    out = kvjax.generate(cfg, params, question, q_lengths, max_new_tokens=N, cache=cache)
+    press.kept_positions(cache)   # per layer int32 [B, kv_heads, slots]: original position, -1 empty
+
+Modules: base.py (inputs, budgets, top-k per head), norms.py (Knorm, KeyDiff, StreamingLLM,
+Random), window.py (SnapKV, PyramidKV, TOVA, ObservedAttention), expected.py
+(ExpectedAttention), wrappers.py (AdaKV, CriticalKV, ChunkKV, KeyRerotation), decoding.py
+(DecodingPress and whole-cache compaction), layer.py (the one compaction of a chunk into the
+cache), host.py (checks before anything runs).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..cache import KVCache, init_cache as _init_cache
+from ..config import ModelConfig
+from .base import Keep, LayerInputs, Press, ScorerPress, n_kept
+from .decoding import DecodingPress, compress_cache
+from .expected import ExpectedAttentionPress
+from .norms import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
+from .window import ObservedAttentionPress, PyramidKVPress, SnapKVPress, TOVAPress
+from .wrappers import AdaKVPress, ChunkKVPress, CriticalKVPress, KeyRerotationPress
+
+__all__ = ["Press", "ScorerPress", "Keep", "LayerInputs", "KnormPress", "KeyDiffPress",
+           "StreamingLLMPress", "RandomPress", "SnapKVPress", "PyramidKVPress", "TOVAPress",
+           "ObservedAttentionPress", "ExpectedAttentionPress", "AdaKVPress", "CriticalKVPress",
+           "ChunkKVPress", "KeyRerotationPress", "DecodingPress", "kept_positions", "init_cache",
+           "layer_budgets", "n_kept", "compress_cache"]
+
+
+def kept_positions(cache: KVCache) -> list:
+    """Per layer int32 [B, kv_heads, slots]: the original position held in each slot, -1 if empty.
+
+    For a cache that was never pressed, slot s of every head holds position s (or -1)."""
+    if cache.pressed:
+        return list(cache.head_pos)
+    out = []
+    for k in cache.keys:
+        B, K, S = k.shape[:3]
+        s = jnp.arange(S, dtype=jnp.int32)
+        out.append(jnp.broadcast_to(jnp.where(s[None, :] < cache.lengths[:, None], s[None, :], -1)[:, None],
+                                    (B, K, S)))
+    return out
+
+
+def layer_budgets(press: Press, cfg: ModelConfig, context_len: int) -> list[int]:
+    """Slots each layer keeps for a context of `context_len` tokens (the most any head may take)."""
+    return [int(x) for x in press.kept_bound(np.array([context_len]), cfg)[:, 0]]
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, context_len: int, press: Press, room: int = 0,
+               dtype=None, kind: str = "dense") -> KVCache:
+    """An empty pressed cache sized for `press` on contexts of up to `context_len` tokens plus
+    `room` more (question and answer) per row: layer l gets budget_l + room slots, so
+    PyramidKV's shrinking budgets give shrinking layers. Exact size: `KVCache.nbytes`."""
+    if not isinstance(room, int) or room < 0:
+        raise ValueError(f"room must be an int >= 0, got {room!r}")
+    sizes = [b + room for b in layer_budgets(press, cfg, context_len)]
+    return pressed_cache(cfg, batch_size, sizes, dtype, kind)
+
+
+def pressed_cache(cfg: ModelConfig, batch_size: int, layer_slots, dtype=None, kind: str = "dense") -> KVCache:
+    """An empty pressed cache with `layer_slots[l]` slots in layer l."""
+    if len(layer_slots) != cfg.num_layers or any(int(s) < 1 for s in layer_slots):
+        raise ValueError(f"layer_slots must give {cfg.num_layers} positive slot counts, got {list(layer_slots)}")
+    per = [_init_cache(cfg, batch_size, int(s), dtype=dtype, kind=kind) for s in layer_slots]
+    B, K = batch_size, cfg.num_kv_heads
+    pick = lambda name: tuple(getattr(c, name)[i] for i, c in enumerate(per))  # noqa: E731
+    return per[0].replace(
+        keys=pick("keys"), values=pick("values"),
+        key_scales=pick("key_scales") if kind == "int8" else (),
+        value_scales=pick("value_scales") if kind == "int8" else (),
+        head_pos=tuple(jnp.full((B, K, int(s)), -1, jnp.int32) for s in layer_slots),
+        head_fill=tuple(jnp.zeros((B, K), jnp.int32) for _ in layer_slots))

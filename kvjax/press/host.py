@@ -1,0 +1,88 @@
+"""Host-side checks and budgets for pressed prefill, decode and generate: everything is
+validated before anything is donated, and errors name the value and the limit.
+
+Axis letters: B batch, K kv heads, L layers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..cache import KVCache
+from ..config import ModelConfig
+from .base import Press
+
+PRESSABLE_KINDS = ("dense", "int8")
+
+
+def check_press(press, cfg: ModelConfig, cache: KVCache, mesh, where: str) -> None:
+    from .decoding import DecodingPress
+
+    if not isinstance(press, Press):
+        raise ValueError(f"{where}: press must be a kvjax.press press (e.g. SnapKVPress), got "
+                         f"{type(press).__name__}")
+    if cache.kind not in PRESSABLE_KINDS:
+        raise ValueError(f"{where}: a press compacts dense or int8 caches; this cache is kind "
+                         f"{cache.kind!r} (a ring already decides what it keeps)")
+    if mesh is not None:
+        raise ValueError(f"{where}: presses on a sharded cache are not supported yet; use a cache "
+                         f"on one device")
+    if cfg.attention_sinks:
+        raise ValueError(f"{where}: presses are not supported on models with attention_sinks="
+                         f"{cfg.attention_sinks} (keys are cached unrotated there)")
+    if isinstance(press, DecodingPress) and where.startswith("prefill"):
+        raise ValueError("prefill: DecodingPress compresses during generation; pass it to "
+                         "kvjax.generate(..., press=DecodingPress(...))")
+    press.check_model(cfg)
+
+
+def fills(cache: KVCache) -> np.ndarray:
+    """int [L, B]: slots used per layer and row (the fullest kv head)."""
+    if cache.pressed:
+        return np.stack([np.asarray(f).max(axis=1) for f in cache.head_fill])
+    used = np.asarray(cache.lengths)
+    return np.broadcast_to(used, (len(cache.keys), used.shape[0]))
+
+
+def slots(cache: KVCache) -> np.ndarray:
+    return np.array([cache.layer_slots(layer) for layer in range(len(cache.keys))])
+
+
+def check_room(cache: KVCache, adding: np.ndarray, what: str) -> None:
+    """adding: int [L, B] (or [B]) slots each row takes per layer; raises naming row, layer, limit."""
+    used = fills(cache)
+    add = np.broadcast_to(np.asarray(adding), used.shape)
+    total, limit = used + add, slots(cache)[:, None]
+    if (total > limit).any():
+        layer, b = map(int, np.argwhere(total > limit)[0])
+        raise ValueError(f"{what}: row {b} needs {int(total[layer, b])} slots in layer {layer} "
+                         f"({int(used[layer, b])} used + {int(add[layer, b])} new) but that layer "
+                         f"has {int(limit[layer, 0])} slots (max_len)")
+
+
+def prefill_budgets(press: Press, cfg: ModelConfig, cache: KVCache, lens: np.ndarray, what: str) -> dict:
+    """Budgets (int32 arrays [L, B, ...]) after checking the press can score these rows and the
+    cache has room for what it keeps."""
+    press.check_lengths(lens)
+    budgets = {k: np.ascontiguousarray(v, np.int32) for k, v in press.host_budgets(lens, cfg).items()}
+    check_room(cache, press.kept_bound(lens, cfg), what)
+    return budgets
+
+
+def check_decoding_room(cache: KVCache, press, lens: np.ndarray, segments, prompt_compress: bool,
+                        what: str) -> None:
+    """Simulate the largest fill a DecodingPress generation reaches between compactions."""
+    used = fills(cache) + np.asarray(lens)[None, :]
+    limit = slots(cache)[:, None]
+    peak = used.copy()
+    if prompt_compress:
+        used = np.minimum(used, press.target_size)
+    for steps, _, compress, repeat in segments:
+        for _ in range(min(repeat, 2)):        # after the first period every period is alike
+            peak = np.maximum(peak, used + steps)
+            used = np.minimum(used + steps, press.target_size) if compress else used + steps
+    if (peak > limit).any():
+        layer, b = map(int, np.argwhere(peak > limit)[0])
+        raise ValueError(f"{what}: row {b} reaches {int(peak[layer, b])} slots in layer {layer} between "
+                         f"compressions (target_size={press.target_size} + compression_interval="
+                         f"{press.compression_interval}, after the prompt) but the cache has "
+                         f"{int(limit[layer, 0])} slots (max_len)")
