@@ -62,12 +62,13 @@ def scores(q, k):
     return _f32_dot("btkgh,bksh->bkgts", qg, k) * (H ** -0.5)
 
 
-def softmax_blocks(blocks, q_dtype, column_sums: bool = False):
+def softmax_blocks(blocks, q_dtype, column_sums: bool = False, query_valid=None):
     """One softmax over several key blocks. blocks: [(scores [B,K,G,T,S_i], mask [B,K',T,S_i]
     (K' = 1 or K), values [B,K,S_i,H])] -> [B, T, N, H].
 
     column_sums: also return, per block, the attention each key received summed over the
-    queries, float32 [B, N, S_i] (H2O's observed attention)."""
+    queries (those with query_valid [B, T], when given), float32 [B, N, S_i] (H2O's observed
+    attention)."""
     masked = [jnp.where(m[:, :, None], s, _NEG) for s, m, _ in blocks]
     probs = jax.nn.softmax(jnp.concatenate(masked, axis=-1), axis=-1)
     out, offset, sums = 0.0, 0, []
@@ -75,7 +76,8 @@ def softmax_blocks(blocks, q_dtype, column_sums: bool = False):
         p = probs[..., offset:offset + s.shape[-1]]
         if column_sums:
             B, K, G = p.shape[:3]
-            sums.append(p.sum(axis=3).reshape(B, K * G, -1))
+            counted = p if query_valid is None else jnp.where(query_valid[:, None, None, :, None], p, 0.0)
+            sums.append(counted.sum(axis=3).reshape(B, K * G, -1))
         out = out + _f32_dot("bkgts,bksh->btkgh", p.astype(v.dtype), v)
         offset += s.shape[-1]
     B, T, K, G, H = out.shape
@@ -220,7 +222,7 @@ def _pressed(self, x, q_pre, q, k, v, positions, lengths, cache, layer, window, 
     blocks = [(scores(q, kb), attention_mask(positions, old_pos, old_pos >= 0, window, sinks), vb),
               (scores(q, chunk_k), attention_mask(positions, positions, valid, window, sinks), chunk_v)]
     need_sums = press is not None and press.needs_attention
-    res = softmax_blocks(blocks, q.dtype, column_sums=need_sums)
+    res = softmax_blocks(blocks, q.dtype, column_sums=need_sums, query_valid=valid)
     out, sums = res if need_sums else (res, None)
     o = dense(c, c.d_model, "o", c.out_bias, self.std)
     out = o(out.reshape(B, T, -1))

@@ -126,9 +126,19 @@ def _sinks_for(kind: str, num_sinks) -> int:
 
 
 def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kind: str = "dense",
-                num_sinks: int | None = None) -> int:
-    """Bytes `init_cache` allocates for these arguments, computed without allocating."""
+                num_sinks: int | None = None, pressed: bool = False) -> int:
+    """Bytes `init_cache` allocates for these arguments, computed without allocating.
+
+    pressed: the same cache once a press has compacted it (it adds per-head slot positions
+    int32 [B, K, S] and fills int32 [B, K] per layer; kvjax.press.cache_bytes gives
+    per-layer sizes)."""
     _check(batch_size, max_len, kind, _sinks_for(kind, num_sinks))
+    if pressed:
+        if kind not in ("dense", "int8"):
+            raise ValueError(f"only dense and int8 caches can be pressed, got kind {kind!r}")
+        per_head = batch_size * cfg.num_kv_heads * 4
+        return (cache_bytes(cfg, batch_size, max_len, dtype, kind)
+                + cfg.num_layers * per_head * (max_len + 1))
     values = batch_size * cfg.num_kv_heads * max_len * cfg.head_dim
     per_layer = 2 * values * (1 if kind == "int8" else _resolve_dtype(cfg, dtype).itemsize)
     if kind == "int8":

@@ -31,7 +31,7 @@ __all__ = ["Press", "ScorerPress", "Keep", "LayerInputs", "KnormPress", "KeyDiff
            "StreamingLLMPress", "RandomPress", "SnapKVPress", "PyramidKVPress", "TOVAPress",
            "ObservedAttentionPress", "ExpectedAttentionPress", "AdaKVPress", "CriticalKVPress",
            "ChunkKVPress", "KeyRerotationPress", "DecodingPress", "kept_positions", "init_cache",
-           "layer_budgets", "n_kept", "compress_cache"]
+           "layer_budgets", "n_kept", "compress_cache", "cache_bytes", "pressed_cache"]
 
 
 def kept_positions(cache: KVCache) -> list:
@@ -63,6 +63,14 @@ def init_cache(cfg: ModelConfig, batch_size: int, context_len: int, press: Press
         raise ValueError(f"room must be an int >= 0, got {room!r}")
     sizes = [b + room for b in layer_budgets(press, cfg, context_len)]
     return pressed_cache(cfg, batch_size, sizes, dtype, kind)
+
+
+def cache_bytes(cfg: ModelConfig, batch_size: int, layer_slots, dtype=None, kind: str = "dense") -> int:
+    """Exact bytes of `pressed_cache(cfg, batch_size, layer_slots, ...)`, without allocating."""
+    from ..cache import cache_bytes as dense_bytes
+    per_layer = [(dense_bytes(cfg.replace(num_layers=1), batch_size, int(s), dtype, kind) - 4 * batch_size
+                  + batch_size * cfg.num_kv_heads * 4 * (int(s) + 1)) for s in layer_slots]
+    return sum(per_layer) + 4 * batch_size
 
 
 def pressed_cache(cfg: ModelConfig, batch_size: int, layer_slots, dtype=None, kind: str = "dense") -> KVCache:
