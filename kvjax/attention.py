@@ -148,6 +148,8 @@ class Attention(nn.Module):
         new_layer = None
         if cache is None:
             blocks, starts = [chunk], jnp.zeros((B,), jnp.int32)
+        elif cache.kind == "kivi":
+            blocks, new_layer = _kivi_blocks(cache, layer, k, v, starts, lengths, chunk)
         elif cache.slot_pos is not None and T > 1:   # ring + several tokens: old block + chunk
             old = read_layer(cache.kind, layer_arrays(cache, layer), k.dtype)
             blocks = [(*old, *slot_positions(cache, starts)), chunk]
@@ -242,3 +244,20 @@ def _keep_inputs(k, lengths):
     from .press.base import LayerInputs
     return LayerInputs(cfg=None, layer=0, x=None, q=None, q_rot=None, k=k, v=None, positions=None,
                        lengths=lengths, inv_freq=None, o_kernel=None, attn_sums=None, budget={})
+
+
+def _kivi_blocks(cache, layer, k, v, starts, lengths, chunk):
+    """KIVI: one token is written, then read back with the store (as the dense path); a chunk
+    attends over the stored tokens plus its own exact keys and values, then is written
+    (its queries see full precision, as KIVI's prefill does)."""
+    from . import kivi
+    from .cache import layer_arrays
+
+    quant = cache.quant
+    arrays = layer_arrays(cache, layer)
+    new_layer = kivi.write(arrays, k, v, starts, lengths, *quant)
+    if k.shape[1] == 1:
+        kr, vr, pos, valid = kivi.read(new_layer, starts + lengths, k.dtype, *quant)
+        return [(kr, vr, pos, valid)], new_layer
+    kr, vr, pos, valid = kivi.read(arrays, starts, k.dtype, *quant)
+    return [(kr, vr, pos, valid), chunk], new_layer

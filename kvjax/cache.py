@@ -22,6 +22,11 @@ Kinds (one interface; `kind` and `num_sinks` are static pytree metadata):
   window  a ring of S slots: position p lives in slot p mod S, so a query sees the last S
           tokens; memory is fixed however long generation runs. `slot_pos` [B, S] records
           the position held by each slot (-1: empty), which drives masks after wrap-around.
+  kivi    KIVI (Liu et al. 2024), kvjax/kivi.py: keys quantised per channel over groups of
+          `group_size` tokens, values per token over groups of channels, 2 or 4 bits packed
+          into uint8 (`keys`/`values` hold the codes); the last tokens stay in full
+          precision in a residual until a block of `residual_length` fills. Scales, minima
+          and the residual live in `extras`; `quant` = (bits, group_size, residual_length).
   sinks   StreamingLLM: slots [0, num_sinks) keep the first tokens forever, the other
           S - num_sinks slots are a ring of recent tokens. Keys are stored *before*
           rotation; attention assigns rotary positions by place in the cache (see
@@ -48,7 +53,8 @@ import numpy as np
 
 from .config import ModelConfig
 
-KINDS = ("dense", "int8", "window", "sinks")
+KINDS = ("dense", "int8", "window", "sinks", "kivi")
+KIVI_DEFAULTS = {"bits": 2, "group_size": 32, "residual_length": 128}
 DEFAULT_SINKS = 4   # StreamingLLM's default: four initial tokens are enough to anchor attention
 
 
@@ -62,8 +68,10 @@ class KVCache:
     slot_pos: jax.Array | None = None   # window/sinks only: int32 [B, S], -1 = empty slot
     head_pos: tuple = ()    # pressed only: L arrays int32 [B, K, S_l], position per slot, -1 = empty
     head_fill: tuple = ()   # pressed only: L arrays int32 [B, K], slots used per kv head
+    extras: tuple = ()      # kivi only: L dicts of scales, minima and the full-precision residual
     kind: str = "dense"
     num_sinks: int = 0
+    quant: tuple = ()       # kivi only: (bits, group_size, residual_length), static
 
     @property
     def batch_size(self) -> int:
@@ -76,7 +84,17 @@ class KVCache:
 
     @property
     def dtype(self):
-        return self.keys[0].dtype
+        """The dtype keys and values are computed in (kivi: of its residual; int8: int8)."""
+        return self.extras[0]["k_res"].dtype if self.kind == "kivi" else self.keys[0].dtype
+
+    @property
+    def head_dim(self) -> int:
+        return self.extras[0]["k_res"].shape[-1] if self.kind == "kivi" else self.keys[0].shape[-1]
+
+    @property
+    def reads_live_prefix(self) -> bool:
+        """Attention may read only a prefix of the slots (dense/int8, not pressed)."""
+        return self.kind in ("dense", "int8") and not self.pressed
 
     @property
     def pressed(self) -> bool:
@@ -88,8 +106,8 @@ class KVCache:
 
     @property
     def bounded(self) -> bool:
-        """True for kinds that raise when full (dense, int8); window/sinks run on forever."""
-        return self.kind in ("dense", "int8")
+        """True for kinds that raise when full (dense, int8, kivi); window/sinks run on forever."""
+        return self.kind in ("dense", "int8", "kivi")
 
     @property
     def nbytes(self) -> int:
@@ -102,8 +120,8 @@ class KVCache:
 
 jax.tree_util.register_dataclass(
     KVCache, data_fields=["keys", "values", "lengths", "key_scales", "value_scales", "slot_pos",
-                          "head_pos", "head_fill"],
-    meta_fields=["kind", "num_sinks"])
+                          "head_pos", "head_fill", "extras"],
+    meta_fields=["kind", "num_sinks", "quant"])
 
 
 def _resolve_dtype(cfg: ModelConfig, dtype) -> np.dtype:
@@ -125,14 +143,30 @@ def _sinks_for(kind: str, num_sinks) -> int:
     return (DEFAULT_SINKS if num_sinks is None else int(num_sinks)) if kind == "sinks" else 0
 
 
+def _quant(kind: str, bits, group_size, residual_length) -> tuple:
+    if kind != "kivi":
+        if (bits, group_size, residual_length) != (None, None, None):
+            raise ValueError(f"bits/group_size/residual_length are KIVI settings; kind is {kind!r}")
+        return ()
+    q = {"bits": bits, "group_size": group_size, "residual_length": residual_length}
+    return tuple(KIVI_DEFAULTS[k] if v is None else int(v) for k, v in q.items())
+
+
 def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kind: str = "dense",
-                num_sinks: int | None = None, pressed: bool = False) -> int:
+                num_sinks: int | None = None, pressed: bool = False, bits: int | None = None,
+                group_size: int | None = None, residual_length: int | None = None) -> int:
     """Bytes `init_cache` allocates for these arguments, computed without allocating.
 
     pressed: the same cache once a press has compacted it (it adds per-head slot positions
     int32 [B, K, S] and fills int32 [B, K] per layer; kvjax.press.cache_bytes gives
     per-layer sizes)."""
     _check(batch_size, max_len, kind, _sinks_for(kind, num_sinks))
+    quant = _quant(kind, bits, group_size, residual_length)
+    if kind == "kivi":
+        from . import kivi
+        per = kivi.layer_bytes(batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, *quant,
+                               _resolve_dtype(cfg, dtype))
+        return cfg.num_layers * per + 4 * batch_size
     if pressed:
         if kind not in ("dense", "int8"):
             raise ValueError(f"only dense and int8 caches can be pressed, got kind {kind!r}")
@@ -148,15 +182,30 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh=None,
-               kind: str = "dense", num_sinks: int | None = None) -> KVCache:
+               kind: str = "dense", num_sinks: int | None = None, bits: int | None = None,
+               group_size: int | None = None, residual_length: int | None = None) -> KVCache:
     """An empty cache of `max_len` slots per row.
 
     dtype: storage dtype of dense/window/sinks buffers (default `cfg.dtype`; int8 ignores it).
-    kind: "dense" | "int8" | "window" | "sinks"; num_sinks: sink slots for "sinks" (default 4).
+    kind: "dense" | "int8" | "window" | "sinks" | "kivi"; num_sinks: sink slots for "sinks"
+    (default 4); bits (2 or 4), group_size (32), residual_length (128): KIVI settings, with
+    max_len a multiple of residual_length.
     mesh: create the buffers directly in their sharded layout (see sharding.py).
     """
     sinks = _sinks_for(kind, num_sinks)
     _check(batch_size, max_len, kind, sinks)
+    quant = _quant(kind, bits, group_size, residual_length)
+    if kind == "kivi":
+        if mesh is not None:
+            raise ValueError("a kivi cache cannot be sharded yet; create it without a mesh")
+        from . import kivi
+        dt = _resolve_dtype(cfg, dtype)
+        layers = [kivi.init_layer(batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, *quant, dt)
+                  for _ in range(cfg.num_layers)]
+        return KVCache(keys=tuple(l.pop("k_codes") for l in layers),
+                       values=tuple(l.pop("v_codes") for l in layers),
+                       lengths=jnp.zeros((batch_size,), jnp.int32), extras=tuple(layers),
+                       kind="kivi", quant=quant)
     if mesh is not None:
         from .sharding import init_sharded_cache  # sharding imports this module
         return init_sharded_cache(cfg, batch_size, max_len, mesh, dtype, kind, sinks)
@@ -220,7 +269,9 @@ def quantize_int8(x: jax.Array):
 
 
 def layer_arrays(cache: KVCache, layer: int) -> dict:
-    """One layer's stored arrays: k, v (and int8 scales ks, vs)."""
+    """One layer's stored arrays: k, v (and int8 scales ks, vs); kivi: kvjax.kivi's names."""
+    if cache.kind == "kivi":
+        return {"k_codes": cache.keys[layer], "v_codes": cache.values[layer], **cache.extras[layer]}
     arrays = {"k": cache.keys[layer], "v": cache.values[layer]}
     if cache.kind == "int8":
         arrays.update(ks=cache.key_scales[layer], vs=cache.value_scales[layer])
@@ -266,6 +317,11 @@ def slot_positions(cache: KVCache, starts, lengths=None, slots=None):
 
 def assemble(cache: KVCache, layers: list, starts, lengths, slots) -> KVCache:
     """The cache after a chunk: new per-layer arrays, lengths and slot positions."""
+    if cache.kind == "kivi":
+        rest = tuple({k: v for k, v in l.items() if k not in ("k_codes", "v_codes")} for l in layers)
+        return cache.replace(keys=tuple(l["k_codes"] for l in layers),
+                             values=tuple(l["v_codes"] for l in layers), extras=rest,
+                             lengths=starts + lengths)
     changes = dict(keys=tuple(l["k"] for l in layers), values=tuple(l["v"] for l in layers),
                    lengths=starts + lengths)
     if cache.kind == "int8":

@@ -97,7 +97,7 @@ def live_plan(end_of_prompt: int, max_new_tokens: int, cache: KVCache, decoding=
     S = cache.max_len
     if decoding is not None:
         return None, decoding_segments(max_new_tokens, decoding, prompt_width)
-    if not cache.bounded or cache.pressed:
+    if not cache.reads_live_prefix:
         return None, ((max_new_tokens, None, False, 1),)
     start = min(-(-end_of_prompt // LIVE_BAND) * LIVE_BAND, S)
     segments = []
@@ -310,7 +310,7 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
         return _prefill_jit(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens), cache, None,
                             press, None if budgets is None else jax.tree.map(jnp.asarray, budgets))
     validate.check_room(cfg, used, lens, cache.max_len, "prefill", cache.bounded)
-    live = live_bucket(int((used + lens).max()), cache.max_len) if cache.bounded else None
+    live = live_bucket(int((used + lens).max()), cache.max_len) if cache.reads_live_prefix else None
     fn = _prefill_jit if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["prefill"]
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, live)
 
@@ -337,7 +337,7 @@ def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = 
             validate.check_room(cfg, used, ones, cache.max_len, "decode_step", bounded=False)
         else:
             validate.check_room(cfg, used, ones, cache.max_len, "decode_step", cache.bounded)
-            if cache.bounded:
+            if cache.reads_live_prefix:
                 live = live_bucket(int(used.max()) + 1, cache.max_len)
     mesh = sharding.mesh_of(cache)
     if mesh is None:
@@ -351,7 +351,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
              temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, key=None, max_len=None,
              cache: KVCache | None = None, use_cache: bool = True, pad_token_id: int = 0,
              mesh=None, cache_kind: str = "dense", num_sinks: int | None = None,
-             press=None) -> GenerateOutput:
+             press=None, **cache_options) -> GenerateOutput:
     """Generate `max_new_tokens` per row after right-padded prompts [B, S].
 
     temperature/top_k/top_p: scalars or per-row [B] (temperature 0 = greedy). A row that
@@ -383,7 +383,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         if mesh is not None:
             sharding.check_mesh(cfg, mesh, B)
         cache = init_cache(cfg, B, max_len if max_len is not None else S + max_new_tokens, mesh=mesh,
-                           kind=cache_kind, num_sinks=num_sinks)
+                           kind=cache_kind, num_sinks=num_sinks, **cache_options)
     elif max_len is not None and max_len != cache.max_len:
         raise ValueError(f"max_len={max_len} disagrees with the given cache's max_len={cache.max_len}")
     validate.check_cache(cfg, cache, B)

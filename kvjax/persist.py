@@ -41,9 +41,12 @@ def fingerprint(cfg: ModelConfig) -> str:
 
 def _leaves(cache: KVCache) -> dict[str, jax.Array]:
     out = {"lengths": cache.lengths}
-    for field in ("keys", "values", "key_scales", "value_scales"):
+    for field in ("keys", "values", "key_scales", "value_scales", "head_pos", "head_fill"):
         for i, arr in enumerate(getattr(cache, field)):
             out[f"{field}.{i}"] = arr
+    for i, extra in enumerate(cache.extras):             # kivi: scales, minima, residual
+        for name, arr in extra.items():
+            out[f"extras.{i}.{name}"] = arr
     if cache.slot_pos is not None:
         out["slot_pos"] = cache.slot_pos
     return out
@@ -63,7 +66,7 @@ def save_cache(path, cache: KVCache, cfg: ModelConfig | None = None) -> Path:
         dtypes[name] = str(jnp.dtype(host.dtype))
         # NumPy's .npz cannot describe bfloat16: store the raw bits, the dtype in the record.
         arrays[name] = host.view(np.uint16) if host.dtype == jnp.bfloat16 else host
-    meta = {"format": FORMAT, "kind": cache.kind, "num_sinks": cache.num_sinks,
+    meta = {"format": FORMAT, "kind": cache.kind, "num_sinks": cache.num_sinks, "quant": list(cache.quant),
             "num_layers": len(cache.keys), "dtypes": dtypes,
             "config": None if cfg is None else config_record(cfg),
             "fingerprint": None if cfg is None else fingerprint(cfg)}
@@ -107,10 +110,13 @@ def load_cache(path, cfg: ModelConfig | None = None, kind: str | None = None, me
 
     L = meta["num_layers"]
     per_layer = lambda field: tuple(get(f"{field}.{i}") for i in range(L)) if f"{field}.0" in arrays else ()  # noqa: E731
+    extras = tuple({name.split(".", 2)[2]: get(name) for name in arrays if name.startswith(f"extras.{i}.")}
+                   for i in range(L)) if "extras.0.k_res" in arrays else ()
     cache = KVCache(keys=per_layer("keys"), values=per_layer("values"), lengths=get("lengths"),
                     key_scales=per_layer("key_scales"), value_scales=per_layer("value_scales"),
                     slot_pos=get("slot_pos") if "slot_pos" in arrays else None,
-                    kind=meta["kind"], num_sinks=meta["num_sinks"])
+                    head_pos=per_layer("head_pos"), head_fill=per_layer("head_fill"), extras=extras,
+                    kind=meta["kind"], num_sinks=meta["num_sinks"], quant=tuple(meta.get("quant", ())))
     if mesh is not None:
         from .sharding import cache_shardings, check_mesh
         if cfg is None:
@@ -129,7 +135,8 @@ def _check_model(path, meta, cfg: ModelConfig, arrays):
         raise ValueError(f"{path} was saved for a different model ({'; '.join(diff)})")
     k0 = arrays["keys.0"].shape
     want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-    got = (meta["num_layers"], k0[1], k0[3])
+    head_dim = arrays["extras.0.k_res"].shape[3] if "extras.0.k_res" in arrays else k0[3]   # kivi: codes are packed
+    got = (meta["num_layers"], k0[1], head_dim)
     if got != want:
         raise ValueError(f"{path} holds a cache of (layers, kv heads, head dim) = {got}, but this model "
                          f"needs {want}")

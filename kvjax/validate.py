@@ -79,8 +79,9 @@ def check_cache(cfg: ModelConfig, cache, batch_size: int):
     if len(cache.keys) != cfg.num_layers:
         raise ValueError(f"cache has {len(cache.keys)} layers but the model has {cfg.num_layers}")
     want = (cache.batch_size, cfg.num_kv_heads, cache.max_len, cfg.head_dim)
-    if cache.keys[0].shape != want:
-        raise ValueError(f"cache buffers have shape {cache.keys[0].shape} but this model needs "
+    have = (*cache.keys[0].shape[:3], cache.head_dim)
+    if have != want:
+        raise ValueError(f"cache buffers have shape {have} but this model needs "
                          f"[B, num_kv_heads, max_len, head_dim] = {want}")
     if cache.batch_size != batch_size:
         raise ValueError(f"cache batch size {cache.batch_size} does not match the tokens' batch size {batch_size}")
