@@ -64,12 +64,12 @@ def scores(q, k):
 
 def softmax_blocks(blocks, q_dtype, column_sums: bool = False, query_valid=None):
     """One softmax over several key blocks. blocks: [(scores [B,K,G,T,S_i], mask [B,K',T,S_i]
-    (K' = 1 or K), values [B,K,S_i,H])] -> [B, T, N, H].
+    (K' = 1 or K; or [B,K,G',T,S_i] per query head), values [B,K,S_i,H])] -> [B, T, N, H].
 
     column_sums: also return, per block, the attention each key received summed over the
     queries (those with query_valid [B, T], when given), float32 [B, N, S_i] (H2O's observed
     attention)."""
-    masked = [jnp.where(m[:, :, None], s, _NEG) for s, m, _ in blocks]
+    masked = [jnp.where(m[:, :, None] if m.ndim == 4 else m, s, _NEG) for s, m, _ in blocks]
     probs = jax.nn.softmax(jnp.concatenate(masked, axis=-1), axis=-1)
     out, offset, sums = 0.0, 0, []
     for s, _, v in blocks:
@@ -213,15 +213,14 @@ def _pressed(self, x, q_pre, q, k, v, positions, lengths, cache, layer, window, 
     if press is None and T == 1:
         new_layer = write_chunk(cache, layer, k, v, positions,
                                 chunk_keep(None, _keep_inputs(k, lengths)))
-        pos = new_layer["pos"]
         kb, vb = read_layer(cache.kind, new_layer, k.dtype)
-        out = softmax_blocks([(scores(q, kb), attention_mask(positions, pos, pos >= 0, window, sinks), vb)],
-                             q.dtype)
+        block = _cache_block(c, q, kb, vb, new_layer["pos"], new_layer.get("owner"), positions, window, sinks)
+        out = softmax_blocks([block], q.dtype)
         return dense(c, c.d_model, "o", c.out_bias, self.std)(out.reshape(B, T, -1)), new_layer
-    old_pos = cache.head_pos[layer]
     kb, vb = read_layer(cache.kind, _layer_view(cache, layer), k.dtype)
+    owner = cache.head_owner[layer] if cache.pooled else None
     chunk_k, chunk_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    blocks = [(scores(q, kb), attention_mask(positions, old_pos, old_pos >= 0, window, sinks), vb),
+    blocks = [_cache_block(c, q, kb, vb, cache.head_pos[layer], owner, positions, window, sinks),
               (scores(q, chunk_k), attention_mask(positions, positions, valid, window, sinks), chunk_v)]
     need_sums = press is not None and press.needs_attention
     res = softmax_blocks(blocks, q.dtype, column_sums=need_sums, query_valid=valid)
@@ -232,6 +231,21 @@ def _pressed(self, x, q_pre, q, k, v, positions, lengths, cache, layer, window, 
                       lengths=lengths, inv_freq=inv_freq, o_kernel=o.variables["params"]["kernel"],
                       attn_sums=sums[1] if need_sums else None, budget=budget or {})
     return out, write_chunk(cache, layer, k, v, positions, chunk_keep(press, inp))
+
+
+def _cache_block(c, q, kb, vb, pos, owner, positions, window, sinks):
+    """(scores, mask, values) of a pressed cache's slots. Per-head slots: pos [B, K, S]. A pool
+    (owner [B, P]): keys [B, 1, P, H] scored once by every query head, each slot masked to
+    its owner's query heads."""
+    mask = attention_mask(positions, pos, pos >= 0, window, sinks)           # [B, K or 1, T, S]
+    if owner is None:
+        return scores(q, kb), mask, vb
+    B, T, N, _ = q.shape
+    K = c.num_kv_heads
+    s = scores(q, kb).reshape(B, K, N // K, T, -1)                            # [B, K, G, T, P]
+    own = owner[:, None, :] == jnp.arange(K, dtype=jnp.int32)[None, :, None]  # [B, K, P]
+    mask = mask[:, :, None] & own[:, :, None, None, :]                        # [B, K, 1, T, P]
+    return s, mask, jnp.broadcast_to(vb, (B, K, *vb.shape[2:]))
 
 
 def _layer_view(cache, layer):

@@ -32,6 +32,11 @@ Kinds (one interface; `kind` and `num_sinks` are static pytree metadata):
           rotation; attention assigns rotary positions by place in the cache (see
           attention.py), as the StreamingLLM paper found necessary for stable perplexity.
 
+Pooled (a pressed cache for head-wise budgets, AdaKV): the K heads' [K, S] slots of a layer
+are one pool of P = K * S slots, keys [B, 1, P, H], with `head_owner` [B, P] naming the kv
+head each slot belongs to; heads may hold very different numbers of tokens in the same
+memory. Attention reads each slot once and masks it to its owner's query heads.
+
 Pressed (any dense or int8 cache after a press, see kvjax/press/): each kv head keeps its
 own set of tokens, so each layer adds `head_pos` [B, K, S_l] (the original position held
 by each slot, -1: empty; kept slots are packed at the front in position order) and
@@ -68,6 +73,7 @@ class KVCache:
     slot_pos: jax.Array | None = None   # window/sinks only: int32 [B, S], -1 = empty slot
     head_pos: tuple = ()    # pressed only: L arrays int32 [B, K, S_l], position per slot, -1 = empty
     head_fill: tuple = ()   # pressed only: L arrays int32 [B, K], slots used per kv head
+    head_owner: tuple = ()  # pooled only: L arrays int32 [B, P], kv head owning each pool slot, -1 empty
     extras: tuple = ()      # kivi only: L dicts of scales, minima and the full-precision residual
     kind: str = "dense"
     num_sinks: int = 0
@@ -101,6 +107,11 @@ class KVCache:
         """True once a press has compacted the cache: slots hold per-head positions."""
         return bool(self.head_pos)
 
+    @property
+    def pooled(self) -> bool:
+        """True for a pressed cache whose kv heads share one pool of slots (AdaKV budgets)."""
+        return bool(self.head_owner)
+
     def layer_slots(self, layer: int) -> int:
         return self.keys[layer].shape[2]
 
@@ -120,7 +131,7 @@ class KVCache:
 
 jax.tree_util.register_dataclass(
     KVCache, data_fields=["keys", "values", "lengths", "key_scales", "value_scales", "slot_pos",
-                          "head_pos", "head_fill", "extras"],
+                          "head_pos", "head_fill", "head_owner", "extras"],
     meta_fields=["kind", "num_sinks", "quant"])
 
 
@@ -348,6 +359,26 @@ def as_pressed(cache: KVCache) -> KVCache:
     return cache.replace(head_pos=tuple(pos), head_fill=tuple(fill))
 
 
+def as_pooled(cache: KVCache) -> KVCache:
+    """An EMPTY dense/int8 cache as one pool of K * S slots per layer (traced; a reshape)."""
+    if cache.pooled:
+        return cache
+    keys, values, ks, vs, pos, owner, fill = [], [], [], [], [], [], []
+    for layer in range(len(cache.keys)):
+        B, K, S, H = cache.keys[layer].shape
+        keys.append(cache.keys[layer].reshape(B, 1, K * S, H))
+        values.append(cache.values[layer].reshape(B, 1, K * S, H))
+        if cache.kind == "int8":
+            ks.append(cache.key_scales[layer].reshape(B, 1, K * S))
+            vs.append(cache.value_scales[layer].reshape(B, 1, K * S))
+        pos.append(jnp.full((B, 1, K * S), -1, jnp.int32))
+        owner.append(jnp.full((B, K * S), -1, jnp.int32))
+        fill.append(jnp.zeros((B, K), jnp.int32))          # per head; the pool's fill is the sum
+    return cache.replace(keys=tuple(keys), values=tuple(values), key_scales=tuple(ks),
+                         value_scales=tuple(vs), head_pos=tuple(pos), head_owner=tuple(owner),
+                         head_fill=tuple(fill))
+
+
 def _scatter_heads(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
     """buf [B, K, S, ...] <- new [B, T, K, ...] at per-head slots [B, K, T] (slot S is dropped)."""
     def one(b, n, sl):  # [S, ...], [T, ...], [T]
@@ -379,6 +410,8 @@ def assemble_pressed(cache: KVCache, layers: list, head_pos: list, head_fill: li
     """The pressed cache made of new per-layer arrays, per-head positions and fills."""
     changes = dict(keys=tuple(l["k"] for l in layers), values=tuple(l["v"] for l in layers),
                    lengths=lengths, head_pos=tuple(head_pos), head_fill=tuple(head_fill))
+    if cache.pooled:
+        changes["head_owner"] = tuple(l["owner"] for l in layers)
     if cache.kind == "int8":
         changes.update(key_scales=tuple(l["ks"] for l in layers),
                        value_scales=tuple(l["vs"] for l in layers))

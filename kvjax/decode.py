@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import sharding, validate
-from .cache import KVCache, as_pressed, assemble, assemble_pressed, chunk_slots, init_cache
+from .cache import KVCache, as_pooled, as_pressed, assemble, assemble_pressed, chunk_slots, init_cache
 from .config import ModelConfig
 from .model import Transformer, init_params
 from .sampling import sample
@@ -42,7 +42,7 @@ def _append(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, live: int
     """
     T = tokens.shape[1]
     if press is not None:
-        cache = as_pressed(cache)
+        cache = as_pooled(cache) if getattr(press, "pooled", False) else as_pressed(cache)
     starts = cache.lengths
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
     slots = None if cache.pressed else chunk_slots(cache, starts, lengths, T)
@@ -304,7 +304,7 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
             budgets = host.prefill_budgets(press, cfg, cache, lens, "prefill")
             press = press.static()
         else:
-            host.check_room(cache, lens, "prefill")
+            host.check_room(cache, lens * host.per_token(cfg, cache), "prefill")
             budgets = None
         validate.check_room(cfg, used, lens, cache.max_len, "prefill", bounded=False)
         return _prefill_jit(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens), cache, None,
@@ -333,7 +333,7 @@ def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = 
         used = sharding.to_host(cache.lengths)
         if cache.pressed:
             from .press import host
-            host.check_room(cache, ones, "decode_step")
+            host.check_room(cache, ones * host.per_token(cfg, cache), "decode_step")
             validate.check_room(cfg, used, ones, cache.max_len, "decode_step", bounded=False)
         else:
             validate.check_room(cfg, used, ones, cache.max_len, "decode_step", cache.bounded)
@@ -422,9 +422,10 @@ def _pressed_plan(cfg, cache, press, mesh, lens, N, width, knobs, what):
             knobs["budgets"] = jax.tree.map(jnp.asarray, host.prefill_budgets(press, cfg, cache, lens, what))
             kept = press.kept_bound(lens, cfg)
             prompt_press = press.static()
+            host.check_room(cache, np.asarray(kept) + N * host.per_token(cfg, cache), what,
+                            scale=cfg.num_kv_heads if getattr(press, "pooled", False) and not cache.pooled else 1)
         else:
-            kept = lens
-        host.check_room(cache, np.asarray(kept) + N, what)
+            host.check_room(cache, (lens + N) * host.per_token(cfg, cache), what)
         segments = ((N, None, False, 1),)          # a pressed cache reads all its slots
     return (None, segments, prompt_press, decoding), knobs
 

@@ -41,7 +41,7 @@ def fingerprint(cfg: ModelConfig) -> str:
 
 def _leaves(cache: KVCache) -> dict[str, jax.Array]:
     out = {"lengths": cache.lengths}
-    for field in ("keys", "values", "key_scales", "value_scales", "head_pos", "head_fill"):
+    for field in ("keys", "values", "key_scales", "value_scales", "head_pos", "head_fill", "head_owner"):
         for i, arr in enumerate(getattr(cache, field)):
             out[f"{field}.{i}"] = arr
     for i, extra in enumerate(cache.extras):             # kivi: scales, minima, residual
@@ -115,7 +115,8 @@ def load_cache(path, cfg: ModelConfig | None = None, kind: str | None = None, me
     cache = KVCache(keys=per_layer("keys"), values=per_layer("values"), lengths=get("lengths"),
                     key_scales=per_layer("key_scales"), value_scales=per_layer("value_scales"),
                     slot_pos=get("slot_pos") if "slot_pos" in arrays else None,
-                    head_pos=per_layer("head_pos"), head_fill=per_layer("head_fill"), extras=extras,
+                    head_pos=per_layer("head_pos"), head_fill=per_layer("head_fill"),
+                    head_owner=per_layer("head_owner"), extras=extras,
                     kind=meta["kind"], num_sinks=meta["num_sinks"], quant=tuple(meta.get("quant", ())))
     if mesh is not None:
         from .sharding import cache_shardings, check_mesh

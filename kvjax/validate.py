@@ -78,7 +78,7 @@ def check_cache(cfg: ModelConfig, cache, batch_size: int):
                          "and its buffers are gone; pass the cache that call returned")
     if len(cache.keys) != cfg.num_layers:
         raise ValueError(f"cache has {len(cache.keys)} layers but the model has {cfg.num_layers}")
-    want = (cache.batch_size, cfg.num_kv_heads, cache.max_len, cfg.head_dim)
+    want = (cache.batch_size, 1 if cache.pooled else cfg.num_kv_heads, cache.max_len, cfg.head_dim)
     have = (*cache.keys[0].shape[:3], cache.head_dim)
     if have != want:
         raise ValueError(f"cache buffers have shape {have} but this model needs "

@@ -141,7 +141,7 @@ def test_decode_step_updates_every_kind_in_place(kind):
 
 def test_bad_kind_arguments():
     cfg = kvjax.ModelConfig.preset("llama-tiny")
-    with pytest.raises(ValueError, match=r"unknown cache kind 'paged'; kinds are \['dense', 'int8', 'window', 'sinks'\]"):
+    with pytest.raises(ValueError, match=r"unknown cache kind 'paged'; kinds are \['dense', 'int8', 'window', 'sinks', 'kivi'\]"):
         kvjax.init_cache(cfg, 1, 8, kind="paged")
     with pytest.raises(ValueError, match=r"num_sinks=8, max_len=8"):
         kvjax.init_cache(cfg, 1, 8, kind="sinks", num_sinks=8)

@@ -17,16 +17,17 @@ def test_plan_covers_every_step_with_power_of_two_reads():
     cfg = kvjax.ModelConfig.preset("llama-tiny")
     cache = kvjax.init_cache(cfg, 1, 1000)
     prefill_live, segments = live_plan(70, 600, cache)
-    assert prefill_live == 128 and sum(n for n, _ in segments) == 600
+    assert prefill_live == 128 and sum(n for n, *_ in segments) == 600
     start, first = 128, 0                     # 70 rounds up to the 64-token band: 128
-    for steps, live in segments:
+    for steps, live, compress, repeat in segments:
+        assert not compress and repeat == 1
         last = first + steps - 1
         assert start + last + 1 <= live       # every token the segment writes is read
         assert live == 1000 or live & (live - 1) == 0
         first += steps
-    assert [live for _, live in segments] == [256, 512, 1000]
+    assert [live for _, live, *_ in segments] == [256, 512, 1000]
     ring = kvjax.init_cache(cfg, 1, 64, kind="window")
-    assert live_plan(70, 300, ring) == (64, ((300, 64),))   # rings always read all their slots
+    assert live_plan(70, 300, ring) == (None, ((300, None, False, 1),))   # rings read all their slots
 
 
 @pytest.mark.parametrize("kind", ["dense", "int8"])
@@ -39,7 +40,7 @@ def test_segmented_generate_equals_no_cache(kind, rng):
     from kvjax.decode import _knobs
     knobs = _knobs(cfg, 3, 0.0, 0, 1.0, None, None, 0)
     full = _generate_cached(cfg, params, jnp.asarray(prompts), jnp.asarray(lens),
-                            kvjax.init_cache(cfg, 3, 1024, kind=kind), (1024, ((150, 1024),)), knobs)
+                            kvjax.init_cache(cfg, 3, 1024, kind=kind), (1024, ((150, 1024, False, 1),), None, None), knobs)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(full.tokens))
     if kind == "dense":
         ref = kvjax.generate(cfg, params, prompts, lens, max_new_tokens=150, use_cache=False)

@@ -38,6 +38,12 @@ def kept_positions(cache: KVCache) -> list:
     """Per layer int32 [B, kv_heads, slots]: the original position held in each slot, -1 if empty.
 
     For a cache that was never pressed, slot s of every head holds position s (or -1)."""
+    if cache.pooled:             # per-head view of the pool: a slot shows only for its owner
+        out = []
+        for pos, owner, fill in zip(cache.head_pos, cache.head_owner, cache.head_fill):
+            heads = jnp.arange(fill.shape[1], dtype=jnp.int32)[None, :, None]
+            out.append(jnp.where(owner[:, None, :] == heads, pos, -1))
+        return out
     if cache.pressed:
         return list(cache.head_pos)
     out = []

@@ -29,6 +29,8 @@ def check_press(press, cfg: ModelConfig, cache: KVCache, mesh, where: str) -> No
     if cfg.attention_sinks:
         raise ValueError(f"{where}: presses are not supported on models with attention_sinks="
                          f"{cfg.attention_sinks} (keys are cached unrotated there)")
+    if isinstance(press, DecodingPress) and cache.pooled:
+        raise ValueError(f"{where}: DecodingPress cannot compact a pooled (AdaKVPress) cache")
     if isinstance(press, DecodingPress) and where.startswith("prefill"):
         raise ValueError("prefill: DecodingPress compresses during generation; pass it to "
                          "kvjax.generate(..., press=DecodingPress(...))")
@@ -37,6 +39,8 @@ def check_press(press, cfg: ModelConfig, cache: KVCache, mesh, where: str) -> No
 
 def fills(cache: KVCache) -> np.ndarray:
     """int [L, B]: slots used per layer and row (the fullest kv head)."""
+    if cache.pooled:
+        return np.stack([np.asarray(f).sum(axis=1) for f in cache.head_fill])
     if cache.pressed:
         return np.stack([np.asarray(f).max(axis=1) for f in cache.head_fill])
     used = np.asarray(cache.lengths)
@@ -47,11 +51,17 @@ def slots(cache: KVCache) -> np.ndarray:
     return np.array([cache.layer_slots(layer) for layer in range(len(cache.keys))])
 
 
-def check_room(cache: KVCache, adding: np.ndarray, what: str) -> None:
-    """adding: int [L, B] (or [B]) slots each row takes per layer; raises naming row, layer, limit."""
+def per_token(cfg: ModelConfig, cache: KVCache) -> int:
+    """Slots one appended token takes in each layer: one per kv head in a pool, else one."""
+    return cfg.num_kv_heads if cache.pooled else 1
+
+
+def check_room(cache: KVCache, adding: np.ndarray, what: str, scale: int = 1) -> None:
+    """adding: int [L, B] (or [B]) slots each row takes per layer; raises naming row, layer, limit.
+    scale: the layer's slots count `scale` times (a dense cache about to become a pool)."""
     used = fills(cache)
     add = np.broadcast_to(np.asarray(adding), used.shape)
-    total, limit = used + add, slots(cache)[:, None]
+    total, limit = used + add, scale * slots(cache)[:, None]
     if (total > limit).any():
         layer, b = map(int, np.argwhere(total > limit)[0])
         raise ValueError(f"{what}: row {b} needs {int(total[layer, b])} slots in layer {layer} "
@@ -64,7 +74,17 @@ def prefill_budgets(press: Press, cfg: ModelConfig, cache: KVCache, lens: np.nda
     cache has room for what it keeps."""
     press.check_lengths(lens)
     budgets = {k: np.ascontiguousarray(v, np.int32) for k, v in press.host_budgets(lens, cfg).items()}
-    check_room(cache, press.kept_bound(lens, cfg), what)
+    bound = press.kept_bound(lens, cfg)
+    if getattr(press, "pooled", False):
+        if not cache.pooled and (cache.pressed or (np.asarray(cache.lengths) > 0).any()):
+            raise ValueError(f"{what}: {type(press).__name__} pools the kv heads' slots of an EMPTY cache "
+                             f"(or one it pooled before); this cache already holds tokens")
+        check_room(cache, bound, what, scale=1 if cache.pooled else cfg.num_kv_heads)
+    else:
+        if cache.pooled:
+            raise ValueError(f"{what}: this cache pools its kv heads' slots (AdaKVPress); only AdaKVPress "
+                             f"or no press can add to it")
+        check_room(cache, bound, what)
     return budgets
 
 

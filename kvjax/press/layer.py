@@ -31,6 +31,8 @@ def write_chunk(cache: KVCache, layer: int, k, v, positions, keep: Keep) -> dict
 
     k, v: [B, T, K, H] (k as cached, after rotary); positions: int32 [B, T].
     """
+    if cache.pooled:
+        return _write_pool(cache, layer, k, v, positions, keep)
     fill = cache.head_fill[layer]                                              # [B, K]
     S = cache.layer_slots(layer)
     mask = keep.mask
@@ -46,6 +48,31 @@ def write_chunk(cache: KVCache, layer: int, k, v, positions, keep: Keep) -> dict
 
     arrays["pos"] = jax.vmap(jax.vmap(one))(cache.head_pos[layer], slots, pos)
     arrays["fill"] = jnp.minimum(fill + mask.sum(-1, dtype=jnp.int32), S)
+    if keep.next_position is not None:
+        arrays["next"] = keep.next_position
+    return arrays
+
+
+def _write_pool(cache: KVCache, layer: int, k, v, positions, keep: Keep) -> dict:
+    """Pooled layout: the kept (token, head) pairs in (position, head) order after the used slots,
+    each slot tagged with its kv head."""
+    B, K, T = keep.mask.shape
+    H = k.shape[-1]
+    P = cache.layer_slots(layer)
+    fill = cache.head_fill[layer].sum(-1, dtype=jnp.int32)                     # [B] pool slots used
+    flat = jnp.swapaxes(keep.mask, 1, 2).reshape(B, T * K)                     # (t, k) pairs
+    rank = jnp.cumsum(flat, axis=-1, dtype=jnp.int32) - 1
+    slots = jnp.where(flat, fill[:, None] + rank, P)                           # [B, T*K]
+    keys = k if keep.keys is None else keep.keys
+    arrays = write_layer_heads(cache, layer, keys.reshape(B, T * K, 1, H), v.reshape(B, T * K, 1, H),
+                               slots[:, None, :])
+    pos = keep.positions if keep.positions is not None else jnp.broadcast_to(positions[:, None, :], (B, K, T))
+    pos = jnp.swapaxes(pos, 1, 2).reshape(B, T * K)
+    owner = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32)[None, None, :], (B, T, K)).reshape(B, T * K)
+    put = jax.vmap(lambda a, sl, x: a.at[sl].set(x, mode="drop"))
+    arrays["pos"] = put(cache.head_pos[layer][:, 0], slots, pos)[:, None, :]
+    arrays["owner"] = put(cache.head_owner[layer], slots, owner)
+    arrays["fill"] = cache.head_fill[layer] + keep.mask.sum(-1, dtype=jnp.int32)   # [B, K] per head
     if keep.next_position is not None:
         arrays["next"] = keep.next_position
     return arrays

@@ -30,12 +30,13 @@ class AdaKVPress(Press):
     """Head-wise budgets (Feng et al. 2024): each kv head keeps its `alpha_safeguard` share of the
     layer's budget for sure; the rest goes to the best scores across all heads of the layer.
 
-    kvpress only masks the dropped keys (the cache keeps every token); here each head keeps
-    exactly its own tokens. In the per-head cache layout a head is given as many slots as the
-    most any head can take (`kept_bound`): the layer's budget minus the other heads' safeguards.
+    kvpress only masks the dropped keys (the cache keeps every token); here the kept tokens go
+    into a pooled cache (see cache.py): the layer's K heads share one pool of slots, each slot
+    tagged with its head, so uneven budgets cost exactly the layer's K * n_kept slots.
     """
     press: ScorerPress = None
     alpha_safeguard: float = 0.2
+    pooled = True
 
     def __post_init__(self):
         _inner(self.press)
@@ -67,9 +68,9 @@ class AdaKVPress(Press):
                 "n_safe": np.broadcast_to(safe, (L, len(kept))).copy()}
 
     def kept_bound(self, n, cfg):
-        kept, safe = self._counts(n)
-        bound = np.minimum(np.asarray(n), cfg.num_kv_heads * kept - (cfg.num_kv_heads - 1) * safe)
-        return np.broadcast_to(bound, (cfg.num_layers, len(bound))).copy()
+        """Pool slots per layer and row: K * n_kept (heads share them unevenly)."""
+        kept, _ = self._counts(n)
+        return np.broadcast_to(cfg.num_kv_heads * kept, (cfg.num_layers, len(kept))).copy()
 
     def keep(self, inp: LayerInputs) -> Keep:
         scores = self.press.score(inp)                                             # [B, K, T]

@@ -1,0 +1,796 @@
+"""press_benchmark: every KV-cache press (and the int8, KIVI, window and sinks caches) against
+compression ratio on the bundled models, kvpress-leaderboard style.
+
+Methods. Each press in `presses` (kvpress names; a wrapper is written `Wrapper(Inner)`, e.g.
+`AdaKV(ExpectedAttention)`) at every ratio in `ratios`, the window and sinks rings sized to
+keep (1 - ratio) of the context, and three ratio-free baselines: dense (ratio 0), int8 and
+KIVI 2/4-bit, placed on the ratio axis at the memory they save (1 - bytes / dense bytes).
+
+Measurements (one metrics row per method and ratio):
+  * recall, query-agnostic (as kvpress evaluates): the recall model's context (<bos> + the
+    key-value pairs) is prefilled WITH the press, then the query `?key` is fed through the
+    compressed cache and the value is decoded greedily; exact match. Accuracy also by
+    pair-to-query distance.
+  * recall, query-aware: the context AND the query are prefilled with the press in one chunk
+    (the query sits inside the press's scoring window); the query's last token is then read
+    again through the compressed cache and the value decoded. kvpress feeds its question
+    suffix after compression the same way; the recall format has no suffix, and a one-token
+    answer taken from the pressed prefill's own logits would come from the uncompressed chunk
+    (a pressed chunk attends to all of itself) and so equal dense at every ratio. Methods that
+    do not look at the query (rings, int8, KIVI) run the same protocol without a press.
+  * held-out perplexity of the text model: the first `ppl_prefix` tokens of each held-out
+    window are prefilled with the press, the rest is read token by token through the
+    compressed cache (teacher forcing) and scored.
+  * memory: bytes per context token of the cache that holds the compressed context (the run's
+    cache cut to the slots the method needs; `KVCache.nbytes`), beside the prediction
+    (`kvjax.press.cache_bytes` / `kvjax.cache_bytes(..., pressed=True)`).
+  * time (`kvjax.timing.measure`, text model): the prefill of the prefix with the press, and
+    one decode step on a cache sized for the compressed prefix + 1.
+  * a long generation under `DecodingPress(KnormPress(), interval, target)`: cache bytes and
+    per-head fill after every call, against the bytes a dense cache would need.
+
+Runs share compiled programs: every press at every ratio prefills into a cache of one slot
+count per model (enough for the largest budget; the ratio is data), so a new ratio is never
+a new program; the memory figures are those of a cache sized for each method.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kvjax
+from kvjax import data
+from kvjax import press as P
+from kvjax.timing import measure
+
+from .. import plots
+from ..schema import ConfigError, option
+
+SCORERS = ("Knorm", "KeyDiff", "StreamingLLM", "Random", "SnapKV", "PyramidKV", "TOVA",
+           "ObservedAttention", "ExpectedAttention")
+WRAPPERS = ("AdaKV", "CriticalKV", "ChunkKV", "KeyRerotation")
+BASELINES = ("dense", "int8", "kivi2", "kivi4", "window", "sinks")
+DEFAULT_PRESSES = ("Knorm", "KeyDiff", "StreamingLLM", "Random", "SnapKV", "PyramidKV", "TOVA",
+                   "ObservedAttention", "ExpectedAttention", "AdaKV(ExpectedAttention)",
+                   "CriticalKV(SnapKV)", "ChunkKV(SnapKV)", "KeyRerotation(StreamingLLM)")
+
+
+@dataclass(frozen=True)
+class Config:
+    text_model: str = option("text", help="bundled model name or checkpoint folder of the text model")
+    recall_model: str = option("recall", help="bundled model name or checkpoint folder of the recall model")
+    presses: tuple[str, ...] = option(DEFAULT_PRESSES, help=(
+        "presses by kvpress name (" + ", ".join(SCORERS) + "); wrappers as Wrapper(Inner) with "
+        "Wrapper one of " + ", ".join(WRAPPERS)))
+    baselines: tuple[str, ...] = option(BASELINES, choices=BASELINES,
+                                        help="cache kinds compared with the presses")
+    ratios: tuple[float, ...] = option((0.25, 0.5, 0.75, 0.9), min=0.0, max=0.99, min_items=1,
+                                       help="compression ratios (share of the context dropped)")
+    window_size: int = option(8, min=1, help="SnapKV / PyramidKV window (last queries that score)")
+    kernel_size: int = option(5, min=1, help="SnapKV / PyramidKV pooling kernel (odd)")
+    n_future_positions: int = option(64, min=1, help="ExpectedAttention: future positions averaged")
+    n_sink: int = option(4, min=0, help="StreamingLLM and ExpectedAttention sink tokens")
+    chunk_length: int = option(8, min=1, help="ChunkKV chunk length")
+    kivi_group_size: int = option(16, min=1, help="KIVI quantisation group (tokens for keys, channels for values)")
+    kivi_residual_length: int = option(16, min=1, help="KIVI full-precision residual (a multiple of the group)")
+    num_sinks: int = option(4, min=1, help="sink tokens of the sinks ring")
+    recall_rows: int = option(4, min=1, help="recall sequences per pair-to-query distance (the batch "
+                                             "is this x the number of distances)")
+    seq_len: int = option(128, min=8, help="tokens per held-out perplexity window")
+    ppl_prefix: int = option(64, min=2, help="tokens of each window prefilled with the press; the rest is scored")
+    ppl_windows: int = option(16, min=1, help="held-out windows (the text batch; also the timing batch)")
+    timing_ratios: tuple[float, ...] = option((0.25, 0.5, 0.75, 0.9), min=0.0, max=0.99,
+                                              help="ratios at which prefill and decode are timed "
+                                                   "(a subset of ratios; empty: no timing)")
+    repeats: int = option(3, min=1, help="timed measurements per figure (median)")
+    min_seconds: float = option(0.05, min=0.0, help="calibrated length of one measurement (s)")
+    decoding_prompt: int = option(16, min=1, help="DecodingPress run: held-out prompt tokens")
+    decoding_calls: int = option(8, min=1, help="DecodingPress run: generate calls (each after the "
+                                                "first feeds one newline token)")
+    decoding_tokens_per_call: int = option(63, min=1, help="DecodingPress run: tokens generated per call")
+    decoding_interval: int = option(32, min=1, help="DecodingPress compression_interval")
+    decoding_target: int = option(64, min=1, help="DecodingPress target_size")
+
+
+# ----------------------------------------------------------------------------- methods
+
+_NAME = re.compile(r"^\s*([A-Za-z]+)\s*(?:\(\s*([A-Za-z]+)\s*\))?\s*$")
+
+
+def parse_press(name: str):
+    """(wrapper or None, scorer) from 'Scorer' or 'Wrapper(Scorer)'; ValueError naming the choices."""
+    m = _NAME.match(name)
+    if not m:
+        raise ValueError(f"{name!r} is not a press name or Wrapper(Inner)")
+    outer, inner = m.group(1), m.group(2)
+    if inner is None:
+        if outer not in SCORERS:
+            raise ValueError(f"unknown press {outer!r}; presses: {', '.join(SCORERS)}; wrappers: "
+                             f"{', '.join(w + '(Inner)' for w in WRAPPERS)}")
+        return None, outer
+    if outer not in WRAPPERS:
+        raise ValueError(f"unknown wrapper {outer!r} in {name!r}; wrappers: {', '.join(WRAPPERS)}")
+    if inner not in SCORERS:
+        raise ValueError(f"unknown inner press {inner!r} in {name!r}; presses: {', '.join(SCORERS)}")
+    return outer, inner
+
+
+def make_press(name: str, ratio: float, c: Config, seed: int = 0):
+    outer, inner = parse_press(name)
+    r = float(ratio)
+    scorer = {
+        "Knorm": lambda: P.KnormPress(r),
+        "KeyDiff": lambda: P.KeyDiffPress(r),
+        "StreamingLLM": lambda: P.StreamingLLMPress(r, n_sink=c.n_sink),
+        "Random": lambda: P.RandomPress(r, seed=seed),
+        "SnapKV": lambda: P.SnapKVPress(r, window_size=c.window_size, kernel_size=c.kernel_size),
+        "PyramidKV": lambda: P.PyramidKVPress(r, window_size=c.window_size, kernel_size=c.kernel_size),
+        "TOVA": lambda: P.TOVAPress(r),
+        "ObservedAttention": lambda: P.ObservedAttentionPress(r),
+        "ExpectedAttention": lambda: P.ExpectedAttentionPress(r, n_future_positions=c.n_future_positions,
+                                                              n_sink=c.n_sink),
+    }[inner]()
+    if outer is None:
+        return scorer
+    return {
+        "AdaKV": lambda: P.AdaKVPress(scorer),
+        "CriticalKV": lambda: P.CriticalKVPress(scorer),
+        "ChunkKV": lambda: P.ChunkKVPress(scorer, chunk_length=c.chunk_length),
+        "KeyRerotation": lambda: P.KeyRerotationPress(scorer),
+    }[outer]()
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str            # row label
+    family: str          # "press" | one of BASELINES
+    ratios: tuple        # nominal ratios it runs at (None: ratio-free baseline)
+
+
+def methods(c: Config) -> list[Method]:
+    out = []
+    for b in c.baselines:
+        if b in ("dense", "int8", "kivi2", "kivi4"):
+            label = {"dense": "dense", "int8": "int8", "kivi2": "KIVI-2", "kivi4": "KIVI-4"}[b]
+            out.append(Method(label, b, (None,)))
+    for name in c.presses:
+        out.append(Method(re.sub(r"\s+", "", name), "press", tuple(c.ratios)))
+    for b in c.baselines:
+        if b in ("window", "sinks"):
+            out.append(Method(b if b == "window" else f"sinks {c.num_sinks}+ring", b, tuple(c.ratios)))
+    return out
+
+
+def validate(run_cfg) -> None:
+    c: Config = run_cfg.settings
+    for i, name in enumerate(c.presses):
+        try:
+            make_press(name, 0.5, c)
+        except ValueError as e:
+            raise ConfigError(f"press_benchmark.presses[{i}]: {e}") from None
+    if len(set(c.presses)) != len(c.presses):
+        raise ConfigError(f"press_benchmark.presses: a press is listed twice: {list(c.presses)}")
+    if len(set(c.ratios)) != len(c.ratios):
+        raise ConfigError(f"press_benchmark.ratios: a ratio is listed twice: {list(c.ratios)}")
+    for r in c.timing_ratios:
+        if r not in c.ratios:
+            raise ConfigError(f"press_benchmark.timing_ratios: {r} is not one of ratios {list(c.ratios)}")
+    if c.ppl_prefix >= c.seq_len:
+        raise ConfigError(f"press_benchmark.ppl_prefix: {c.ppl_prefix} must be below seq_len={c.seq_len}")
+    if c.kernel_size % 2 == 0:
+        raise ConfigError(f"press_benchmark.kernel_size: {c.kernel_size} must be odd (kvpress pools "
+                          f"with an odd kernel)")
+    if c.kivi_residual_length % c.kivi_group_size:
+        raise ConfigError(f"press_benchmark.kivi_residual_length: {c.kivi_residual_length} must be a "
+                          f"multiple of kivi_group_size={c.kivi_group_size}")
+    if (c.decoding_tokens_per_call + 1) % c.decoding_interval:
+        raise ConfigError(f"press_benchmark.decoding_tokens_per_call: {c.decoding_tokens_per_call} + 1 "
+                          f"(the call's one prompt token) must be a multiple of decoding_interval="
+                          f"{c.decoding_interval}, so every call ends on a compaction and the next "
+                          f"fits the target_size + interval slots")
+    if "window" in c.baselines or "sinks" in c.baselines:
+        pass
+
+
+# ----------------------------------------------------------------------------- cache helpers
+
+def _pooled(cache) -> bool:
+    return bool(getattr(cache, "pooled", False))
+
+
+def _press_pools(press) -> bool:
+    return bool(getattr(press, "pooled", False))
+
+
+def _per_token(cfg, press) -> int:
+    """Slots one token takes per layer in the press's cache layout (a pool: one per kv head)."""
+    return cfg.num_kv_heads if _press_pools(press) else 1
+
+
+def _run_cache(cfg, B: int, slots: int, press):
+    """The empty cache a press prefills into: per-head pressed layout of `slots` slots per layer,
+    or (a pooling press) a dense cache that the press turns into a pool of K x slots."""
+    if _press_pools(press):
+        return kvjax.init_cache(cfg, B, slots)
+    return P.pressed_cache(cfg, B, [slots] * cfg.num_layers)
+
+
+def _fill_used(cache) -> np.ndarray:
+    """int [L]: the most slots any row uses in each layer (a pool: the sum over heads)."""
+    if _pooled(cache):
+        return np.array([int(np.asarray(f).sum(1).max()) for f in cache.head_fill])
+    if cache.pressed:
+        return np.array([int(np.asarray(f).max()) for f in cache.head_fill])
+    return np.full(len(cache.keys), int(np.asarray(cache.lengths).max()))
+
+
+def _slots(cache) -> np.ndarray:
+    return np.array([cache.layer_slots(layer) for layer in range(len(cache.keys))])
+
+
+def _cut(cache, sizes):
+    """The cache with layer l cut to its first sizes[l] slots (dense, int8, pressed or pooled:
+    kept slots are packed at the front, so nothing held is lost)."""
+    used = _fill_used(cache)
+    if (used > np.asarray(sizes)).any():
+        raise ValueError(f"cannot cut a cache using {used.tolist()} slots to {list(sizes)}")
+    s = [int(x) for x in sizes]
+    ch = dict(keys=tuple(k[:, :, :n] for k, n in zip(cache.keys, s)),
+              values=tuple(v[:, :, :n] for v, n in zip(cache.values, s)))
+    if cache.kind == "int8":
+        ch["key_scales"] = tuple(a[:, :, :n] for a, n in zip(cache.key_scales, s))
+        ch["value_scales"] = tuple(a[:, :, :n] for a, n in zip(cache.value_scales, s))
+    if cache.pressed:
+        ch["head_pos"] = tuple(a[:, :, :n] for a, n in zip(cache.head_pos, s))
+        ch["head_fill"] = tuple(jnp.array(f) for f in cache.head_fill)
+    if _pooled(cache):
+        ch["head_owner"] = tuple(a[:, :n] for a, n in zip(cache.head_owner, s))
+    return cache.replace(lengths=jnp.array(cache.lengths), **ch)
+
+
+def _drop_newest(cache):
+    """A pressed cache without each row's newest token (position lengths - 1) in any head:
+    the slot it took (the last used one: kept slots are in position order) is freed."""
+    last = cache.lengths - 1
+    pos, fill, owner = [], [], []
+    for layer, hp in enumerate(cache.head_pos):
+        f = cache.head_fill[layer]
+        if _pooled(cache):
+            hit = hp[:, 0, :] == last[:, None]                                     # [B, P]
+            own = cache.head_owner[layer]
+            heads = jnp.arange(f.shape[1], dtype=jnp.int32)[None, :, None]
+            fill.append((f - (hit[:, None, :] & (own[:, None, :] == heads)).sum(-1)).astype(jnp.int32))
+            pos.append(jnp.where(hit[:, None, :], -1, hp))
+            owner.append(jnp.where(hit, -1, own))
+        else:
+            hit = hp == last[:, None, None]                                        # [B, K, S]
+            fill.append((f - hit.sum(-1)).astype(jnp.int32))
+            pos.append(jnp.where(hit, -1, hp))
+    ch = dict(lengths=last.astype(jnp.int32), head_pos=tuple(pos), head_fill=tuple(fill))
+    if _pooled(cache):
+        ch["head_owner"] = tuple(owner)
+    return cache.replace(**ch)
+
+
+def _emptied(cache):
+    """The same buffers as an empty cache (fresh small arrays; for timing a prefill again)."""
+    B = cache.batch_size
+    ch = dict(lengths=jnp.zeros((B,), jnp.int32))
+    if cache.pressed:
+        ch["head_pos"] = tuple(jnp.full(a.shape, -1, jnp.int32) for a in cache.head_pos)
+        ch["head_fill"] = tuple(jnp.zeros(a.shape, jnp.int32) for a in cache.head_fill)
+    if _pooled(cache):
+        ch["head_owner"] = tuple(jnp.full(a.shape, -1, jnp.int32) for a in cache.head_owner)
+    if cache.slot_pos is not None:
+        ch["slot_pos"] = jnp.full(cache.slot_pos.shape, -1, jnp.int32)
+    return cache.replace(**ch)
+
+
+def _rewound(cache, lengths: np.ndarray, fills):
+    """Lengths (and per-head fills) set back to the given host values (fresh arrays)."""
+    ch = dict(lengths=jnp.asarray(lengths, jnp.int32))
+    if fills is not None:
+        ch["head_fill"] = tuple(jnp.asarray(f, jnp.int32) for f in fills)
+    return cache.replace(**ch)
+
+
+def _kivi_slots(tokens: int, R: int) -> int:
+    """Fewest quantised slots (a multiple of R) whose capacity S + R - 1 holds `tokens`."""
+    return max(R, -(-max(tokens - (R - 1), 1) // R) * R)
+
+
+# ----------------------------------------------------------------------------- models and data
+
+def _load(name: str):
+    from kvjax.bundled import model_folder
+
+    folder = model_folder(name)
+    cfg, params = kvjax.load_hf(folder, dtype="float32")
+    return cfg, params, folder
+
+
+def _recall_task(folder) -> data.RecallTask:
+    from kvjax.train import TrainConfig
+
+    record = json.loads((folder / "train_config.json").read_text())
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}).recall_task()
+
+
+@dataclass
+class Setting:
+    """One model's workload: the tokens, the context length n, and the slots beyond it."""
+    cfg: object
+    params: object
+    n: int                # context tokens that are compressed
+    room: int             # slots the run needs after the context (query + answer, or the scored rest)
+    B: int
+    run_slots: int = 0    # slots per layer of every press's run cache
+    extra: dict = field(default_factory=dict)
+
+
+def _budgets(press, cfg, n: int) -> list[int]:
+    """Slots each layer needs for the pressed context (a pool: for all its heads)."""
+    return [int(x) for x in press.kept_bound(np.array([n]), cfg)[:, 0]]
+
+
+def _press_sizes(press, cfg, n: int, room: int) -> list[int]:
+    return [b + room * _per_token(cfg, press) for b in _budgets(press, cfg, n)]
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run(ctx, c: Config) -> dict:
+    ms = methods(c)
+    errors = []                                   # (method, ratio, part, message)
+    rows = {}                                     # (method name, ratio) -> row dict
+
+    def row_for(m: Method, ratio):
+        key = (m.name, ratio)
+        if key not in rows:
+            rows[key] = {"method": m.name, "family": m.family, "ratio": ratio}
+        return rows[key]
+
+    def attempt(m, ratio, part, fn):
+        try:
+            return fn()
+        except Exception as e:                    # a press that cannot run here: recorded, not fatal
+            msg = f"{type(e).__name__}: {e}"
+            errors.append((m.name, ratio, part, msg))
+            row_for(m, ratio).setdefault("errors", []).append(f"{part}: {msg}")
+            return None
+
+    # ---- recall model
+    rcfg, rparams, rfolder = _load(c.recall_model)
+    task = _recall_task(rfolder)
+    distances = task.distances()
+    B_r = c.recall_rows * len(distances)
+    batch = data.recall_batch(task, np.random.default_rng(ctx.seed), B_r,
+                              distance=np.resize(np.array(distances), B_r))
+    prompts, answers = data.recall_prompts(batch)                                   # [B, W], [B, V]
+    q_len = 1 + task.key_len
+    n_ctx = prompts.shape[1] - q_len
+    V = task.value_len
+    rec = Setting(rcfg, rparams, n_ctx, q_len + V, B_r)
+    # ---- text model
+    tcfg, tparams, _ = _load(c.text_model)
+    held = data.text_stream("heldout")
+    windows = data.text_eval_windows(held, c.seq_len, c.ppl_windows)               # [B, seq_len + 1]
+    txt = Setting(tcfg, tparams, c.ppl_prefix, c.seq_len - c.ppl_prefix, windows.shape[0])
+
+    ctx.note(f"Recall model: {c.recall_model} ({rcfg.num_layers} layers, {rcfg.num_kv_heads} kv heads, "
+             f"head_dim {rcfg.head_dim}); {B_r} sequences ({c.recall_rows} per distance, "
+             f"{len(distances)} distances {distances[0]}..{distances[-1]}), context {n_ctx} tokens "
+             f"(<bos> + {task.num_pairs} pairs), query {q_len} tokens, answer {V}. Text model: "
+             f"{c.text_model} ({tcfg.num_layers} layers, {tcfg.num_kv_heads} kv heads, head_dim "
+             f"{tcfg.head_dim}); {txt.B} held-out windows of {c.seq_len} tokens: the first "
+             f"{c.ppl_prefix} pressed, the next {txt.room} scored.")
+
+    # One slot count per model for every press and ratio (the ratio is data, not a new program).
+    presses = {}                                  # (name, ratio) -> press
+    for m in ms:
+        if m.family == "press":
+            for r in m.ratios:
+                presses[(m.name, r)] = make_press(m.name, r, c, ctx.seed)
+    for s, ns in ((rec, (n_ctx, n_ctx + q_len)), (txt, (txt.n,))):
+        need = [max(_budgets(p, s.cfg, n)) // _per_token(s.cfg, p) for p in presses.values() for n in ns]
+        s.run_slots = max(need, default=1) + s.room
+
+    dense_bpt = {}
+    with ctx.progress(sum(len(m.ratios) for m in ms), "methods") as advance:
+        for m in ms:
+            for ratio in m.ratios:
+                advance(note=f"{m.name} {'' if ratio is None else ratio}")
+                row = row_for(m, ratio)
+                p = presses.get((m.name, ratio))
+                attempt(m, ratio, "recall", lambda: _recall(c, rec, m, ratio, p, prompts, answers,
+                                                            batch, distances, row))
+                attempt(m, ratio, "text", lambda: _text(c, txt, m, ratio, p, windows, row,
+                                                        ratio in c.timing_ratios or ratio is None
+                                                        and bool(c.timing_ratios)))
+                if m.family == "dense":
+                    dense_bpt = {"recall": row.get("recall_bytes_per_token"),
+                                 "text": row.get("text_bytes_per_token"), "ppl": row.get("ppl")}
+
+    # memory saved and the ratio axis of the ratio-free baselines
+    for (name, ratio), row in rows.items():
+        for model in ("recall", "text"):
+            bpt, ref = row.get(f"{model}_bytes_per_token"), dense_bpt.get(model)
+            row[f"mem_saved_{model}"] = (1 - bpt / ref) if bpt and ref else None
+        if row["family"] == "dense":
+            row["ratio"] = 0.0
+        elif ratio is None:
+            row["ratio"] = row["mem_saved_recall"]
+        if row.get("ppl") and dense_bpt.get("ppl"):
+            row["ppl_vs_dense"] = row["ppl"] / dense_bpt["ppl"] - 1
+    for row in rows.values():
+        ctx.log(row)
+
+    # ---- DecodingPress: a long generation in constant memory
+    decoding = _decoding(ctx, c, tcfg, tparams, held)
+
+    # ---- tables, plots, headline
+    headline = _report(ctx, c, ms, rows, distances, errors, decoding, rec, txt)
+    return headline
+
+
+# ----------------------------------------------------------------------------- recall
+
+def _greedy(cfg, params, tokens, lengths, cache, V):
+    """Feed a right-padded chunk, then decode V tokens greedily: int [B, V]."""
+    logits, cache = kvjax.prefill(cfg, params, tokens, lengths, cache)
+    out = [np.asarray(logits).argmax(-1).astype(np.int32)]
+    for _ in range(V - 1):
+        logits, cache = kvjax.decode_step(cfg, params, out[-1], cache)
+        out.append(np.asarray(logits).argmax(-1).astype(np.int32))
+    return np.stack(out, 1), cache
+
+
+def _baseline_cache(cfg, B, m: Method, c: Config, tokens: int, ratio, n: int):
+    """The cache a ratio-free or ring baseline runs in, for `tokens` tokens in all
+    (rings: the kept share of the n-token context plus the same room the presses get)."""
+    if m.family in ("dense", "int8"):
+        return kvjax.init_cache(cfg, B, tokens, kind=m.family)
+    if m.family in ("kivi2", "kivi4"):
+        R = c.kivi_residual_length
+        return kvjax.init_cache(cfg, B, _kivi_slots(tokens, R), kind="kivi", bits=int(m.family[-1]),
+                                group_size=c.kivi_group_size, residual_length=R)
+    kept = int(P.n_kept(np.array([n]), ratio)[0])
+    slots = kept + (tokens - n)
+    if m.family == "window":
+        return kvjax.init_cache(cfg, B, slots, kind="window")
+    return kvjax.init_cache(cfg, B, slots, kind="sinks", num_sinks=c.num_sinks)
+
+
+def _context_bytes(cfg, B, m: Method, c: Config, ratio, n: int, run_cache, press):
+    """(bytes, predicted bytes or None, slots per layer) of the cache that holds exactly the
+    compressed n-token context: the run's cache cut to what the method keeps (presses, dense,
+    int8), or one allocated at that size (KIVI, rings)."""
+    if m.family == "press":
+        sizes = _budgets(press, cfg, n)
+        cut = _cut(run_cache, sizes)
+        predicted = None if _pooled(cut) else P.cache_bytes(cfg, B, sizes)
+        return cut.nbytes, predicted, sizes
+    if m.family in ("dense", "int8"):
+        cut = _cut(run_cache, [n] * cfg.num_layers)
+        return cut.nbytes, kvjax.cache_bytes(cfg, B, n, kind=m.family), [n] * cfg.num_layers
+    if m.family in ("kivi2", "kivi4"):
+        R = c.kivi_residual_length
+        S = _kivi_slots(n, R)
+        q = dict(bits=int(m.family[-1]), group_size=c.kivi_group_size, residual_length=R)
+        alloc = kvjax.init_cache(cfg, B, S, kind="kivi", **q)
+        return alloc.nbytes, kvjax.cache_bytes(cfg, B, S, kind="kivi", **q), [S] * cfg.num_layers
+    kept = int(P.n_kept(np.array([n]), ratio)[0])
+    sinks = c.num_sinks if m.family == "sinks" else None
+    alloc = kvjax.init_cache(cfg, B, kept, kind=m.family, num_sinks=sinks)
+    return alloc.nbytes, kvjax.cache_bytes(cfg, B, kept, kind=m.family, num_sinks=sinks), [kept] * cfg.num_layers
+
+
+def _recall(c, s: Setting, m: Method, ratio, press, prompts, answers, batch, distances, row):
+    cfg, params, B, n = s.cfg, s.params, s.B, s.n
+    W = prompts.shape[1]
+    q_len = W - n
+    V = answers.shape[1]
+    dist = batch.distances[:, 0]
+    last = np.zeros((B, q_len), np.int32)
+    last[:, 0] = prompts[:, -1]                                   # the query's last token, re-read
+
+    def score(pred, key):
+        hit = (pred == answers).all(-1)
+        row[key] = float(hit.mean())
+        row[f"{key}_by_distance"] = [float(hit[dist == d].mean()) for d in distances]
+
+    # query-agnostic: the context alone is pressed; the query comes after
+    if m.family == "press":
+        cache = _run_cache(cfg, B, s.run_slots, press)
+    else:
+        cache = _baseline_cache(cfg, B, m, c, n + s.room, ratio, n)
+    _, cache = kvjax.prefill(cfg, params, prompts, np.full(B, n), cache, press=press)
+    nbytes, predicted, sizes = _context_bytes(cfg, B, m, c, ratio, n, cache, press)
+    row.update(recall_cache_bytes=nbytes, recall_cache_bytes_predicted=predicted, recall_slots=sizes,
+               recall_batch=B, recall_context=n, recall_bytes_per_token=nbytes / (B * n))
+    pred, _ = _greedy(cfg, params, prompts[:, n:], np.full(B, q_len), cache, V)
+    score(pred, "recall_agnostic")
+
+    # query-aware: context + query pressed together, the query's last token re-read after
+    if m.family == "press":
+        cache = _run_cache(cfg, B, s.run_slots, press)
+        _, cache = kvjax.prefill(cfg, params, prompts, np.full(B, W), cache, press=press)
+        cache = _drop_newest(cache)
+    else:
+        cache = _baseline_cache(cfg, B, m, c, n + s.room, ratio, n)
+        _, cache = kvjax.prefill(cfg, params, prompts, np.full(B, W - 1), cache)
+    pred, _ = _greedy(cfg, params, last, np.ones(B, np.int32), cache, V)
+    score(pred, "recall_aware")
+
+
+# ----------------------------------------------------------------------------- text: perplexity, time
+
+def _text(c, s: Setting, m: Method, ratio, press, windows, row, timed: bool):
+    from kvjax.evaluate import _stream
+
+    cfg, params, B, n = s.cfg, s.params, s.B, s.n
+    prefix = windows[:, :n]
+    rest = windows[:, n:c.seq_len]                                 # read through the cache
+    targets = windows[:, n + 1:c.seq_len + 1]                      # what each read token predicts
+    lens = np.full(B, n, np.int32)
+    if m.family == "press":
+        cache = _run_cache(cfg, B, s.run_slots, press)
+    else:
+        cache = _baseline_cache(cfg, B, m, c, c.seq_len, ratio, n)
+    _, cache = kvjax.prefill(cfg, params, prefix, lens, cache, press=press)
+    nbytes, predicted, sizes = _context_bytes(cfg, B, m, c, ratio, n, cache, press)
+    row.update(text_cache_bytes=nbytes, text_cache_bytes_predicted=predicted, text_slots=sizes,
+               text_batch=B, text_context=n, text_bytes_per_token=nbytes / (B * n))
+
+    if timed:                                                      # one decode step, compressed prefix + 1
+        step_cache = _decode_cache(cfg, B, m, c, ratio, n, cache, press)
+        fills = [np.asarray(f) for f in step_cache.head_fill] if step_cache.pressed else None
+        tok = jnp.asarray(rest[:, 0], jnp.int32)
+
+        def step(st):
+            return kvjax.decode_step(cfg, params, tok, _rewound(st, lens, fills), check=False)[1]
+
+        _, t = measure(step, step_cache, repeats=c.repeats, min_seconds=c.min_seconds)
+        row.update(t.fields("decode"))
+        row["decode_slots"] = [int(x) for x in _slots(step_cache)]
+
+    # the scored rest: every token read through the compressed cache
+    per = _per_token(cfg, press) if press is not None else 1
+    if m.family not in ("window", "sinks") and (_fill_used(cache) + per * rest.shape[1] > _slots(cache)).any():
+        raise ValueError(f"{m.name}: no room to read {rest.shape[1]} tokens after the prefix")
+    logits, cache = _stream(cfg, params, jnp.asarray(rest, jnp.int32), cache)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1)[..., 0])
+    row.update(nll=float(nll.mean()), ppl=float(np.exp(nll.mean())))
+
+    if timed:                                                      # the prefill (with the press)
+        def fill(st):
+            return kvjax.prefill(cfg, params, prefix, lens, _emptied(st), press=press)[1]
+
+        _, t = measure(fill, cache, repeats=c.repeats, min_seconds=c.min_seconds)
+        row.update(t.fields("prefill"))
+
+
+def _decode_cache(cfg, B, m: Method, c: Config, ratio, n: int, cache, press):
+    """A cache holding the compressed n-token prefix plus one free slot (per kv head in a pool)."""
+    if m.family == "press":
+        return _cut(cache, [b + _per_token(cfg, press) for b in _budgets(press, cfg, n)])
+    if m.family in ("dense", "int8"):
+        return _cut(cache, [n + 1] * cfg.num_layers)
+    # KIVI and rings: allocated at the size; a step's cost does not depend on the values held
+    fresh = _baseline_cache(cfg, B, m, c, n + 1, ratio, n)
+    return _rewound(fresh, np.full(B, n), None)
+
+
+# ----------------------------------------------------------------------------- DecodingPress
+
+def _decoding(ctx, c: Config, cfg, params, held):
+    dp = P.DecodingPress(P.KnormPress(), compression_interval=c.decoding_interval,
+                         target_size=c.decoding_target)
+    slots = dp.slots_needed()
+    cache = kvjax.init_cache(cfg, 1, slots)
+    prompt = held[None, :c.decoding_prompt].astype(np.int32)
+    newline = np.array([[ord("\n")]], np.int32)
+    points = [{"call": 0, "tokens": 0, "generated": 0, "cache_bytes": None, "fill_min": 0, "fill_max": 0,
+               "dense_bytes": 0}]
+    generated = 0
+    for call in ctx.track(range(c.decoding_calls), "DecodingPress calls"):
+        tokens = prompt if call == 0 else newline
+        out = kvjax.generate(cfg, params, tokens, [tokens.shape[1]], max_new_tokens=c.decoding_tokens_per_call,
+                             cache=cache, press=dp)
+        cache = out.cache
+        generated += int(np.asarray(out.lengths)[0])
+        total = int(np.asarray(cache.lengths)[0])
+        fills = np.stack([np.asarray(f) for f in cache.head_fill])                  # [L, 1, K]
+        kept = np.asarray(P.kept_positions(cache)[0])
+        pt = {"call": call + 1, "tokens": total, "generated": generated, "cache_bytes": cache.nbytes,
+              "fill_min": int(fills.min()), "fill_max": int(fills.max()),
+              "newest_kept": int(kept.max()), "dense_bytes": kvjax.cache_bytes(cfg, 1, total)}
+        points.append(pt)
+        ctx.log({"decoding_press": True, **pt})
+    points[0]["cache_bytes"] = points[1]["cache_bytes"] if len(points) > 1 else None
+    predicted = kvjax.cache_bytes(cfg, 1, slots, pressed=True)
+    flat = len({p["cache_bytes"] for p in points[1:]}) == 1 and points[1]["cache_bytes"] == predicted
+    bounded = all(p["fill_max"] <= slots for p in points)
+    return {"points": points, "slots": slots, "predicted": predicted, "flat": flat, "bounded": bounded,
+            "press": dp}
+
+
+# ----------------------------------------------------------------------------- report
+
+def _cell(v, digits=2):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _report(ctx, c: Config, ms, rows, distances, errors, decoding, rec, txt) -> dict:
+    ratios = list(c.ratios)
+    dense = next((r for r in rows.values() if r["family"] == "dense"), {})
+    # leaderboard table: one row per method, one column per ratio
+    lb_rows = []
+    for m in ms:
+        cells = []
+        for r in ratios if m.ratios != (None,) else [None]:
+            row = rows.get((m.name, r), {})
+            cells.append(f"{_cell(row.get('recall_agnostic'))} / {_cell(row.get('recall_aware'))} / "
+                         f"{_cell(row.get('ppl'), 3)}")
+        if m.ratios == (None,):
+            row = rows.get((m.name, None), {})
+            label = f"{m.name} (saves {100 * (row.get('mem_saved_recall') or 0):.0f}% / " \
+                    f"{100 * (row.get('mem_saved_text') or 0):.0f}%)" if m.family != "dense" else m.name
+            lb_rows.append([label] + cells * len(ratios) if m.family != "dense" else [label] + cells * len(ratios))
+        else:
+            lb_rows.append([m.name] + cells)
+    ctx.table("Recall query-agnostic / recall query-aware / held-out perplexity, by compression ratio "
+              "(ratio-free baselines repeated across; their memory saving, recall / text model, in brackets)",
+              ["method"] + [f"ratio {r}" for r in ratios], lb_rows)
+
+    mem_rows = []
+    for m in ms:
+        for r in m.ratios:
+            row = rows.get((m.name, r), {})
+            mem_rows.append([m.name, row.get("ratio"), row.get("recall_bytes_per_token"),
+                             row.get("text_bytes_per_token"),
+                             None if row.get("mem_saved_text") is None else f"{100 * row['mem_saved_text']:.1f}%",
+                             row.get("prefill_ms"), row.get("decode_ms"),
+                             "yes" if row.get("prefill_valid", True) and row.get("decode_valid", True) else "NO"])
+    ctx.table("Memory and time: bytes per context token (recall / text cache holding the compressed "
+              "context), memory saved on the text model, prefill of the text prefix with the press and "
+              "one decode step (text model, median ms)",
+              ["method", "ratio", "bytes/token recall", "bytes/token text", "saved (text)", "prefill ms",
+               "decode ms", "timing valid"], mem_rows)
+
+    # best method per ratio (presses and rings)
+    best_rows, headline = [], {}
+    for r in ratios:
+        cand = [row for (name, rr), row in rows.items() if rr == r]
+
+        def best(key, lower=False):
+            ok = [x for x in cand if x.get(key) is not None]
+            if not ok:
+                return None, None
+            x = (min if lower else max)(ok, key=lambda x: x[key])
+            return x["method"], x[key]
+
+        a, aware, ppl = best("recall_agnostic"), best("recall_aware"), best("ppl", lower=True)
+        best_rows.append([r, f"{a[0]} ({_cell(a[1])})", f"{aware[0]} ({_cell(aware[1])})",
+                          f"{ppl[0]} ({_cell(ppl[1], 3)})"])
+        headline[f"best_query_agnostic_{r}"] = a[0]
+        headline[f"best_query_aware_{r}"] = aware[0]
+        headline[f"best_ppl_{r}"] = ppl[0]
+    ctx.table("Best method per compression ratio",
+              ["ratio", "recall query-agnostic", "recall query-aware", "perplexity"], best_rows)
+
+    pts = decoding["points"]
+    ctx.table(f"DecodingPress(KnormPress, compression_interval={c.decoding_interval}, target_size="
+              f"{c.decoding_target}) on the text model: memory after each generate call",
+              ["call", "tokens in cache's history", "generated", "cache bytes", "fill min..max (slots/head)",
+               "dense cache bytes (all tokens)"],
+              [[p["call"], p["tokens"], p["generated"], p["cache_bytes"], f"{p['fill_min']}..{p['fill_max']}",
+                p["dense_bytes"]] for p in pts[1:]])
+    ctx.note(f"DecodingPress: {pts[-1]['generated']} tokens generated in {c.decoding_calls} calls into "
+             f"{decoding['slots']} slots per head (target_size + compression_interval): "
+             f"{pts[-1]['cache_bytes']:,} bytes at every point (kvjax.cache_bytes(..., pressed=True) "
+             f"predicts {decoding['predicted']:,}; constant: {'yes' if decoding['flat'] else 'NO'}), "
+             f"while a dense cache would need {pts[-1]['dense_bytes']:,} bytes by the end. Each call "
+             f"ends on a compaction, so the fill read after a call is the target.")
+
+    bytes_exact = all(row.get(f"{mod}_cache_bytes") == row.get(f"{mod}_cache_bytes_predicted")
+                      for row in rows.values() for mod in ("recall", "text")
+                      if row.get(f"{mod}_cache_bytes_predicted") is not None)
+    ctx.note("Protocol. Query-agnostic recall: context pressed alone, query fed after (kvpress's "
+             "evaluation). Query-aware: context and query pressed in one chunk, then the query's last "
+             "token is read again through the compressed cache before the answer (a pressed chunk "
+             "attends to all of itself, so an answer taken from that chunk's own logits would equal "
+             "dense). Rings get the kept share of the context plus the same room as the presses. "
+             "Bytes per token: the cache holding only the compressed context (run cache cut to the "
+             "method's slots, or allocated at that size), divided by batch x context tokens; "
+             f"measured = predicted for every press and kind: {'yes' if bytes_exact else 'NO'}. "
+             "Decode time: one step on a cache of the compressed prefix + 1 slot (KIVI and rings: "
+             "an allocated cache of that size; the cost does not depend on the values).")
+    if errors:
+        ctx.table("Errors (a method that raised; its other measurements still ran)",
+                  ["method", "ratio", "part", "error"], [list(e) for e in errors])
+    else:
+        ctx.note("Every method ran at every ratio without an error.")
+
+    _plot(ctx, c, ms, rows, dense)
+    _plot_decoding(ctx, c, decoding)
+    headline.update({
+        "ok": bool(decoding["flat"] and decoding["bounded"] and bytes_exact),
+        "dense_recall_agnostic": dense.get("recall_agnostic"), "dense_ppl": dense.get("ppl"),
+        "decoding_bytes": pts[-1]["cache_bytes"], "decoding_dense_bytes": pts[-1]["dense_bytes"],
+        "decoding_flat": decoding["flat"], "bytes_exact": bytes_exact, "errors": len(errors),
+        "methods": len(ms), "rows": len(rows)})
+    return headline
+
+
+def _style(i):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return {"color": cmap(i % 20), "marker": "osD^v<>ph*"[i % 10]}
+
+
+def _plot(ctx, c, ms, rows, dense):
+    fig, axes = plots.figure(ncols=3, width=5.0, height=4.2)
+    panels = [("recall_agnostic", "recall", "exact-match recall", "Recall, query-agnostic"),
+              ("recall_aware", "recall", "exact-match recall", "Recall, query-aware"),
+              ("ppl", "text", "held-out perplexity", "Held-out perplexity (text model)")]
+    for ax, (key, model, ylabel, title) in zip(axes, panels):
+        for i, m in enumerate(ms):
+            st = _style(i)
+            if m.family == "dense":
+                if dense.get(key) is not None:
+                    ax.axhline(dense[key], color="black", ls="--", lw=1, label="dense")
+                continue
+            if m.ratios == (None,):
+                row = rows.get((m.name, None), {})
+                x, y = row.get(f"mem_saved_{model}"), row.get(key)
+                if x is not None and y is not None:
+                    ax.scatter([x], [y], s=60, color=st["color"], marker="X", label=m.name, zorder=3)
+                continue
+            pts = [(r, rows.get((m.name, r), {}).get(key)) for r in m.ratios]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ls = ":" if m.family in ("window", "sinks") else "-"
+                ax.plot([x for x, _ in pts], [y for _, y in pts], ls=ls, marker=st["marker"], markersize=4,
+                        color=st["color"], label=m.name)
+        ax.set_xlabel("compression ratio (int8/KIVI: memory saved)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if key == "ppl":
+            ax.set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=7)
+    ctx.save_figure(fig, "press_benchmark.png")
+
+
+def _plot_decoding(ctx, c, decoding):
+    pts = decoding["points"]
+    fig, axes = plots.figure(ncols=2, width=5.0)
+    x = [p["tokens"] for p in pts]
+    axes[0].plot(x, [p["cache_bytes"] for p in pts], marker="o", markersize=4,
+                 label=f"DecodingPress (target {c.decoding_target}, interval {c.decoding_interval})")
+    axes[0].plot(x, [p["dense_bytes"] for p in pts], marker="s", markersize=4, label="dense (every token)")
+    axes[0].set_xlabel("tokens in the sequence so far")
+    axes[0].set_ylabel("KV cache bytes")
+    axes[0].set_title("Memory during a long generation", fontsize=10)
+    axes[0].grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[1].plot(x[1:], [p["fill_max"] for p in pts[1:]], marker="o", markersize=4, label="fill (max over heads)")
+    axes[1].plot(x[1:], [p["fill_min"] for p in pts[1:]], marker="v", markersize=4, label="fill (min over heads)")
+    axes[1].axhline(decoding["slots"], color="red", ls="--", lw=1, label="slots allocated")
+    axes[1].axhline(c.decoding_target, color="gray", ls=":", lw=1, label="target_size")
+    axes[1].set_xlabel("tokens in the sequence so far")
+    axes[1].set_ylabel("slots used per kv head")
+    axes[1].set_title("Cache fill after each call", fontsize=10)
+    axes[1].set_ylim(0, decoding["slots"] * 1.15)
+    axes[1].grid(True, alpha=0.3)
+    axes[1].legend(fontsize=8)
+    ctx.save_figure(fig, "decoding_memory.png")
