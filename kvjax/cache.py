@@ -164,13 +164,14 @@ def _quant(kind: str, bits, group_size, residual_length) -> tuple:
 
 
 def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kind: str = "dense",
-                num_sinks: int | None = None, pressed: bool = False, bits: int | None = None,
+                num_sinks: int | None = None, pressed: bool = False, pooled: bool = False,
+                bits: int | None = None,
                 group_size: int | None = None, residual_length: int | None = None) -> int:
     """Bytes `init_cache` allocates for these arguments, computed without allocating.
 
     pressed: the same cache once a press has compacted it (it adds per-head slot positions
     int32 [B, K, S] and fills int32 [B, K] per layer; kvjax.press.cache_bytes gives
-    per-layer sizes)."""
+    per-layer sizes). pooled: once AdaKVPress has pooled it (a head id per slot too)."""
     _check(batch_size, max_len, kind, _sinks_for(kind, num_sinks))
     quant = _quant(kind, bits, group_size, residual_length)
     if kind == "kivi":
@@ -178,6 +179,9 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
         per = kivi.layer_bytes(batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, *quant,
                                _resolve_dtype(cfg, dtype))
         return cfg.num_layers * per + 4 * batch_size
+    if pooled:
+        return (cache_bytes(cfg, batch_size, max_len, dtype, kind, pressed=True)
+                + cfg.num_layers * batch_size * cfg.num_kv_heads * max_len * 4)
     if pressed:
         if kind not in ("dense", "int8"):
             raise ValueError(f"only dense and int8 caches can be pressed, got kind {kind!r}")

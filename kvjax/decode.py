@@ -121,9 +121,9 @@ def decoding_segments(max_new_tokens: int, press, prompt_width: int):
     count = 0 if (interval == 1 or prompt_width >= press.target_size) else 1
     first = interval - count                     # decode steps until the first compression
     out, left = [], max_new_tokens
-    if left <= first:
+    if left < first:                         # the count never reaches the interval
         return ((left, None, False, 1),) if left else ()
-    out.append((first, None, True, 1))
+    out.append((first, None, True, 1))       # the step that reaches it compresses, also the last
     left -= first
     periods, tail = divmod(left, interval)
     if periods:

@@ -40,8 +40,13 @@ def stream_logits(cfg: ModelConfig, params, tokens, cache: KVCache):
     validate.check_cache(cfg, cache, tok.shape[0])
     full = np.full((tok.shape[0],), tok.shape[1], np.int32)
     validate.check_token_ids(cfg, tok, full)
-    validate.check_room(cfg, np.asarray(cache.lengths), full, cache.max_len, "stream_logits",
-                        cache.bounded)
+    if cache.pressed:                      # slots, not positions, are what runs out
+        from .press import host
+        host.check_room(cache, full * host.per_token(cfg, cache), "stream_logits")
+        validate.check_room(cfg, np.asarray(cache.lengths), full, cache.max_len, "stream_logits", False)
+    else:
+        validate.check_room(cfg, np.asarray(cache.lengths), full, cache.max_len, "stream_logits",
+                            cache.bounded)
     return _stream(cfg, params, jnp.asarray(tok, jnp.int32), cache)
 
 

@@ -215,7 +215,8 @@ def test_adakv_pool_holds_uneven_head_budgets_in_the_uniform_budget(ckpt):
     room = QUESTION.shape[1] + N_NEW
     cache = kvjax.init_cache(cfg, 1, 72 + room)
     _, cache = kvjax.prefill(cfg, params, CONTEXT, [96], cache, press=p)
-    assert cache.pooled and cache.nbytes == kvjax.cache_bytes(cfg, 1, 72 + room, pressed=True) + 4 * cache.head_owner[0].size * cfg.num_layers
+    assert cache.pooled and cache.nbytes == kvjax.cache_bytes(cfg, 1, 72 + room, pooled=True)
+    assert P.init_cache(cfg, 1, 96, p, room).nbytes == kvjax.cache_bytes(cfg, 1, 72 + room)
     fills = np.asarray(cache.head_fill[0])[0]
     assert fills.sum() == cfg.num_kv_heads * 72 and (cfg.num_kv_heads == 1 or fills.max() > 72)
     out = kvjax.generate(cfg, params, QUESTION, [QUESTION.shape[1]], max_new_tokens=N_NEW, cache=cache)

@@ -67,6 +67,9 @@ def init_cache(cfg: ModelConfig, batch_size: int, context_len: int, press: Press
     PyramidKV's shrinking budgets give shrinking layers. Exact size: `KVCache.nbytes`."""
     if not isinstance(room, int) or room < 0:
         raise ValueError(f"room must be an int >= 0, got {room!r}")
+    if getattr(press, "pooled", False):     # AdaKV pools an empty per-head cache of n_kept + room
+        per_head = -(-max(layer_budgets(press, cfg, context_len)) // cfg.num_kv_heads)
+        return _init_cache(cfg, batch_size, per_head + room, dtype=dtype, kind=kind)
     sizes = [b + room for b in layer_budgets(press, cfg, context_len)]
     return pressed_cache(cfg, batch_size, sizes, dtype, kind)
 

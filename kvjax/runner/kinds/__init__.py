@@ -24,6 +24,7 @@ KINDS = {
     "decode_bench": "kvjax.runner.kinds.decode_bench",
     "sharded_decode": "kvjax.runner.kinds.sharded_decode",
     "compression_quality": "kvjax.runner.kinds.compression_quality",
+    "press_benchmark": "kvjax.runner.kinds.press_benchmark",
 }
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +168,9 @@ def methods(c: Config) -> list[Method]:
 
 def validate(run_cfg) -> None:
     c: Config = run_cfg.settings
+    if c.kernel_size % 2 == 0:
+        raise ConfigError(f"press_benchmark.kernel_size: {c.kernel_size} must be odd (kvpress pools "
+                          f"with an odd kernel)")
     for i, name in enumerate(c.presses):
         try:
             make_press(name, 0.5, c)
@@ -188,13 +191,20 @@ def validate(run_cfg) -> None:
     if c.kivi_residual_length % c.kivi_group_size:
         raise ConfigError(f"press_benchmark.kivi_residual_length: {c.kivi_residual_length} must be a "
                           f"multiple of kivi_group_size={c.kivi_group_size}")
-    if (c.decoding_tokens_per_call + 1) % c.decoding_interval:
-        raise ConfigError(f"press_benchmark.decoding_tokens_per_call: {c.decoding_tokens_per_call} + 1 "
-                          f"(the call's one prompt token) must be a multiple of decoding_interval="
-                          f"{c.decoding_interval}, so every call ends on a compaction and the next "
-                          f"fits the target_size + interval slots")
-    if "window" in c.baselines or "sinks" in c.baselines:
-        pass
+    t, i = c.decoding_tokens_per_call, c.decoding_interval
+    if (t + 1) % i or (i > 1 and t + 1 < 2 * i):
+        raise ConfigError(f"press_benchmark.decoding_tokens_per_call: {t} + 1 (the call's one prompt "
+                          f"token) must be a multiple of decoding_interval={i}, at least twice it, so "
+                          f"that every call ends on a compaction and the next call fits in the "
+                          f"target_size + interval slots")
+    if c.decoding_prompt >= c.decoding_target:
+        raise ConfigError(f"press_benchmark.decoding_prompt: {c.decoding_prompt} must be below "
+                          f"decoding_target={c.decoding_target} (a longer prompt is compacted at once, "
+                          f"which shifts the schedule)")
+    for key in ("window_size", "n_sink"):
+        if getattr(c, key) >= c.ppl_prefix:
+            raise ConfigError(f"press_benchmark.{key}: {getattr(c, key)} must be below ppl_prefix="
+                              f"{c.ppl_prefix} (the press scores the prefix with it)")
 
 
 # ----------------------------------------------------------------------------- cache helpers
@@ -300,8 +310,9 @@ def _rewound(cache, lengths: np.ndarray, fills):
 
 
 def _kivi_slots(tokens: int, R: int) -> int:
-    """Fewest quantised slots (a multiple of R) whose capacity S + R - 1 holds `tokens`."""
-    return max(R, -(-max(tokens - (R - 1), 1) // R) * R)
+    """Fewest slots S (a multiple of R) with S >= tokens: kvjax's host checks hold a KIVI cache to
+    max_len = S tokens (kivi.capacity would allow S + R - 1)."""
+    return -(-tokens // R) * R
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -330,16 +341,11 @@ class Setting:
     room: int             # slots the run needs after the context (query + answer, or the scored rest)
     B: int
     run_slots: int = 0    # slots per layer of every press's run cache
-    extra: dict = field(default_factory=dict)
 
 
 def _budgets(press, cfg, n: int) -> list[int]:
     """Slots each layer needs for the pressed context (a pool: for all its heads)."""
     return [int(x) for x in press.kept_bound(np.array([n]), cfg)[:, 0]]
-
-
-def _press_sizes(press, cfg, n: int, room: int) -> list[int]:
-    return [b + room * _per_token(cfg, press) for b in _budgets(press, cfg, n)]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -434,8 +440,7 @@ def run(ctx, c: Config) -> dict:
     decoding = _decoding(ctx, c, tcfg, tparams, held)
 
     # ---- tables, plots, headline
-    headline = _report(ctx, c, ms, rows, distances, errors, decoding, rec, txt)
-    return headline
+    return _report(ctx, c, ms, rows, errors, decoding)
 
 
 # ----------------------------------------------------------------------------- recall
@@ -596,8 +601,7 @@ def _decoding(ctx, c: Config, cfg, params, held):
     cache = kvjax.init_cache(cfg, 1, slots)
     prompt = held[None, :c.decoding_prompt].astype(np.int32)
     newline = np.array([[ord("\n")]], np.int32)
-    points = [{"call": 0, "tokens": 0, "generated": 0, "cache_bytes": None, "fill_min": 0, "fill_max": 0,
-               "dense_bytes": 0}]
+    points = []
     generated = 0
     for call in ctx.track(range(c.decoding_calls), "DecodingPress calls"):
         tokens = prompt if call == 0 else newline
@@ -613,9 +617,8 @@ def _decoding(ctx, c: Config, cfg, params, held):
               "newest_kept": int(kept.max()), "dense_bytes": kvjax.cache_bytes(cfg, 1, total)}
         points.append(pt)
         ctx.log({"decoding_press": True, **pt})
-    points[0]["cache_bytes"] = points[1]["cache_bytes"] if len(points) > 1 else None
     predicted = kvjax.cache_bytes(cfg, 1, slots, pressed=True)
-    flat = len({p["cache_bytes"] for p in points[1:]}) == 1 and points[1]["cache_bytes"] == predicted
+    flat = len({p["cache_bytes"] for p in points}) == 1 and points[0]["cache_bytes"] == predicted
     bounded = all(p["fill_max"] <= slots for p in points)
     return {"points": points, "slots": slots, "predicted": predicted, "flat": flat, "bounded": bounded,
             "press": dp}
@@ -627,24 +630,27 @@ def _cell(v, digits=2):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _report(ctx, c: Config, ms, rows, distances, errors, decoding, rec, txt) -> dict:
+def _report(ctx, c: Config, ms, rows, errors, decoding) -> dict:
     ratios = list(c.ratios)
     dense = next((r for r in rows.values() if r["family"] == "dense"), {})
     # leaderboard table: one row per method, one column per ratio
     lb_rows = []
     for m in ms:
+        if m.ratios == (None,):                   # ratio-free: one measurement, shown in every column
+            row = rows.get((m.name, None), {})
+            cell = (f"{_cell(row.get('recall_agnostic'))} / {_cell(row.get('recall_aware'))} / "
+                    f"{_cell(row.get('ppl'), 3)}")
+            label = m.name if m.family == "dense" else (
+                f"{m.name} (saves {100 * (row.get('mem_saved_recall') or 0):.0f}% / "
+                f"{100 * (row.get('mem_saved_text') or 0):.0f}%)")
+            lb_rows.append([label] + [cell] * len(ratios))
+            continue
         cells = []
-        for r in ratios if m.ratios != (None,) else [None]:
+        for r in ratios:
             row = rows.get((m.name, r), {})
             cells.append(f"{_cell(row.get('recall_agnostic'))} / {_cell(row.get('recall_aware'))} / "
                          f"{_cell(row.get('ppl'), 3)}")
-        if m.ratios == (None,):
-            row = rows.get((m.name, None), {})
-            label = f"{m.name} (saves {100 * (row.get('mem_saved_recall') or 0):.0f}% / " \
-                    f"{100 * (row.get('mem_saved_text') or 0):.0f}%)" if m.family != "dense" else m.name
-            lb_rows.append([label] + cells * len(ratios) if m.family != "dense" else [label] + cells * len(ratios))
-        else:
-            lb_rows.append([m.name] + cells)
+        lb_rows.append([m.name] + cells)
     ctx.table("Recall query-agnostic / recall query-aware / held-out perplexity, by compression ratio "
               "(ratio-free baselines repeated across; their memory saving, recall / text model, in brackets)",
               ["method"] + [f"ratio {r}" for r in ratios], lb_rows)
@@ -691,7 +697,7 @@ def _report(ctx, c: Config, ms, rows, distances, errors, decoding, rec, txt) -> 
               ["call", "tokens in cache's history", "generated", "cache bytes", "fill min..max (slots/head)",
                "dense cache bytes (all tokens)"],
               [[p["call"], p["tokens"], p["generated"], p["cache_bytes"], f"{p['fill_min']}..{p['fill_max']}",
-                p["dense_bytes"]] for p in pts[1:]])
+                p["dense_bytes"]] for p in pts])
     ctx.note(f"DecodingPress: {pts[-1]['generated']} tokens generated in {c.decoding_calls} calls into "
              f"{decoding['slots']} slots per head (target_size + compression_interval): "
              f"{pts[-1]['cache_bytes']:,} bytes at every point (kvjax.cache_bytes(..., pressed=True) "
@@ -709,7 +715,8 @@ def _report(ctx, c: Config, ms, rows, distances, errors, decoding, rec, txt) -> 
              "dense). Rings get the kept share of the context plus the same room as the presses. "
              "Bytes per token: the cache holding only the compressed context (run cache cut to the "
              "method's slots, or allocated at that size), divided by batch x context tokens; "
-             f"measured = predicted for every press and kind: {'yes' if bytes_exact else 'NO'}. "
+             f"measured = predicted (kvjax.press.cache_bytes / kvjax.cache_bytes) for every method but "
+             f"the pooled AdaKV layout, which has no predictor: {'yes' if bytes_exact else 'NO'}. "
              "Decode time: one step on a cache of the compressed prefix + 1 slot (KIVI and rings: "
              "an allocated cache of that size; the cost does not depend on the values).")
     if errors:
@@ -733,7 +740,7 @@ def _style(i):
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20"]
-    return {"color": cmap(i % 20), "marker": "osD^v<>ph*"[i % 10]}
+    return {"color": cmap((2 * i) % 20 + (2 * i // 20) % 2), "marker": "osD^v<>ph*"[i % 10]}
 
 
 def _plot(ctx, c, ms, rows, dense):
@@ -764,8 +771,6 @@ def _plot(ctx, c, ms, rows, dense):
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-        if key == "ppl":
-            ax.set_yscale("log")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=7)
     ctx.save_figure(fig, "press_benchmark.png")
@@ -783,8 +788,8 @@ def _plot_decoding(ctx, c, decoding):
     axes[0].set_title("Memory during a long generation", fontsize=10)
     axes[0].grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
-    axes[1].plot(x[1:], [p["fill_max"] for p in pts[1:]], marker="o", markersize=4, label="fill (max over heads)")
-    axes[1].plot(x[1:], [p["fill_min"] for p in pts[1:]], marker="v", markersize=4, label="fill (min over heads)")
+    axes[1].plot(x, [p["fill_max"] for p in pts], marker="o", markersize=4, label="fill (max over heads)")
+    axes[1].plot(x, [p["fill_min"] for p in pts], marker="v", markersize=4, label="fill (min over heads)")
     axes[1].axhline(decoding["slots"], color="red", ls="--", lw=1, label="slots allocated")
     axes[1].axhline(c.decoding_target, color="gray", ls=":", lw=1, label="target_size")
     axes[1].set_xlabel("tokens in the sequence so far")
