@@ -20,9 +20,10 @@ the largest error, and typical gaps are far larger.
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch not installed: parity tests need PyTorch (CPU)")
-transformers = pytest.importorskip("transformers", reason="transformers not installed: "
-                                   "parity tests need the reference implementation")
+from conftest import require_module
+
+torch = require_module("torch", "parity tests need PyTorch (CPU)")
+transformers = require_module("transformers", "parity tests need the reference implementation")
 
 import kvjax  # noqa: E402
 from hf_fixtures import VARIANTS, VOCAB, hf_model, random_params  # noqa: E402

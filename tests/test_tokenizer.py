@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvjax
+from conftest import require_module
 from hf_fixtures import make_hf_tokenizer
 
 
@@ -100,8 +101,7 @@ def test_hf_eos_from_generation_config_then_config(tmp_path):
 
 
 def test_hf_tokenizer_matches_transformers(hf_dir):
-    transformers = pytest.importorskip("transformers", reason="transformers not installed: "
-                                       "the reference tokenizer is unavailable")
+    transformers = require_module("transformers", "the reference tokenizer comes from transformers")
     ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"),
                                                bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok = kvjax.load_tokenizer(hf_dir)
