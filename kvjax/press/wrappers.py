@@ -18,6 +18,21 @@ from .base import Keep, LayerInputs, Press, ScorerPress, group_mean, n_kept, top
 _FMAX = float(jnp.finfo(jnp.float32).max)
 
 
+class Wrapper:
+    """What a wrapper press takes from the press it wraps (field `press`)."""
+
+    @property
+    def compression_ratio(self):
+        return self.press.compression_ratio
+
+    @property
+    def needs_attention(self):
+        return self.press.needs_attention
+
+    def check_lengths(self, n):
+        self.press.check_lengths(n)
+
+
 def _inner(press) -> ScorerPress:
     if not isinstance(press, ScorerPress):
         raise ValueError(f"this wrapper needs a scoring press (e.g. SnapKVPress), got "
@@ -26,7 +41,7 @@ def _inner(press) -> ScorerPress:
 
 
 @dataclass(frozen=True)
-class AdaKVPress(Press):
+class AdaKVPress(Wrapper, Press):
     """Head-wise budgets (Feng et al. 2024): each kv head keeps its `alpha_safeguard` share of the
     layer's budget for sure; the rest goes to the best scores across all heads of the layer.
 
@@ -42,17 +57,6 @@ class AdaKVPress(Press):
         _inner(self.press)
         if not 0 <= self.alpha_safeguard <= 1:
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard!r}")
-
-    @property
-    def compression_ratio(self):
-        return self.press.compression_ratio
-
-    @property
-    def needs_attention(self):
-        return self.press.needs_attention
-
-    def check_lengths(self, n):
-        self.press.check_lengths(n)
 
     def _counts(self, n):
         kept = n_kept(n, self.press.compression_ratio)
@@ -95,7 +99,7 @@ def value_output_norm(inp: LayerInputs) -> jax.Array:
 
 
 @dataclass(frozen=True)
-class CriticalKVPress(ScorerPress):
+class CriticalKVPress(Wrapper, ScorerPress):
     """Two stages (Feng et al. 2025): the wrapped press's top `first_stage_ratio` share of the
     budget is kept for sure; the rest goes to (score + epsilon) x ||v W_o||_1."""
     press: ScorerPress = None
@@ -106,17 +110,6 @@ class CriticalKVPress(ScorerPress):
         _inner(self.press)
         if not 0 <= self.first_stage_ratio <= 1:
             raise ValueError(f"first_stage_ratio must be in [0, 1], got {self.first_stage_ratio!r}")
-
-    @property
-    def compression_ratio(self):
-        return self.press.compression_ratio
-
-    @property
-    def needs_attention(self):
-        return self.press.needs_attention
-
-    def check_lengths(self, n):
-        self.press.check_lengths(n)
 
     def host_budgets(self, n, cfg):
         r = self.press.compression_ratio
@@ -136,7 +129,7 @@ class CriticalKVPress(ScorerPress):
 
 
 @dataclass(frozen=True)
-class ChunkKVPress(Press):
+class ChunkKVPress(Wrapper, Press):
     """Keeps whole chunks of `chunk_length` tokens (Liu et al. 2025): a chunk's score is the
     wrapped press's score summed over kv heads and averaged over the chunk; every head keeps
     the same chunks."""
@@ -147,17 +140,6 @@ class ChunkKVPress(Press):
         _inner(self.press)
         if not isinstance(self.chunk_length, int) or self.chunk_length < 1:
             raise ValueError(f"chunk_length must be an int >= 1, got {self.chunk_length!r}")
-
-    @property
-    def compression_ratio(self):
-        return self.press.compression_ratio
-
-    @property
-    def needs_attention(self):
-        return self.press.needs_attention
-
-    def check_lengths(self, n):
-        self.press.check_lengths(n)
 
     def host_budgets(self, n, cfg):
         n = np.asarray(n, np.int64)
@@ -192,7 +174,7 @@ class ChunkKVPress(Press):
 
 
 @dataclass(frozen=True)
-class KeyRerotationPress(Press):
+class KeyRerotationPress(Wrapper, Press):
     """The wrapped press's selection, with the kept keys re-rotated to consecutive positions
     0..n_kept-1 (order kept) and the next token continuing at n_kept (kvpress's
     KeyRerotationPress; StreamingLLM's cache positions)."""
@@ -201,17 +183,6 @@ class KeyRerotationPress(Press):
 
     def __post_init__(self):
         _inner(self.press)
-
-    @property
-    def compression_ratio(self):
-        return self.press.compression_ratio
-
-    @property
-    def needs_attention(self):
-        return self.press.needs_attention
-
-    def check_lengths(self, n):
-        self.press.check_lengths(n)
 
     def host_budgets(self, n, cfg):
         return self.press.host_budgets(n, cfg)
