@@ -211,27 +211,47 @@ _decode_loop_jit = jax.jit(_decode_loop, static_argnums=(0, 4, 6), donate_argnum
 
 
 @lru_cache(maxsize=None)
-def _mesh_jits(cfg: ModelConfig, mesh, kind: str = "dense", num_sinks: int = 0):
+def _mesh_jits(cfg: ModelConfig, mesh, kind: str = "dense", num_sinks: int = 0, layout_in: str = "plain",
+               layout_out: str | None = None, budgets: bool = False):
     """The same three programs with explicit in/out shardings (pjit) for caches on `mesh`.
 
     Pinning the output cache to the input cache's sharding keeps it laid out the same way
-    across steps: batch over data, kv heads over model (see sharding.py).
+    across steps: batch over data, kv heads over model (see sharding.py). A press changes
+    the layout (plain -> pressed or pooled): layout_in / layout_out say which; budgets: the
+    press's host-computed budgets come along (replicated).
     """
     params_shape = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     ps = sharding.param_shardings(cfg, params_shape, mesh)
-    cs = sharding.cache_shardings(cfg, mesh, kind, num_sinks)
+    cs = sharding.cache_shardings(cfg, mesh, kind, num_sinks, layout_in)
+    out = sharding.cache_shardings(cfg, mesh, kind, num_sinks, layout_out or layout_in)
     b1, b2 = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
     rep = sharding.replicated(mesh)
     knobs = {"temperature": b1, "top_k": b1, "top_p": b1, "eos": rep, "pad": rep, "key": rep}
+    if budgets:
+        knobs["budgets"] = rep
     return {
-        "prefill": jax.jit(_append, static_argnums=(0, 5), donate_argnums=4,
-                           in_shardings=(ps, b2, b1, cs), out_shardings=(b2, cs)),
+        "prefill": jax.jit(_append, static_argnums=(0, 5, 6), donate_argnums=4,
+                           in_shardings=(ps, b2, b1, cs, rep), out_shardings=(b2, out)),
         "decode": jax.jit(_decode_all, static_argnums=(0, 4), donate_argnums=3,
                           in_shardings=(ps, b1, cs), out_shardings=(b2, cs)),
         "generate": jax.jit(_generate_impl, static_argnums=(0, 5), donate_argnums=4,
                             in_shardings=(ps, b2, b1, cs, knobs),
-                            out_shardings=GenerateOutput(b2, b1, cs)),
+                            out_shardings=GenerateOutput(b2, b1, out)),
     }
+
+
+def _out_layout(cache: KVCache, press) -> str:
+    if cache.pooled or getattr(press, "pooled", False):
+        return "pooled"
+    return "pressed" if (cache.pressed or press is not None) else "plain"
+
+
+def _global_budgets(mesh, budgets):
+    if budgets is None:
+        return None
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, budgets)
+    return jax.tree.map(lambda a: sharding.to_global(np.asarray(a), sharding.replicated(mesh)), budgets)
 
 
 def _placed(mesh, *host_arrays):
@@ -307,8 +327,11 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
             host.check_room(cache, lens * host.per_token(cfg, cache), "prefill")
             budgets = None
         validate.check_room(cfg, used, lens, cache.max_len, "prefill", bounded=False)
-        return _prefill_jit(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens), cache, None,
-                            press, None if budgets is None else jax.tree.map(jnp.asarray, budgets))
+        fn = _prefill_jit if mesh is None else _mesh_jits(
+            cfg, mesh, cache.kind, cache.num_sinks, sharding.layout_name(cache), _out_layout(cache, press),
+            budgets is not None)["prefill"]
+        return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, None, press,
+                  _global_budgets(mesh, budgets))
     validate.check_room(cfg, used, lens, cache.max_len, "prefill", cache.bounded)
     live = live_bucket(int((used + lens).max()), cache.max_len) if cache.reads_live_prefix else None
     fn = _prefill_jit if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["prefill"]
@@ -344,7 +367,8 @@ def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = 
         return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache, live)
     if not isinstance(tokens, jax.Array) or tokens.is_fully_addressable:
         (tokens,) = _placed(mesh, np.asarray(tokens, np.int32))
-    return _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["decode"](cfg, params, tokens, cache, live)
+    return _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks, sharding.layout_name(cache))["decode"](
+        cfg, params, tokens, cache, live)
 
 
 def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_new_tokens: int = 32,
@@ -398,7 +422,9 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     else:
         validate.check_room(cfg, used, lens + max_new_tokens, cache.max_len, what, cache.bounded)
         plan = (*live_plan(int((used + lens).max()), int(max_new_tokens), cache), None, None)
-    fn = _generate_cached if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["generate"]
+    fn = _generate_cached if mesh is None else _mesh_jits(
+        cfg, mesh, cache.kind, cache.num_sinks, sharding.layout_name(cache), _out_layout(cache, press),
+        "budgets" in knobs)["generate"]
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan,
               _place_knobs(mesh, knobs))
 
@@ -419,7 +445,7 @@ def _pressed_plan(cfg, cache, press, mesh, lens, N, width, knobs, what):
         host.check_decoding_room(cache, press, lens, segments, prefill_compresses(press, width), what)
     else:
         if press is not None:
-            knobs["budgets"] = jax.tree.map(jnp.asarray, host.prefill_budgets(press, cfg, cache, lens, what))
+            knobs["budgets"] = _global_budgets(mesh, host.prefill_budgets(press, cfg, cache, lens, what))
             kept = press.kept_bound(lens, cfg)
             prompt_press = press.static()
             host.check_room(cache, np.asarray(kept) + N * host.per_token(cfg, cache), what,
@@ -465,6 +491,8 @@ def _place_knobs(mesh, knobs):
     for k in ("eos", "pad"):
         placed[k] = sharding.to_global(np.asarray(knobs[k]), rep)
     placed["key"] = knobs["key"]  # a scalar key: jit replicates it (in_shardings says so)
+    if "budgets" in knobs:
+        placed["budgets"] = knobs["budgets"]          # already global (_global_budgets)
     return placed
 
 

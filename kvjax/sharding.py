@@ -116,21 +116,36 @@ def shard_params(cfg: ModelConfig, params, mesh: Mesh):
     return jax.device_put(params, param_shardings(cfg, params, mesh))
 
 
-def cache_shardings(cfg: ModelConfig, mesh: Mesh, kind: str = "dense", num_sinks: int = 0) -> KVCache:
+def cache_shardings(cfg: ModelConfig, mesh: Mesh, kind: str = "dense", num_sinks: int = 0,
+                    layout_of: str = "plain") -> KVCache:
     """A KVCache-shaped pytree of NamedSharding for a cache of `kind`.
 
     keys/values [B, K, S, H] and int8 scales [B, K, S] over (data, model-or-replicated);
-    slot positions [B, S] and lengths [B] over data.
+    slot positions [B, S] and lengths [B] over data. layout_of: "plain", "pressed" (adds
+    per-head positions [B, K, S] and fills [B, K], laid out like the buffers) or "pooled"
+    (AdaKV: one pool [B, 1, P, H] per layer, rows over data, the pool replicated over model
+    since its kv heads are mixed; owners [B, P]).
     """
     rules = layout(cfg, mesh)
     per_layer = lambda logical: tuple(NamedSharding(mesh, _spec(logical, rules))  # noqa: E731
                                       for _ in range(cfg.num_layers))
-    bufs = per_layer(("batch", "kv_heads", "sequence", "head_dim"))
-    scales = per_layer(("batch", "kv_heads", "sequence")) if kind == "int8" else ()
+    heads = None if layout_of == "pooled" else "kv_heads"
+    bufs = per_layer(("batch", heads, "sequence", "head_dim"))
+    scales = per_layer(("batch", heads, "sequence")) if kind == "int8" else ()
+    extra = {}
+    if layout_of in ("pressed", "pooled"):
+        extra = dict(head_pos=per_layer(("batch", heads, "sequence")),
+                     head_fill=per_layer(("batch", "kv_heads")))
+        if layout_of == "pooled":
+            extra["head_owner"] = per_layer(("batch", "sequence"))
     return KVCache(keys=bufs, values=bufs, lengths=NamedSharding(mesh, P("data")),
                    key_scales=scales, value_scales=scales,
                    slot_pos=NamedSharding(mesh, P("data", None)) if kind in ("window", "sinks") else None,
-                   kind=kind, num_sinks=num_sinks)
+                   kind=kind, num_sinks=num_sinks, **extra)
+
+
+def layout_name(cache: KVCache) -> str:
+    return "pooled" if cache.pooled else "pressed" if cache.pressed else "plain"
 
 
 def init_sharded_cache(cfg: ModelConfig, batch_size: int, max_len: int, mesh: Mesh, dtype=None,

@@ -73,6 +73,48 @@ def test_sharded_generate_matches_one_device(tmp_path, case):
     assert r["cache_gathers"] == []                     # no collective moves a cache buffer
 
 
+def test_presses_on_a_mesh_match_one_device():
+    """A press on a sharded cache (2x4 mesh): the same kept positions per layer and kv head and
+    the same tokens as on one device, for a per-head press (SnapKV: pressed cache sharded over
+    data and model), AdaKV's pool (sharded over data) and DecodingPress (KeyDiff: no score ties
+    that tensor-parallel float noise could break differently)."""
+    code = f"""
+import sys; sys.path.insert(0, {ROOT!r})
+import json, numpy as np, jax, kvjax
+from kvjax import press as P
+jax.config.update("jax_numpy_rank_promotion", "raise")
+cfg = kvjax.ModelConfig.preset("llama-tiny").replace(num_heads=8, num_kv_heads=4, head_dim=16)
+params = kvjax.init_params(cfg, jax.random.key(0), std=0.2)
+mesh = kvjax.make_mesh({{"data": 2, "model": 4}})
+sp = kvjax.sharding.shard_params(cfg, params, mesh)
+rng = np.random.default_rng(0)
+ctx = rng.integers(0, cfg.vocab_size, (4, 40)).astype(np.int32); lens = np.array([40, 23, 31, 35])
+q = rng.integers(0, cfg.vocab_size, (4, 4)).astype(np.int32); ql = np.array([4, 2, 3, 4])
+res = {{}}
+for name, p in (("snapkv", P.SnapKVPress(0.5, 8, 5)), ("adakv", P.AdaKVPress(P.KnormPress(0.5)))):
+    outs = []
+    for m in (None, mesh):
+        cache = kvjax.init_cache(cfg, 4, 40, mesh=m)
+        _, cache = kvjax.prefill(cfg, params if m is None else sp, ctx, lens, cache, press=p)
+        kept = [kvjax.sharding.to_host(k) for k in P.kept_positions(cache)]
+        out = kvjax.generate(cfg, params if m is None else sp, q, ql, max_new_tokens=8, cache=cache)
+        outs.append((kept, kvjax.sharding.to_host(out.tokens), str(getattr(out.cache.keys[0].sharding, "spec", ""))))
+    res[name] = [all(np.array_equal(a, b) for a, b in zip(outs[0][0], outs[1][0])),
+                 bool(np.array_equal(outs[0][1], outs[1][1])), outs[1][2]]
+dp = P.DecodingPress(P.KeyDiffPress(), 8, 16)
+t = [kvjax.sharding.to_host(kvjax.generate(cfg, params if m is None else sp, q, ql, max_new_tokens=30,
+                                           max_len=24, mesh=m, press=dp).tokens) for m in (None, mesh)]
+res["decoding"] = bool(np.array_equal(t[0], t[1]))
+print(json.dumps(res))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(8), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["snapkv"] == [True, True, "P('data', 'model', None, None)"]
+    assert res["adakv"] == [True, True, "P('data', None, None, None)"]
+    assert res["decoding"] is True
+
+
 def test_mesh_errors_name_both_numbers(tmp_path):
     code = f"""
 import sys; sys.path.insert(0, {ROOT!r})

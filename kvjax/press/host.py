@@ -23,9 +23,6 @@ def check_press(press, cfg: ModelConfig, cache: KVCache, mesh, where: str) -> No
     if cache.kind not in PRESSABLE_KINDS:
         raise ValueError(f"{where}: a press compacts dense or int8 caches; this cache is kind "
                          f"{cache.kind!r} (a ring already decides what it keeps)")
-    if mesh is not None:
-        raise ValueError(f"{where}: presses on a sharded cache are not supported yet; use a cache "
-                         f"on one device")
     if cfg.attention_sinks:
         raise ValueError(f"{where}: presses are not supported on models with attention_sinks="
                          f"{cfg.attention_sinks} (keys are cached unrotated there)")
@@ -39,11 +36,13 @@ def check_press(press, cfg: ModelConfig, cache: KVCache, mesh, where: str) -> No
 
 def fills(cache: KVCache) -> np.ndarray:
     """int [L, B]: slots used per layer and row (the fullest kv head)."""
+    from ..sharding import to_host
+
     if cache.pooled:
-        return np.stack([np.asarray(f).sum(axis=1) for f in cache.head_fill])
+        return np.stack([to_host(f).sum(axis=1) for f in cache.head_fill])
     if cache.pressed:
-        return np.stack([np.asarray(f).max(axis=1) for f in cache.head_fill])
-    used = np.asarray(cache.lengths)
+        return np.stack([to_host(f).max(axis=1) for f in cache.head_fill])
+    used = to_host(cache.lengths)
     return np.broadcast_to(used, (len(cache.keys), used.shape[0]))
 
 
@@ -76,7 +75,7 @@ def prefill_budgets(press: Press, cfg: ModelConfig, cache: KVCache, lens: np.nda
     budgets = {k: np.ascontiguousarray(v, np.int32) for k, v in press.host_budgets(lens, cfg).items()}
     bound = press.kept_bound(lens, cfg)
     if getattr(press, "pooled", False):
-        if not cache.pooled and (cache.pressed or (np.asarray(cache.lengths) > 0).any()):
+        if not cache.pooled and (cache.pressed or (fills(cache) > 0).any()):
             raise ValueError(f"{what}: {type(press).__name__} pools the kv heads' slots of an EMPTY cache "
                              f"(or one it pooled before); this cache already holds tokens")
         check_room(cache, bound, what, scale=1 if cache.pooled else cfg.num_kv_heads)
