@@ -161,7 +161,8 @@ def decode(cfg, params, ids, max_new_tokens, *, temperature=0.0, top_k=0, top_p=
     if warm["tokens"] != first["tokens"]:
         raise RuntimeError("the warm rerun produced different tokens than the first run")
     return {**warm, "compile_s": first["compile_s"] + warm["compile_s"],
-            "compiles": first["compiles"] + warm["compiles"], "timed": "warm"}
+            "compiles": first["compiles"] + warm["compiles"], "timed_compiles": warm["compiles"],
+            "timed": "warm"}
 
 
 def _decode_once(cfg, params, ids, max_new_tokens, *, temperature, top_k, top_p, seed, eos_ids,
@@ -225,6 +226,8 @@ def report(cfg, args, r) -> str:
         timed = "timings of the first run: they include first-call costs (compilation excluded)"
     if r["compile_seen"]:
         compile_note = f"{r['compile_s'] * 1e3:,.0f} ms in {r['compiles']} compilation(s), excluded from the timings"
+        if r["timed"] == "warm":
+            compile_note += f" ({r.get('timed_compiles', 0)} in the timed run)"
     else:
         compile_note = "not reported by this JAX version: first-run timings include it"
     return "\n".join([
