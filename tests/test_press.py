@@ -284,3 +284,33 @@ def test_bad_press_arguments_name_the_value(tiny):
     with pytest.raises(ValueError):
         kvjax.prefill(cfg, params, toks, [32], cache, press=P.KnormPress(0.25))
     kvjax.prefill(cfg, params, toks[:, :8], [8], cache)
+
+
+def test_a_press_on_a_later_turn_compresses_only_the_new_chunk(tiny):
+    """Turn 2 pressed into a cache that holds turn 1: turn 1's kept tokens stay as they were,
+    turn 2's chunk is scored on its own and its kept tokens are appended after them, at
+    their original positions (documented semantics; kvpress never presses a second forward)."""
+    cfg, params = tiny
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
+    b = rng.integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+    _, cache = kvjax.prefill(cfg, params, a, [20, 12], kvjax.init_cache(cfg, 2, 64), press=P.KnormPress(0.5))
+    first = [np.asarray(k) for k in P.kept_positions(cache)]
+    _, cache = kvjax.prefill(cfg, params, b, [16, 10], cache, press=P.KnormPress(0.5))
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [36, 22])
+    # turn 2 alone, at the same positions: what a fresh press keeps of it
+    _, alone = kvjax.prefill(cfg, params, b, [16, 10], kvjax.init_cache(cfg, 2, 64), press=P.KnormPress(0.5))
+    for layer, (k1, k2) in enumerate(zip(first, P.kept_positions(cache))):
+        k2 = np.asarray(k2)
+        n1 = np.array([10, 6])                                   # int(20 * 0.5), int(12 * 0.5)
+        n2 = np.array([8, 5])
+        for r in range(2):
+            np.testing.assert_array_equal(k2[r, :, :n1[r]], k1[r, :, :n1[r]])       # turn 1 untouched
+            new = k2[r, :, n1[r]:n1[r] + n2[r]]
+            assert ((new >= [20, 12][r]) & (new < [36, 22][r])).all()            # turn 2's positions
+            assert (k2[r, :, n1[r] + n2[r]:] == -1).all()
+        if layer == 0:    # layer 0's keys do not depend on the context, so the choice equals turn 2 alone
+            alone0 = np.asarray(P.kept_positions(alone)[0])
+            for r in range(2):
+                np.testing.assert_array_equal(k2[r, :, n1[r]:n1[r] + n2[r]] - [20, 12][r],
+                                              alone0[r, :, :n2[r]])
