@@ -10,10 +10,16 @@ of the test), so a failure in CI reproduces on any machine with the same command
 a failure prints a @reproduce_failure blob). Both have no deadline: the first example
 of a jitted function includes its compilation.
 
+Compiled programs: every XLA CPU executable keeps memory mappings until its jit cache is
+cleared, and the whole suite compiles enough programs in one process to pass Linux's
+default vm.max_map_count (65,530), where the compiler segfaults (seen: 43k mappings half
+way through). `_free_compiled_programs` clears JAX's caches after each test module.
+
 Parity: tests that need torch/transformers call `require_module`, which skips when the
 package is missing, or fails when KVJAX_REQUIRE_PARITY=1 (set by .ci/run), so CI cannot
 pass by silently skipping the comparisons with the reference implementation.
 """
+import gc
 import importlib
 import os
 
@@ -63,6 +69,14 @@ def model(name: str):
         cfg = kvjax.ModelConfig.preset(name)
         _PARAMS[name] = (cfg, kvjax.init_params(cfg, jax.random.key(0), std=INIT_STD))
     return _PARAMS[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """Drop every compiled program after a test module (see the module docstring)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
