@@ -335,7 +335,7 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
     validate.check_room(cfg, used, lens, cache.max_len, "prefill", cache.bounded)
     live = live_bucket(int((used + lens).max()), cache.max_len) if cache.reads_live_prefix else None
     fn = _prefill_jit if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["prefill"]
-    return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, live)
+    return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, live, None, None)
 
 
 def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = True):

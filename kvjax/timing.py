@@ -19,6 +19,10 @@ with the reason, when a time is not positive or the spread is wider than the med
 callers add their own checks (an MBU above 100% on an accelerator) with `invalidate`.
 Nothing is clamped: an impossible number is refused, not printed.
 
+With several processes (multi-host), process 0 makes the calibration decisions and
+broadcasts them, so every process runs the same sequence of programs (collectives would
+otherwise mismatch: caught by the two-process `kvjax run` test).
+
 Calls that thread a donated buffer (a KV cache) take the previous call's result as their
 argument: `measure(call, state)` calls `state = call(state)`.
 """
@@ -30,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 import jax
+import numpy as np
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _COMPILE_PREFIX = "/jax/core/compile/"
@@ -141,6 +146,16 @@ class Timing:
         return out
 
 
+def _agree(value):
+    """Process 0's value on every process. With several processes every one must run the same
+    sequence of (collective) programs, so calibration decisions, which depend on each
+    process's own clock, are made by process 0 alone."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return type(value)(multihost_utils.broadcast_one_to_all(np.asarray(value)).item())
+
+
 def _sync(x):
     return jax.block_until_ready(x)
 
@@ -167,11 +182,11 @@ def measure(call, state=None, *, units: int = 1, repeats: int = 5, min_seconds: 
                 state = call(state)
             sync(state)
             elapsed = time.perf_counter() - t0
-            if elapsed >= min_seconds / 4 or k >= max_calls:
+            if _agree(elapsed >= min_seconds / 4 or k >= max_calls):
                 break
             k = min(max_calls, 2 * k)
     t.compile_s = first.compile_s + calib.compile_s
-    t.calls = max(1, min(max_calls, math.ceil(k * min_seconds / max(elapsed, 1e-9))))
+    t.calls = _agree(max(1, min(max_calls, math.ceil(k * min_seconds / max(elapsed, 1e-9)))))
     with compile_watch() as timed:
         for _ in range(repeats):
             t0 = time.perf_counter()
