@@ -217,7 +217,7 @@ def _pressed(self, x, q_pre, q, k, v, positions, lengths, cache, layer, window, 
         block = _cache_block(c, q, kb, vb, new_layer["pos"], new_layer.get("owner"), positions, window, sinks)
         out = softmax_blocks([block], q.dtype)
         return dense(c, c.d_model, "o", c.out_bias, self.std)(out.reshape(B, T, -1)), new_layer
-    kb, vb = read_layer(cache.kind, _layer_view(cache, layer), k.dtype)
+    kb, vb = read_layer(cache.kind, layer_arrays(cache, layer), k.dtype)
     owner = cache.head_owner[layer] if cache.pooled else None
     chunk_k, chunk_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     blocks = [_cache_block(c, q, kb, vb, cache.head_pos[layer], owner, positions, window, sinks),
@@ -248,11 +248,6 @@ def _cache_block(c, q, kb, vb, pos, owner, positions, window, sinks):
     return s, mask, jnp.broadcast_to(vb, (B, K, *vb.shape[2:]))
 
 
-def _layer_view(cache, layer):
-    from .cache import layer_arrays
-    return layer_arrays(cache, layer)
-
-
 def _keep_inputs(k, lengths):
     """The few LayerInputs fields `chunk_keep(None, ...)` reads."""
     from .press.base import LayerInputs
@@ -265,7 +260,6 @@ def _kivi_blocks(cache, layer, k, v, starts, lengths, chunk):
     attends over the stored tokens plus its own exact keys and values, then is written
     (its queries see full precision, as KIVI's prefill does)."""
     from . import kivi
-    from .cache import layer_arrays
 
     quant = cache.quant
     arrays = layer_arrays(cache, layer)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache, gather_layer_heads, layer_arrays
+from ..cache import KVCache, as_pressed, assemble_pressed, gather_layer_heads, layer_arrays, read_layer
 from .base import Press, top_per_head
 from .norms import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
 
@@ -51,7 +51,6 @@ class DecodingPress(Press):
 
 def compress_cache(cache: KVCache, press: DecodingPress, key=None) -> KVCache:
     """Every layer cut to `press.target_size` kept slots per head (packed, position order)."""
-    from ..cache import as_pressed
     cache = as_pressed(cache)
     key = jax.random.key(getattr(press.base_press, "seed", 0)) if key is None else key
     layers, positions, fills = [], [], []
@@ -59,7 +58,6 @@ def compress_cache(cache: KVCache, press: DecodingPress, key=None) -> KVCache:
         arrays = layer_arrays(cache, layer)
         pos = cache.head_pos[layer]                                                # [B, K, S]
         valid = pos >= 0
-        from ..cache import read_layer
         k, v = read_layer(cache.kind, arrays, jnp.float32)
         scores = press.base_press.score_cache(k, v, pos, valid, layer, key)
         B, K, S = pos.shape
@@ -72,7 +70,6 @@ def compress_cache(cache: KVCache, press: DecodingPress, key=None) -> KVCache:
         new_keep = jnp.take_along_axis(keep, order, axis=-1)
         positions.append(jnp.where(new_keep, jnp.take_along_axis(pos, order, axis=-1), -1))
         fills.append(keep.sum(-1).astype(jnp.int32))
-    from ..cache import assemble_pressed
     return assemble_pressed(cache, layers, positions, fills, cache.lengths)
 
 
