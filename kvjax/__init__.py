@@ -8,6 +8,7 @@ from .sharding import init_distributed, make_mesh, shard_params
 from .persist import load_cache, save_cache
 from .hf import CheckpointError, load_hf, save_hf
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from .engine import Completion, Engine, RequestHandle, SamplingParams, TokenLogprob
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,5 @@ __all__ = [
     "init_params", "param_bytes", "param_count", "filter_logits", "greedy", "sample",
     "init_distributed", "make_mesh", "shard_params", "load_cache", "save_cache",
     "CheckpointError", "load_hf", "save_hf", "ByteTokenizer", "HFTokenizer", "Tokenizer",
-    "load_tokenizer",
+    "load_tokenizer", "Engine", "RequestHandle", "SamplingParams", "TokenLogprob", "Completion",
 ]

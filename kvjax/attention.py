@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from .cache import KVCache, layer_arrays, read_layer, slot_positions, write_layer
 from .config import ModelConfig
-from .layers import apply_rope, apply_rope_heads_first, dense, rope_inv_freq
+from .layers import Norm, apply_rope, apply_rope_heads_first, chunk_rope, dense
 
 _NEG = jnp.finfo(jnp.float32).min  # finite, so a fully masked padding row never makes NaN
 
@@ -54,12 +54,25 @@ def _f32_dot(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def scores(q, k):
-    """q [B, T, N, H], k [B, K, S, H] -> float32 scaled scores [B, K, G, T, S]."""
+def scores(q, k, scale: float | None = None, softcap: float | None = None):
+    """q [B, T, N, H], k [B, K, S, H] -> float32 scaled scores [B, K, G, T, S].
+
+    scale: None for 1/sqrt(H); softcap (Gemma 2): scores -> softcap * tanh(scores / softcap),
+    applied after scaling and before the mask, as transformers does. A layer's own values
+    come from `score_args(cfg)`."""
     B, T, N, H = q.shape
     K = k.shape[1]
     qg = q.reshape(B, T, K, N // K, H)
-    return _f32_dot("btkgh,bksh->bkgts", qg, k) * (H ** -0.5)
+    s = _f32_dot("btkgh,bksh->bkgts", qg, k) * (H ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    return s
+
+
+def score_args(cfg: ModelConfig) -> tuple:
+    """(scale, softcap) for `scores`: Gemma 2/3 scale by query_pre_attn_scalar ** -0.5."""
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+    return scale, cfg.attn_softcap
 
 
 def softmax_blocks(blocks, q_dtype, column_sums: bool = False, query_valid=None):
@@ -93,12 +106,13 @@ def dot_attention(q, k, v, mask):
     return softmax_blocks([(scores(q, k), mask[:, None] if mask.ndim == 3 else mask, v)], q.dtype)
 
 
-def attention_pattern(cfg: ModelConfig, cache: KVCache | None):
-    """(window, sinks) a query sees, from the model and the cache kind.
+def attention_pattern(cfg: ModelConfig, cache: KVCache | None, layer: int = 0):
+    """(window, sinks) a query of `layer` sees, from the model and the cache kind.
 
     A ring of W slots shows at most the last W tokens, so it narrows the model's own window.
     """
-    window, sinks = cfg.sliding_window, cfg.attention_sinks
+    window = cfg.layer_window(layer)
+    sinks = cfg.attention_sinks if window is not None else 0
     if cache is not None and cache.kind in ("window", "sinks"):
         ring = cache.max_len - cache.num_sinks
         window = ring if window is None else min(window, ring)
@@ -127,17 +141,27 @@ class Attention(nn.Module):
         q = dense(c, c.num_heads * c.head_dim, "q", c.qkv_bias, self.std)(x)
         k = dense(c, c.num_kv_heads * c.head_dim, "k", c.qkv_bias, self.std)(x)
         v = dense(c, c.num_kv_heads * c.head_dim, "v", c.qkv_bias, self.std)(x)
+        if c.qk_norm == "proj":   # OLMo 2: over the whole projection width, before the head split
+            q, k = Norm(c, name="q_norm")(q), Norm(c, name="k_norm")(k)
         q = q.reshape(B, T, c.num_heads, c.head_dim)
         k = k.reshape(B, T, c.num_kv_heads, c.head_dim)
         v = v.reshape(B, T, c.num_kv_heads, c.head_dim)
-        window, sinks = attention_pattern(c, cache)
+        if c.qk_norm == "head":   # Qwen3, Gemma 3: per head over head_dim, before rotary
+            q, k = Norm(c, name="q_norm")(q), Norm(c, name="k_norm")(k)
+        window, sinks = attention_pattern(c, cache, layer)
         rotary = c.positions == "rotary"
         cache_positions = rotary and sinks > 0   # StreamingLLM: rotate at attention time
         q_pre, inv_freq = q, None
+        if rotary:   # this layer's table (Gemma 3: local/global bases; Phi-3: longrope per row)
+            inv_freq, rope_scale = chunk_rope(c, layer, positions, lengths)
         if rotary and not cache_positions:
-            inv_freq = rope_inv_freq(c)
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)   # keys are cached after rotation
+            q = apply_rope(q, positions, inv_freq, rope_scale)
+            k = apply_rope(k, positions, inv_freq, rope_scale)   # keys are cached after rotation
+        if cache is not None and cache.kind == "paged":   # kvjax.Engine: pages of a shared pool
+            from .engine.paged import paged_attention
+            out, new_layer = paged_attention(q, k, v, positions, lengths, cache, layer, window, sinks,
+                                             lambda qs, kb: scores(qs, kb, *score_args(c)))
+            return dense(c, c.d_model, "o", c.out_bias, self.std)(out.reshape(B, T, -1)), new_layer
         if cache is not None and cache.pressed:
             return _pressed(self, x, q_pre, q, k, v, positions, lengths, cache, layer, window, sinks,
                             inv_freq, press, budget)
@@ -146,27 +170,32 @@ class Attention(nn.Module):
         # Blocks of (keys [B,K,S,H], values, positions [B,S], valid [B,S]).
         chunk = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, t < lengths[:, None])
         new_layer = None
-        if cache is None:
+        lc, li = cache, layer                    # the cache and layer index the buffers are read by
+        if cache is not None and cache.hybrid:   # this layer alone: a ring or a full buffer
+            ring = cache.rings[layer] > 0
+            lc, li, slots = cache.layer_view(layer), 0, slots[1 if ring else 0]
+            live = None if ring else live
+        if lc is None:
             blocks, starts = [chunk], jnp.zeros((B,), jnp.int32)
-        elif cache.kind == "kivi":
-            blocks, new_layer = _kivi_blocks(cache, layer, k, v, starts, lengths, chunk)
-        elif cache.slot_pos is not None and T > 1:   # ring + several tokens: old block + chunk
-            old = read_layer(cache.kind, layer_arrays(cache, layer), k.dtype)
-            blocks = [(*old, *slot_positions(cache, starts)), chunk]
-            new_layer = write_layer(cache, layer, k, v, slots)
-        else:                                         # write, then read back in place
-            new_layer = write_layer(cache, layer, k, v, slots)
-            pos, valid = slot_positions(cache, starts, lengths, slots)
+        elif lc.kind == "kivi":
+            blocks, new_layer = _kivi_blocks(lc, li, k, v, starts, lengths, chunk)
+        elif lc.slot_pos is not None and T > 1:   # ring + several tokens: old block + chunk
+            old = read_layer(lc.kind, layer_arrays(lc, li), k.dtype)
+            blocks = [(*old, *slot_positions(lc, starts)), chunk]
+            new_layer = write_layer(lc, li, k, v, slots)
+        else:                                      # write, then read back in place
+            new_layer = write_layer(lc, li, k, v, slots)
+            pos, valid = slot_positions(lc, starts, lengths, slots)
             view = new_layer
-            if live is not None and live < cache.max_len:   # skip slots no row has reached
+            if live is not None and live < lc.max_len:   # skip slots no row has reached
                 view = {name: a[:, :, :live] for name, a in new_layer.items()}
                 pos, valid = pos[:, :live], valid[:, :live]
-            blocks = [(*read_layer(cache.kind, view, k.dtype), pos, valid)]
+            blocks = [(*read_layer(lc.kind, view, k.dtype), pos, valid)]
 
         if cache_positions:
-            score = _sink_scorer(c, q, positions, starts, window, sinks)
+            score = _sink_scorer(c, q, positions, starts, window, sinks, inv_freq, rope_scale)
         else:
-            score = lambda kb, kp: scores(q, kb)  # noqa: E731
+            score = lambda kb, kp: scores(q, kb, *score_args(c))  # noqa: E731
         out = softmax_blocks(
             [(score(kb, kp), attention_mask(positions, kp, kv, window, sinks), vb)
              for kb, vb, kp, kv in blocks], q.dtype)
@@ -174,7 +203,7 @@ class Attention(nn.Module):
         return out, new_layer
 
 
-def _sink_scorer(c: ModelConfig, q, positions, starts, window, sinks):
+def _sink_scorer(c: ModelConfig, q, positions, starts, window, sinks, inv_freq, rope_scale=1.0):
     """Scores with StreamingLLM cache positions, for keys stored unrotated.
 
     Once tokens have been evicted, the cache holds `sinks` first tokens and the last
@@ -185,15 +214,16 @@ def _sink_scorer(c: ModelConfig, q, positions, starts, window, sinks):
     query and keys by a per-row reference e(start) (keeping angles small however long
     the stream), and sink scores rotate the query by p - e(p) and sink keys by j.
     """
-    inv_freq = rope_inv_freq(c)
     evicted = lambda p: jnp.maximum(p - (sinks + window - 1), 0)  # noqa: E731
     ref = evicted(starts)[:, None]                                          # [B, 1]
-    q_window = apply_rope(q, positions - ref, inv_freq)
-    q_sink = apply_rope(q, positions - evicted(positions), inv_freq)
+    q_window = apply_rope(q, positions - ref, inv_freq, rope_scale)
+    q_sink = apply_rope(q, positions - evicted(positions), inv_freq, rope_scale)
 
     def score(keys, k_pos):
-        window_scores = scores(q_window, apply_rope_heads_first(keys, k_pos - ref, inv_freq))
-        sink_scores = scores(q_sink, apply_rope_heads_first(keys, k_pos, inv_freq))
+        window_scores = scores(q_window, apply_rope_heads_first(keys, k_pos - ref, inv_freq, rope_scale),
+                               *score_args(c))
+        sink_scores = scores(q_sink, apply_rope_heads_first(keys, k_pos, inv_freq, rope_scale),
+                             *score_args(c))
         return jnp.where((k_pos < sinks)[:, None, None, None, :], sink_scores, window_scores)
 
     return score
@@ -221,7 +251,8 @@ def _pressed(self, x, q_pre, q, k, v, positions, lengths, cache, layer, window, 
     owner = cache.head_owner[layer] if cache.pooled else None
     chunk_k, chunk_v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     blocks = [_cache_block(c, q, kb, vb, cache.head_pos[layer], owner, positions, window, sinks),
-              (scores(q, chunk_k), attention_mask(positions, positions, valid, window, sinks), chunk_v)]
+              (scores(q, chunk_k, *score_args(c)), attention_mask(positions, positions, valid, window, sinks),
+               chunk_v)]
     need_sums = press is not None and press.needs_attention
     res = softmax_blocks(blocks, q.dtype, column_sums=need_sums, query_valid=valid)
     out, sums = res if need_sums else (res, None)
@@ -239,10 +270,10 @@ def _cache_block(c, q, kb, vb, pos, owner, positions, window, sinks):
     its owner's query heads."""
     mask = attention_mask(positions, pos, pos >= 0, window, sinks)           # [B, K or 1, T, S]
     if owner is None:
-        return scores(q, kb), mask, vb
+        return scores(q, kb, *score_args(c)), mask, vb
     B, T, N, _ = q.shape
     K = c.num_kv_heads
-    s = scores(q, kb).reshape(B, K, N // K, T, -1)                            # [B, K, G, T, P]
+    s = scores(q, kb, *score_args(c)).reshape(B, K, N // K, T, -1)                            # [B, K, G, T, P]
     own = owner[:, None, :] == jnp.arange(K, dtype=jnp.int32)[None, :, None]  # [B, K, P]
     mask = mask[:, :, None] & own[:, :, None, None, :]                        # [B, K, 1, T, P]
     return s, mask, jnp.broadcast_to(vb, (B, K, *vb.shape[2:]))

@@ -32,6 +32,14 @@ Kinds (one interface; `kind` and `num_sinks` are static pytree metadata):
           rotation; attention assigns rotary positions by place in the cache (see
           attention.py), as the StreamingLLM paper found necessary for stable perplexity.
 
+Hybrid (dense or int8, the default for models with windowed layers, e.g. Gemma 2/3 or a
+Qwen2 with `max_window_layers`): a layer whose window W is shorter than max_len keeps a
+ring of W slots (position p in slot p mod W, as the window kind), every other layer keeps
+max_len slots. `rings` (static) gives each layer's ring size (0: a full layer) and
+`slot_pos` [B, W] the positions the ring slots hold (all ring layers see the same tokens).
+Outputs equal the masked full cache's exactly: a query of a windowed layer never looks
+further back than W. `init_cache(..., hybrid=False)` allocates max_len on every layer.
+
 Pooled (a pressed cache for head-wise budgets, AdaKV): the K heads' [K, S] slots of a layer
 are one pool of P = K * S slots, keys [B, 1, P, H], with `head_owner` [B, P] naming the kv
 head each slot belongs to; heads may hold very different numbers of tokens in the same
@@ -70,14 +78,18 @@ class KVCache:
     lengths: jax.Array      # int32 [B]: tokens seen per row = position of the next token
     key_scales: tuple = ()  # int8 only: L arrays float32 [B, K, S]
     value_scales: tuple = ()
-    slot_pos: jax.Array | None = None   # window/sinks only: int32 [B, S], -1 = empty slot
+    slot_pos: jax.Array | None = None   # window/sinks: int32 [B, S]; hybrid: [B, W] of the
+                                        # ring layers; -1 = empty slot
     head_pos: tuple = ()    # pressed only: L arrays int32 [B, K, S_l], position per slot, -1 = empty
     head_fill: tuple = ()   # pressed only: L arrays int32 [B, K], slots used per kv head
     head_owner: tuple = ()  # pooled only: L arrays int32 [B, P], kv head owning each pool slot, -1 empty
     extras: tuple = ()      # kivi only: L dicts of scales, minima and the full-precision residual
+    page_table: jax.Array | None = None  # paged only (kvjax/engine): int32 [B, W] pool page of each
+                                         # row's page w; keys/values are L pools [P, K, page, H]
     kind: str = "dense"
     num_sinks: int = 0
     quant: tuple = ()       # kivi only: (bits, group_size, residual_length), static
+    rings: tuple = ()       # hybrid only: per layer its ring size W, or 0 for a full layer; static
 
     @property
     def batch_size(self) -> int:
@@ -85,8 +97,21 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        """Number of slots S (for window/sinks, not a limit on tokens)."""
+        """Number of slots S of the full layers (for window/sinks, and a hybrid cache whose
+        layers are all rings, the ring: not a limit on tokens)."""
+        if self.rings:
+            return max(k.shape[2] for k in self.keys)
         return self.keys[0].shape[2]
+
+    @property
+    def hybrid(self) -> bool:
+        """True for a cache with a ring on its windowed layers and max_len slots on the others."""
+        return bool(self.rings)
+
+    @property
+    def all_rings(self) -> bool:
+        """Every layer is a ring (a hybrid cache of a model windowed on every layer, e.g. Mistral)."""
+        return bool(self.rings) and all(self.rings)
 
     @property
     def dtype(self):
@@ -100,7 +125,7 @@ class KVCache:
     @property
     def reads_live_prefix(self) -> bool:
         """Attention may read only a prefix of the slots (dense/int8, not pressed)."""
-        return self.kind in ("dense", "int8") and not self.pressed
+        return self.kind in ("dense", "int8") and not self.pressed and not self.all_rings
 
     @property
     def pressed(self) -> bool:
@@ -117,8 +142,18 @@ class KVCache:
 
     @property
     def bounded(self) -> bool:
-        """True for kinds that raise when full (dense, int8, kivi); window/sinks run on forever."""
-        return self.kind in ("dense", "int8", "kivi")
+        """True for kinds that raise when full (dense, int8, kivi); window/sinks run on forever
+        (as does a hybrid cache whose layers are all rings)."""
+        return self.kind in ("dense", "int8", "kivi") and not self.all_rings
+
+    def layer_view(self, layer: int) -> "KVCache":
+        """Layer `layer` alone as a one-layer cache (no copy): a ring layer of a hybrid cache
+        becomes a ring (slot_pos set), a full layer a plain dense/int8 cache."""
+        ring = bool(self.rings) and self.rings[layer] > 0
+        one = lambda t: (t[layer],) if t else ()  # noqa: E731
+        return self.replace(keys=one(self.keys), values=one(self.values), key_scales=one(self.key_scales),
+                            value_scales=one(self.value_scales), slot_pos=self.slot_pos if ring else None,
+                            rings=())
 
     @property
     def nbytes(self) -> int:
@@ -131,8 +166,8 @@ class KVCache:
 
 jax.tree_util.register_dataclass(
     KVCache, data_fields=["keys", "values", "lengths", "key_scales", "value_scales", "slot_pos",
-                          "head_pos", "head_fill", "head_owner", "extras"],
-    meta_fields=["kind", "num_sinks", "quant"])
+                          "head_pos", "head_fill", "head_owner", "extras", "page_table"],
+    meta_fields=["kind", "num_sinks", "quant", "rings"])
 
 
 def _resolve_dtype(cfg: ModelConfig, dtype) -> np.dtype:
@@ -163,10 +198,39 @@ def _quant(kind: str, bits, group_size, residual_length) -> tuple:
     return tuple(KIVI_DEFAULTS[k] if v is None else int(v) for k, v in q.items())
 
 
+def layer_rings(cfg: ModelConfig, max_len: int, kind: str = "dense", hybrid: bool | None = None) -> tuple:
+    """Per-layer ring sizes of the cache `init_cache` makes (() when it is not hybrid).
+
+    hybrid None (default): a ring of W slots on every layer whose window W is shorter than
+    max_len, for dense and int8 caches; False: max_len slots on every layer; True: as None,
+    but raise when no layer can have a ring (so a request for savings never silently gets none).
+    """
+    if hybrid is False:
+        return ()
+    reason = None
+    if kind not in ("dense", "int8"):
+        reason = (f"a {kind!r} cache has one layout on every layer (window and sinks caches are "
+                  f"rings everywhere; kivi keeps max_len slots and masks the windows)")
+    elif cfg.attention_sinks:
+        reason = (f"the model keeps attention_sinks={cfg.attention_sinks} first tokens visible, "
+                  f"which a ring of the window would drop")
+    else:
+        rings = tuple(w if (w := cfg.layer_window(i)) is not None and w < max_len else 0
+                      for i in range(cfg.num_layers))
+        if any(rings):
+            return rings
+        reason = (f"no layer of {cfg.name!r} has a window shorter than max_len={max_len} "
+                  f"(windows: {[cfg.layer_window(i) for i in range(cfg.num_layers)]})")
+    if hybrid:
+        raise ValueError(f"hybrid=True: {reason}")
+    return ()
+
+
 def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kind: str = "dense",
                 num_sinks: int | None = None, pressed: bool = False, pooled: bool = False,
                 bits: int | None = None,
-                group_size: int | None = None, residual_length: int | None = None) -> int:
+                group_size: int | None = None, residual_length: int | None = None,
+                hybrid: bool | None = None) -> int:
     """Bytes `init_cache` allocates for these arguments, computed without allocating.
 
     pressed: the same cache once a press has compacted it (it adds per-head slot positions
@@ -188,18 +252,32 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
         per_head = batch_size * cfg.num_kv_heads * 4
         return (cache_bytes(cfg, batch_size, max_len, dtype, kind)
                 + cfg.num_layers * per_head * (max_len + 1))
-    values = batch_size * cfg.num_kv_heads * max_len * cfg.head_dim
-    per_layer = 2 * values * (1 if kind == "int8" else _resolve_dtype(cfg, dtype).itemsize)
-    if kind == "int8":
-        per_layer += 2 * batch_size * cfg.num_kv_heads * max_len * 4     # float32 scales
+    rings = () if pressed else layer_rings(cfg, max_len, kind, hybrid)
+
+    def per_layer(slots):
+        values = batch_size * cfg.num_kv_heads * slots * cfg.head_dim
+        n = 2 * values * (1 if kind == "int8" else _resolve_dtype(cfg, dtype).itemsize)
+        if kind == "int8":
+            n += 2 * batch_size * cfg.num_kv_heads * slots * 4            # float32 scales
+        return n
+
+    if rings:   # full layers, ring layers, and the ring's slot positions
+        ring = max(rings)
+        return (sum(per_layer(r or max_len) for r in rings) + batch_size * ring * 4
+                + 4 * batch_size)
     extra = batch_size * max_len * 4 if kind in ("window", "sinks") else 0  # slot_pos
-    return cfg.num_layers * per_layer + extra + 4 * batch_size              # + lengths
+    return cfg.num_layers * per_layer(max_len) + extra + 4 * batch_size    # + lengths
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh=None,
                kind: str = "dense", num_sinks: int | None = None, bits: int | None = None,
-               group_size: int | None = None, residual_length: int | None = None) -> KVCache:
+               group_size: int | None = None, residual_length: int | None = None,
+               hybrid: bool | None = None) -> KVCache:
     """An empty cache of `max_len` slots per row.
+
+    hybrid: on a model with windowed layers (layer_types / sliding_window), a dense or int8
+    cache keeps only a ring of `window` slots on each windowed layer by default (see
+    `layer_rings`); hybrid=False allocates max_len slots on every layer.
 
     dtype: storage dtype of dense/window/sinks buffers (default `cfg.dtype`; int8 ignores it).
     kind: "dense" | "int8" | "window" | "sinks" | "kivi"; num_sinks: sink slots for "sinks"
@@ -221,19 +299,22 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh
                        values=tuple(l.pop("v_codes") for l in layers),
                        lengths=jnp.zeros((batch_size,), jnp.int32), extras=tuple(layers),
                        kind="kivi", quant=quant)
+    rings = layer_rings(cfg, max_len, kind, hybrid)
     if mesh is not None:
         from .sharding import init_sharded_cache  # sharding imports this module
-        return init_sharded_cache(cfg, batch_size, max_len, mesh, dtype, kind, sinks)
+        return init_sharded_cache(cfg, batch_size, max_len, mesh, dtype, kind, sinks, rings)
     dt = jnp.int8 if kind == "int8" else _resolve_dtype(cfg, dtype)
-    B, K, S, H, L = batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, cfg.num_layers
-    bufs = lambda shape, d: tuple(jnp.zeros(shape, d) for _ in range(L))  # noqa: E731
+    B, K, H, L = batch_size, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+    slots = [(rings[i] if rings else 0) or max_len for i in range(L)]
+    bufs = lambda tail, d: tuple(jnp.zeros((B, K, s, *tail), d) for s in slots)  # noqa: E731
+    ring_slots = max(rings) if rings else (max_len if kind in ("window", "sinks") else 0)
     return KVCache(
-        keys=bufs((B, K, S, H), dt), values=bufs((B, K, S, H), dt),
+        keys=bufs((H,), dt), values=bufs((H,), dt),
         lengths=jnp.zeros((B,), jnp.int32),
-        key_scales=bufs((B, K, S), jnp.float32) if kind == "int8" else (),
-        value_scales=bufs((B, K, S), jnp.float32) if kind == "int8" else (),
-        slot_pos=jnp.full((B, S), -1, jnp.int32) if kind in ("window", "sinks") else None,
-        kind=kind, num_sinks=sinks)
+        key_scales=bufs((), jnp.float32) if kind == "int8" else (),
+        value_scales=bufs((), jnp.float32) if kind == "int8" else (),
+        slot_pos=jnp.full((B, ring_slots), -1, jnp.int32) if ring_slots else None,
+        kind=kind, num_sinks=sinks, rings=rings)
 
 
 # ----------------------------------------------------------------------------- traced helpers
@@ -244,13 +325,19 @@ def chunk_slots(cache: KVCache, starts: jax.Array, lengths: jax.Array, T: int) -
     Padding is never written. In a ring, a chunk longer than the ring would hit a slot more
     than once (a scatter with duplicate indices has no defined winner), so only the last
     ring-size real tokens of the chunk are written: the earlier ones would be overwritten anyway.
+    A hybrid cache gets a pair (slots of its full layers, slots of its ring layers).
     """
+    if cache.hybrid:
+        full = next((i for i, r in enumerate(cache.rings) if not r), None)
+        ring = cache.rings.index(max(cache.rings))
+        return (None if full is None else chunk_slots(cache.layer_view(full), starts, lengths, T),
+                chunk_slots(cache.layer_view(ring), starts, lengths, T))
     S, s = cache.max_len, cache.num_sinks
     t = jnp.arange(T, dtype=jnp.int32)[None, :]
     pos = starts[:, None] + t                                           # [B, T]
     end = (starts + lengths)[:, None]
     keep = t < lengths[:, None]
-    if cache.kind == "window":
+    if cache.kind == "window" or (cache.slot_pos is not None and cache.kind != "sinks"):
         slot = pos % S
         keep = keep & (pos >= end - S)
     elif cache.kind == "sinks":
@@ -342,7 +429,10 @@ def assemble(cache: KVCache, layers: list, starts, lengths, slots) -> KVCache:
     if cache.kind == "int8":
         changes.update(key_scales=tuple(l["ks"] for l in layers),
                        value_scales=tuple(l["vs"] for l in layers))
-    if cache.slot_pos is not None:
+    if cache.hybrid:
+        ring = cache.rings.index(max(cache.rings))
+        changes["slot_pos"] = slot_positions(cache.layer_view(ring), starts, lengths, slots[1])[0]
+    elif cache.slot_pos is not None:
         changes["slot_pos"] = slot_positions(cache, starts, lengths, slots)[0]
     return cache.replace(**changes)
 
@@ -353,6 +443,8 @@ def as_pressed(cache: KVCache) -> KVCache:
     """A dense/int8 cache in the pressed layout (traced): slot s of every head holds position s."""
     if cache.pressed:
         return cache
+    if cache.hybrid:   # host checks refuse this first (kvjax/press/host.py)
+        raise ValueError("a hybrid cache cannot be pressed; make it with init_cache(..., hybrid=False)")
     pos, fill = [], []
     for layer in range(len(cache.keys)):
         B, K, S = cache.keys[layer].shape[:3]

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "generate": ("kvjax.generate_cli", "add_parser"),
     "run": ("kvjax.runner.cli", "add_parser"),
     "train": ("kvjax.runner.cli", "add_train_parser"),
+    "serve": ("kvjax.serve.cli", "add_parser"),
 }
 
 

@@ -212,7 +212,7 @@ _decode_loop_jit = jax.jit(_decode_loop, static_argnums=(0, 4, 6), donate_argnum
 
 @lru_cache(maxsize=None)
 def _mesh_jits(cfg: ModelConfig, mesh, kind: str = "dense", num_sinks: int = 0, layout_in: str = "plain",
-               layout_out: str | None = None, budgets: bool = False):
+               layout_out: str | None = None, budgets: bool = False, rings: tuple = ()):
     """The same three programs with explicit in/out shardings (pjit) for caches on `mesh`.
 
     Pinning the output cache to the input cache's sharding keeps it laid out the same way
@@ -222,8 +222,8 @@ def _mesh_jits(cfg: ModelConfig, mesh, kind: str = "dense", num_sinks: int = 0, 
     """
     params_shape = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     ps = sharding.param_shardings(cfg, params_shape, mesh)
-    cs = sharding.cache_shardings(cfg, mesh, kind, num_sinks, layout_in)
-    out = sharding.cache_shardings(cfg, mesh, kind, num_sinks, layout_out or layout_in)
+    cs = sharding.cache_shardings(cfg, mesh, kind, num_sinks, layout_in, rings)
+    out = sharding.cache_shardings(cfg, mesh, kind, num_sinks, layout_out or layout_in, rings)
     b1, b2 = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
     rep = sharding.replicated(mesh)
     knobs = {"temperature": b1, "top_k": b1, "top_p": b1, "eos": rep, "pad": rep, "key": rep}
@@ -267,7 +267,8 @@ def _pick(logits, i, done, knobs):
                  knobs["top_k"], knobs["top_p"])
     active = ~done
     tok = jnp.where(active, tok, knobs["pad"])
-    return tok, active, done | (active & (tok == knobs["eos"]))
+    is_eos = (tok[:, None] == knobs["eos"][None, :]).any(axis=-1)   # eos: int32 [E], -1 padded
+    return tok, active, done | (active & is_eos)
 
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
@@ -317,6 +318,8 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, tok.shape[0])
     used = sharding.to_host(cache.lengths)
+    if press is not None and hasattr(press, "prefill"):   # a whole-model press (KVzip): its own passes
+        return press.prefill(cfg, params, tok, lens, cache)
     if press is not None or cache.pressed:
         from .press import host
         if press is not None:
@@ -334,7 +337,8 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
                   _global_budgets(mesh, budgets))
     validate.check_room(cfg, used, lens, cache.max_len, "prefill", cache.bounded)
     live = live_bucket(int((used + lens).max()), cache.max_len) if cache.reads_live_prefix else None
-    fn = _prefill_jit if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks)["prefill"]
+    fn = _prefill_jit if mesh is None else _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks,
+                                                      rings=cache.rings)["prefill"]
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, live, None, None)
 
 
@@ -367,7 +371,8 @@ def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = 
         return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache, live)
     if not isinstance(tokens, jax.Array) or tokens.is_fully_addressable:
         (tokens,) = _placed(mesh, np.asarray(tokens, np.int32))
-    return _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks, sharding.layout_name(cache))["decode"](
+    return _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks, sharding.layout_name(cache),
+                      rings=cache.rings)["decode"](
         cfg, params, tokens, cache, live)
 
 
@@ -379,7 +384,9 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     """Generate `max_new_tokens` per row after right-padded prompts [B, S].
 
     temperature/top_k/top_p: scalars or per-row [B] (temperature 0 = greedy). A row that
-    emits `eos_token_id` stops: its later tokens are `pad_token_id` and its length freezes.
+    emits an end-of-sequence id stops: its later tokens are `pad_token_id` and its length
+    freezes. `eos_token_id`: None, one id, or a sequence of ids (generation_config.json's
+    list, e.g. Llama 3's <|end_of_text|> and <|eot_id|>); any of them stops a row.
     `cache`: continue from an existing cache (the prompt is appended after each row's
     history, e.g. the next turn of a conversation); it is donated. Otherwise a cache of
     `max_len` slots (default: prompt width + max_new_tokens) is allocated.
@@ -406,6 +413,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     if cache is None:
         if mesh is not None:
             sharding.check_mesh(cfg, mesh, B)
+        if press is not None:   # presses work on max_len slots per layer, not on rings
+            cache_options.setdefault("hybrid", False)
         cache = init_cache(cfg, B, max_len if max_len is not None else S + max_new_tokens, mesh=mesh,
                            kind=cache_kind, num_sinks=num_sinks, **cache_options)
     elif max_len is not None and max_len != cache.max_len:
@@ -424,7 +433,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         plan = (*live_plan(int((used + lens).max()), int(max_new_tokens), cache), None, None)
     fn = _generate_cached if mesh is None else _mesh_jits(
         cfg, mesh, cache.kind, cache.num_sinks, sharding.layout_name(cache), _out_layout(cache, press),
-        "budgets" in knobs)["generate"]
+        "budgets" in knobs, cache.rings)["generate"]
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan,
               _place_knobs(mesh, knobs))
 
@@ -456,6 +465,21 @@ def _pressed_plan(cfg, cache, press, mesh, lens, N, width, knobs, what):
     return (None, segments, prompt_press, decoding), knobs
 
 
+EOS_WIDTH = 8   # knobs["eos"] holds up to this many end-of-sequence ids without a new program
+
+
+def eos_ids(eos_token_id) -> list[int]:
+    """None, an int, or a sequence of ints -> the list of end-of-sequence ids (ValueError otherwise)."""
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, (int, np.integer)) and not isinstance(eos_token_id, bool):
+        return [int(eos_token_id)]
+    if np.ndim(eos_token_id) == 1 and all(isinstance(e, (int, np.integer)) and not isinstance(e, bool)
+                                          for e in eos_token_id):
+        return [int(e) for e in eos_token_id]
+    raise ValueError(f"eos_token_id must be None, an int or a sequence of ints, got {eos_token_id!r}")
+
+
 def _knobs(cfg, B, temperature, top_k, top_p, eos_token_id, key, pad_token_id):
     """Sampling parameters as per-row device arrays (traced, so new values never recompile)."""
     def per_row(name, value, dtype):
@@ -473,11 +497,15 @@ def _knobs(cfg, B, temperature, top_k, top_p, eos_token_id, key, pad_token_id):
     p = per_row("top_p", top_p, np.float32)
     if ((p <= 0) | (p > 1)).any():
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    for name, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+    eos = eos_ids(eos_token_id)
+    for name, v in [*(("eos_token_id", e) for e in eos), ("pad_token_id", pad_token_id)]:
         if v is not None and not 0 <= int(v) < cfg.vocab_size:
             raise ValueError(f"{name}={v} is outside the vocabulary [0, {cfg.vocab_size})")
+    # A fixed width (-1 padded) so that one to EOS_WIDTH ids share one compiled program.
+    width = max(EOS_WIDTH, -(-len(eos) // EOS_WIDTH) * EOS_WIDTH)
     return {"temperature": jnp.asarray(temp), "top_k": jnp.asarray(k), "top_p": jnp.asarray(p),
-            "eos": jnp.asarray(-1 if eos_token_id is None else int(eos_token_id), jnp.int32),
+            "eos": jnp.asarray(np.pad(np.asarray(eos, np.int32), (0, width - len(eos)),
+                                      constant_values=-1)),
             "pad": jnp.asarray(pad_token_id, jnp.int32),
             "key": key if key is not None else jax.random.key(0)}
 

@@ -2,7 +2,13 @@
 
     kvjax generate --model PATH --prompt "Once upon a time" [--max-new-tokens 64]
                    [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--no-cache]
-                   [--dtype float32|bfloat16]
+                   [--dtype float32|bfloat16] [--chat [--system TEXT]]
+
+With --chat the prompt is one user message (after an optional --system message) rendered
+by the checkpoint's chat template (`Tokenizer.apply_chat_template`, generation prompt
+added); without it the prompt is encoded as plain text. Generation stops at any of the
+checkpoint's end-of-sequence ids (generation_config.json's `eos_token_id`, an int or a
+list such as Llama 3's <|end_of_text|> and <|eot_id|>).
 
 The continuation goes to stdout; the report (prompt tokens, new tokens, prefill ms,
 decode tokens/s, KV cache bytes) goes to stderr, so the text can be piped on its own.
@@ -37,8 +43,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="checkpoint folder; supported model_type: gpt2, llama, mistral, qwen2")
     p.add_argument("--prompt", required=True, help="text to continue (encoded with the "
                    "checkpoint's tokenizer, special tokens such as BOS included)")
+    p.add_argument("--chat", action="store_true",
+                   help="treat PROMPT as a user message and render it with the checkpoint's chat "
+                        "template (plus the assistant's generation prompt)")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="a system message placed before the user message (implies --chat)")
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, metavar="N",
-                   help="tokens to generate (fewer if the model emits its EOS token); default %(default)s")
+                   help="tokens to generate (fewer if the model emits one of its end-of-sequence "
+                        "ids); default %(default)s")
     p.add_argument("--temperature", type=_float_range(0.0, math.inf), default=0.0,
                    metavar="T", help="sampling temperature; 0 (the default) means greedy (argmax)")
     p.add_argument("--top-k", type=_int_at_least(0), default=0, metavar="K",
@@ -121,7 +133,15 @@ def resolve_model(spec: str, dtype: str):
 
 def run(args) -> int:
     cfg, params, tok = resolve_model(args.model, args.dtype)
-    ids = tok.encode(args.prompt)
+    if args.chat or args.system is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+        messages.append({"role": "user", "content": args.prompt})
+        try:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise UserError(f"--chat: {e}") from None
+    else:
+        ids = tok.encode(args.prompt)
     if not ids:
         raise UserError("--prompt encodes to no tokens; give some text")
     if max(ids) >= cfg.vocab_size:
@@ -172,10 +192,9 @@ def _decode_once(cfg, params, ids, max_new_tokens, *, temperature, top_k, top_p,
     from .timing import compile_watch
 
     key = jax.random.key(seed)
-    eos = eos_ids[0] if eos_ids else None
     prompt = np.asarray([ids], np.int32)
     n = len(ids)
-    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos)
+    knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=list(eos_ids) or None)
     jax.block_until_ready(params)
 
     # Prefill: the prompt in one pass; its last logits give the first new token.

@@ -7,14 +7,20 @@ and the new per-layer cache arrays are an explicit return value, never a mutable
 collection. One forward path serves a full no-cache pass, chunked prefill and
 single-token decode: they differ only in whether `cache` is given and in the chunk length T.
 
-Parameter tree (names used by the checkpoint mapping in hf.py):
+Parameter tree (names used by the checkpoint mapping in kvjax/hf/):
   embed/embedding [V, D]; pos_embed/embedding [P, D] (learned positions only)
-  layers_{i}/attn_norm, attn/{q,k,v,o}/{kernel [in, out], bias?}, mlp_norm,
-             mlp/{gate,up,down} (swiglu) or mlp/{fc,proj} (gelu)
+  layers_{i}/attn/{q,k,v,o}/{kernel [in, out], bias?}, attn/{q_norm,k_norm}/scale (qk_norm),
+             mlp/{gate,up,down} (swiglu, geglu) or mlp/{fc,proj} (gelu), and per
+             norm_placement: "pre" attn_norm, mlp_norm; "sandwich" (Gemma 2/3) those plus
+             post_attn_norm, post_mlp_norm; "post" (OLMo 2) post_attn_norm, post_mlp_norm only
   final_norm/{scale, bias?}; lm_head/kernel [D, V] (untied only)
+
+Per layer: `cfg.layer_window(i)` and `cfg.layer_rope(i)` pick each layer's window and
+rotary table (attention.py); everything else is shared by every layer.
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import flax.linen as nn
@@ -33,11 +39,15 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, lengths, cache=None, layer=0, starts=None, slots=None, live=None,
                  press=None, budget=None):
-        h, new_layer = Attention(self.cfg, self.std, name="attn")(
-            Norm(self.cfg, name="attn_norm")(x), positions, lengths, cache, layer, starts, slots, live,
-            press, budget)
-        x = x + h
-        x = x + MLP(self.cfg, self.std, name="mlp")(Norm(self.cfg, name="mlp_norm")(x))
+        c = self.cfg
+        pre = c.norm_placement in ("pre", "sandwich")     # norm the sublayer's input
+        post = c.norm_placement in ("sandwich", "post")   # norm its output before the residual add
+        h, new_layer = Attention(c, self.std, name="attn")(
+            Norm(c, name="attn_norm")(x) if pre else x, positions, lengths, cache, layer, starts,
+            slots, live, press, budget)
+        x = x + (Norm(c, name="post_attn_norm")(h) if post else h)
+        h = MLP(c, self.std, name="mlp")(Norm(c, name="mlp_norm")(x) if pre else x)
+        x = x + (Norm(c, name="post_mlp_norm")(h) if post else h)
         return x, new_layer
 
 
@@ -66,6 +76,8 @@ class Transformer(nn.Module):
         # Only padding can fall outside the vocab (real tokens are validated on the host);
         # clip so padding such as -1 never indexes anything surprising.
         x = embed(jnp.clip(tokens, 0, c.vocab_size - 1))                        # [B, T, D]
+        if c.embed_scale:  # Gemma: sqrt(d_model) rounded to the weight dtype, as transformers
+            x = x * jnp.asarray(math.sqrt(c.d_model), jnp.float32).astype(dt)
         if c.positions == "learned":
             pos_embed = nn.Embed(c.max_position, c.d_model, dtype=dt, param_dtype=dt,
                                  name="pos_embed", embedding_init=nn.initializers.normal(self.std))
@@ -84,7 +96,10 @@ class Transformer(nn.Module):
         else:
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=dt, param_dtype=dt,
                               name="lm_head", kernel_init=nn.initializers.normal(self.std))(x)
-        return logits.astype(jnp.float32), (None if cache is None else new_layers)
+        logits = logits.astype(jnp.float32)
+        if c.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
+            logits = c.final_softcap * jnp.tanh(logits / c.final_softcap)
+        return logits, (None if cache is None else new_layers)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02):

@@ -67,6 +67,7 @@ def save_cache(path, cache: KVCache, cfg: ModelConfig | None = None) -> Path:
         # NumPy's .npz cannot describe bfloat16: store the raw bits, the dtype in the record.
         arrays[name] = host.view(np.uint16) if host.dtype == jnp.bfloat16 else host
     meta = {"format": FORMAT, "kind": cache.kind, "num_sinks": cache.num_sinks, "quant": list(cache.quant),
+            "rings": list(cache.rings),
             "num_layers": len(cache.keys), "dtypes": dtypes,
             "config": None if cfg is None else config_record(cfg),
             "fingerprint": None if cfg is None else fingerprint(cfg)}
@@ -117,13 +118,15 @@ def load_cache(path, cfg: ModelConfig | None = None, kind: str | None = None, me
                     slot_pos=get("slot_pos") if "slot_pos" in arrays else None,
                     head_pos=per_layer("head_pos"), head_fill=per_layer("head_fill"),
                     head_owner=per_layer("head_owner"), extras=extras,
-                    kind=meta["kind"], num_sinks=meta["num_sinks"], quant=tuple(meta.get("quant", ())))
+                    kind=meta["kind"], num_sinks=meta["num_sinks"], quant=tuple(meta.get("quant", ())),
+                    rings=tuple(meta.get("rings", ())))
     if mesh is not None:
-        from .sharding import cache_shardings, check_mesh
+        from .sharding import cache_shardings, check_mesh, layout_name as sharding_layout
         if cfg is None:
             raise ValueError("load_cache(..., mesh=...) needs the model config to lay the cache out")
         check_mesh(cfg, mesh, cache.batch_size)
-        cache = jax.device_put(cache, cache_shardings(cfg, mesh, cache.kind, cache.num_sinks))
+        cache = jax.device_put(cache, cache_shardings(cfg, mesh, cache.kind, cache.num_sinks,
+                                                      sharding_layout(cache), cache.rings))
     return cache
 
 

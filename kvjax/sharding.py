@@ -84,12 +84,32 @@ def layout(cfg: ModelConfig, mesh: Mesh) -> dict[str, str | None]:
 
 
 def check_mesh(cfg: ModelConfig, mesh: Mesh, batch_size: int | None = None):
-    """Raise when the mesh cannot split the query heads or the batch evenly."""
+    """Raise when the mesh lacks kvjax's axes or cannot split the query heads or the batch evenly."""
+    missing = [a for a in AXES if a not in mesh.shape]
+    if missing:
+        raise ValueError(f"the mesh has axes {list(mesh.axis_names)} but kvjax needs {list(AXES)} (missing "
+                         f"{missing}); pass kvjax.make_mesh({{'data': D, 'model': M}}) or "
+                         f"jax.make_mesh((D, M), ('data', 'model'))")
     m, d = mesh.shape["model"], mesh.shape["data"]
     if cfg.num_heads % m:
         raise ValueError(f"the mesh's model axis ({m}) does not divide num_heads={cfg.num_heads}")
     if batch_size is not None and batch_size % d:
         raise ValueError(f"the mesh's data axis ({d}) does not divide the batch size {batch_size}")
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with Auto axis types.
+
+    `jax.make_mesh` returns Explicit axes (sharding in types), under which jit needs an
+    explicit output sharding for every ambiguous op (the embedding gather first) and raises
+    ShardingTypeError; kvjax places arrays with NamedSharding and lets jit propagate, so
+    every sharding it makes is built on the Auto view of the mesh.
+    """
+    types = getattr(mesh, "axis_types", None)
+    auto = jax.sharding.AxisType.Auto
+    if not types or all(t == auto for t in types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names))
 
 
 def _spec(logical: tuple, rules) -> P:
@@ -99,6 +119,7 @@ def _spec(logical: tuple, rules) -> P:
 def param_shardings(cfg: ModelConfig, params, mesh: Mesh):
     """A pytree of NamedSharding matching `params`."""
     check_mesh(cfg, mesh)
+    mesh = auto_axes(mesh)
     rules = layout(cfg, mesh)
 
     def one(path, leaf):
@@ -117,15 +138,17 @@ def shard_params(cfg: ModelConfig, params, mesh: Mesh):
 
 
 def cache_shardings(cfg: ModelConfig, mesh: Mesh, kind: str = "dense", num_sinks: int = 0,
-                    layout_of: str = "plain") -> KVCache:
+                    layout_of: str = "plain", rings: tuple = ()) -> KVCache:
     """A KVCache-shaped pytree of NamedSharding for a cache of `kind`.
 
     keys/values [B, K, S, H] and int8 scales [B, K, S] over (data, model-or-replicated);
     slot positions [B, S] and lengths [B] over data. layout_of: "plain", "pressed" (adds
     per-head positions [B, K, S] and fills [B, K], laid out like the buffers) or "pooled"
     (AdaKV: one pool [B, 1, P, H] per layer, rows over data, the pool replicated over model
-    since its kv heads are mixed; owners [B, P]).
+    since its kv heads are mixed; owners [B, P]). rings: a hybrid cache's per-layer ring
+    sizes (its ring positions [B, W] are laid out like slot positions).
     """
+    mesh = auto_axes(mesh)
     rules = layout(cfg, mesh)
     per_layer = lambda logical: tuple(NamedSharding(mesh, _spec(logical, rules))  # noqa: E731
                                       for _ in range(cfg.num_layers))
@@ -140,8 +163,8 @@ def cache_shardings(cfg: ModelConfig, mesh: Mesh, kind: str = "dense", num_sinks
             extra["head_owner"] = per_layer(("batch", "sequence"))
     return KVCache(keys=bufs, values=bufs, lengths=NamedSharding(mesh, P("data")),
                    key_scales=scales, value_scales=scales,
-                   slot_pos=NamedSharding(mesh, P("data", None)) if kind in ("window", "sinks") else None,
-                   kind=kind, num_sinks=num_sinks, **extra)
+                   slot_pos=NamedSharding(mesh, P("data", None)) if (kind in ("window", "sinks") or rings)
+                   else None, kind=kind, num_sinks=num_sinks, rings=tuple(rings), **extra)
 
 
 def layout_name(cache: KVCache) -> str:
@@ -149,22 +172,23 @@ def layout_name(cache: KVCache) -> str:
 
 
 def init_sharded_cache(cfg: ModelConfig, batch_size: int, max_len: int, mesh: Mesh, dtype=None,
-                       kind: str = "dense", num_sinks: int = 0) -> KVCache:
+                       kind: str = "dense", num_sinks: int = 0, rings: tuple = ()) -> KVCache:
     """`init_cache` created directly in its sharded layout (no full copy on any one device)."""
     check_mesh(cfg, mesh, batch_size)
-    shardings = cache_shardings(cfg, mesh, kind, num_sinks)
+    shardings = cache_shardings(cfg, mesh, kind, num_sinks, rings=rings)
     make = jax.jit(lambda: _init_cache_unsharded(cfg, batch_size, max_len, dtype, kind=kind,
-                                                 num_sinks=num_sinks), out_shardings=shardings)
+                                                 num_sinks=num_sinks, hybrid=bool(rings)),
+                   out_shardings=shardings)
     return make()
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Rows over data, everything else replicated."""
-    return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
+    return NamedSharding(auto_axes(mesh), P("data", *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+    return NamedSharding(auto_axes(mesh), P())
 
 
 def to_global(host_array, sharding: NamedSharding) -> jax.Array:

@@ -3,23 +3,35 @@
 Both classes expose the same surface (`Tokenizer`):
   encode(text, add_special_tokens=True) -> list[int]
   decode(ids, skip_special_tokens=True) -> str   (never raises on invalid UTF-8)
+  apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+      -> list[int] (or the rendered str with tokenize=False)
   vocab_size, bos_id, eos_id, pad_id (int or None), eos_ids (every id that ends a turn)
   save(folder)
 
 `ByteTokenizer`: ids 0..255 are raw UTF-8 bytes, then `<pad>`=256, `<bos>`=257, `<eos>`=258
 (vocab 259). It is stored as `kvjax_tokenizer.json` next to a checkpoint.
 `HFTokenizer`: wraps a `tokenizer.json` of the `tokenizers` library; special ids come from
-the checkpoint's generation_config.json, config.json and tokenizer_config.json.
+the checkpoint's generation_config.json, config.json and tokenizer_config.json, the chat
+template from chat_template.jinja (and additional_chat_templates/*.jinja) or
+tokenizer_config.json's `chat_template`, rendered by jinja2's sandbox exactly as
+transformers renders it (see `render_chat_template`).
 `load_tokenizer(folder)` returns whichever the folder holds.
 """
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
 
 BYTE_TOKENIZER_FILE = "kvjax_tokenizer.json"
 HF_TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+# transformers' named special tokens, offered to chat templates as variables (bos_token, ...)
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                       "mask_token")
 
 
 @runtime_checkable
@@ -34,6 +46,9 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str: ...
 
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True,
+                            tokenize: bool = True, **kwargs) -> list[int] | str: ...
+
     def save(self, folder) -> None: ...
 
 
@@ -42,6 +57,15 @@ class ByteTokenizer:
 
     `add_bos`: whether `encode(..., add_special_tokens=True)` starts with `<bos>`
     (models trained here see `<bos>` first, so prompts should too).
+
+    Chat template (`apply_chat_template`): a fixed plain-text format, one block per message,
+    `<|ROLE|>` on its own line, then the content and a newline; with
+    `add_generation_prompt` an opening `<|assistant|>` line follows:
+
+        <|system|>\nBe brief.\n<|user|>\nHi!\n<|assistant|>\n
+
+    The markers are ordinary bytes (the byte vocabulary has no room for new specials); the ids
+    are `encode(text)`, so `<bos>` comes first when `add_bos` is set.
     """
 
     PAD, BOS, EOS = 256, 257, 258
@@ -83,6 +107,23 @@ class ByteTokenizer:
                 out.append(names.get(i, f"<id:{i}>"))
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True,
+                            **kwargs) -> list[int] | str:
+        """The documented byte-level chat format (see the class docstring). Extra keyword
+        arguments (template variables for Hugging Face templates, e.g. enable_thinking) are
+        accepted and have no effect. tokenize=False returns the text."""
+        msgs = check_messages(messages)
+        parts = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}]['content'] must be a str for the byte-level chat "
+                                 f"template, got {type(m.get('content')).__name__}")
+            parts.append(f"<|{m['role']}|>\n{m['content']}\n")
+        if add_generation_prompt:
+            parts.append("<|assistant|>\n")
+        text = "".join(parts)
+        return self.encode(text) if tokenize else text
 
     def to_json(self) -> dict:
         return {"type": "byte", "version": 1, "vocab_size": self.vocab_size,
@@ -132,6 +173,8 @@ class HFTokenizer:
             eos = self._from_token_config("eos", tok_cfg)
         self.eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
         self.eos_id = self.eos_ids[0] if self.eos_ids else None
+        self.chat_template = _read_chat_templates(folder, tok_cfg)
+        self.special_tokens_map = _special_tokens_map(folder, tok_cfg)
 
     def __repr__(self):
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -165,6 +208,49 @@ class HFTokenizer:
         return self._tok.decode([i for i in ids if i < self.vocab_size],
                                 skip_special_tokens=skip_special_tokens)
 
+    def get_chat_template(self, chat_template: str | None = None, tools=None) -> str:
+        """The template text to render: the checkpoint's (its "default", or "tool_use" when
+        tools are given and the checkpoint names one), a named one, or `chat_template` itself
+        (transformers' `get_chat_template` rules)."""
+        own = self.chat_template
+        if isinstance(own, dict):
+            if chat_template is not None and chat_template in own:
+                return own[chat_template]
+            if chat_template is None:
+                if tools is not None and "tool_use" in own:
+                    return own["tool_use"]
+                if "default" in own:
+                    return own["default"]
+                raise ValueError(f"{self.path.parent} has several chat templates and none named 'default'; "
+                                 f"pass chat_template= one of {sorted(own)}")
+        if chat_template is not None:
+            return chat_template
+        if own is None:
+            raise ValueError(f"{self.path.parent} has no chat template: none in {CHAT_TEMPLATE_FILE}, "
+                             f"{CHAT_TEMPLATE_DIR}/ or tokenizer_config.json's 'chat_template'; pass "
+                             f"chat_template= a Jinja template, or encode the prompt as plain text")
+        return own
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True,
+                            chat_template: str | None = None, tools=None, documents=None,
+                            **kwargs) -> list[int] | str:
+        """Render `messages` (a list of {"role", "content"} dicts) with the checkpoint's Jinja chat
+        template, as transformers' `apply_chat_template` does, and encode the text WITHOUT adding
+        special tokens (the template writes its own, e.g. `{{ bos_token }}`). Returns the ids
+        transformers returns for the same folder (tokenize=False: the rendered text).
+
+        Unlike transformers, add_generation_prompt defaults to True (the usual case here: a
+        prompt for the model to answer). Extra keyword arguments are template variables (e.g.
+        enable_thinking=False); the named special tokens (bos_token, eos_token, ...) are
+        variables too, and keyword arguments override them.
+        """
+        template = self.get_chat_template(chat_template, tools)
+        msgs = check_messages(messages)
+        variables = {**self.special_tokens_map, **kwargs}
+        text = render_chat_template(template, msgs, add_generation_prompt=add_generation_prompt,
+                                    tools=tools, documents=documents, **variables)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
     def save(self, folder) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -174,6 +260,10 @@ class HFTokenizer:
                  if v is not None}
         cfg_file = folder / "tokenizer_config.json"
         existing = _read_json_if(cfg_file)
+        if isinstance(self.chat_template, str):
+            (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
+        elif isinstance(self.chat_template, dict):
+            names["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_template.items()]
         cfg_file.write_text(json.dumps({**existing, **names}, indent=2) + "\n")
 
 
@@ -202,6 +292,145 @@ def load_tokenizer(path) -> ByteTokenizer | HFTokenizer:
                 "transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder).")
     raise FileNotFoundError(f"no tokenizer in {path}: expected {HF_TOKENIZER_FILE} or "
                             f"{BYTE_TOKENIZER_FILE}, found {found or 'nothing'}.{hint}")
+
+
+def check_messages(messages) -> list[dict]:
+    """A chat as a list of message dicts, checked: each has a str "role" and a "content" (a str,
+    or a list of content parts such as {"type": "text", "text": ...}); an assistant message
+    with "tool_calls" may omit it. Keys whose value is None are dropped (as transformers does:
+    APIs send content=None). Returns new dicts; the caller's are not changed."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+                         f"{type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages is empty; give at least one {'role': ..., 'content': ...} dict")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got "
+                             f"{type(m).__name__}: {m!r}")
+        m = {k: v for k, v in m.items() if v is not None}
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            raise ValueError(f"messages[{i}] needs a non-empty str 'role' (e.g. 'user'), got {m.get('role')!r}")
+        content = m.get("content")
+        if content is None and "tool_calls" not in m:
+            raise ValueError(f"messages[{i}] (role {m['role']!r}) has no 'content'")
+        if content is not None and not isinstance(content, (str, list)):
+            raise ValueError(f"messages[{i}]['content'] must be a str or a list of content parts, got "
+                             f"{type(content).__name__}")
+        out.append(m)
+    return out
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
+                         **variables) -> str:
+    """Render a Hugging Face chat template the way transformers does (utils/chat_template_utils.py):
+    jinja2's ImmutableSandboxedEnvironment with trim_blocks, lstrip_blocks and loop controls,
+    `raise_exception(msg)`, `strftime_now(fmt)`, a `tojson` filter that does not escape HTML
+    (json.dumps, ensure_ascii=False), and the message fields `reasoning_content`/`thinking`
+    filled from each other. A template error becomes a ValueError naming it."""
+    import jinja2
+
+    msgs = []
+    for m in messages:      # transformers aliases a message's reasoning under its usual names
+        reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning")
+                          if m.get(k) is not None), None)
+        msgs.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
+    try:
+        return _compiled_template(template).render(messages=msgs, add_generation_prompt=add_generation_prompt,
+                                                   **variables)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template error: {e}") from None
+
+
+@lru_cache(maxsize=16)
+def _compiled_template(template: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if not isinstance(template, str):
+        raise ValueError(f"a chat template must be a str, got {type(template).__name__}")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    class _Generation(jinja2.ext.Extension):
+        """transformers' `{% generation %}...{% endgeneration %}` marks assistant text for its
+        training masks; rendering keeps the body as it is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat template syntax error (line {e.lineno}): {e.message}") from None
+
+
+def _read_chat_templates(folder: Path, tok_cfg: dict):
+    """The folder's chat template: a str, a dict name -> template, or None. Template files
+    (chat_template.jinja as "default", additional_chat_templates/NAME.jinja) take priority
+    over tokenizer_config.json's `chat_template` (a str or a list of {name, template}),
+    as in transformers."""
+    files = {}
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        files["default"] = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    extra = folder / CHAT_TEMPLATE_DIR
+    if extra.is_dir():
+        for f in sorted(extra.glob("*.jinja")):
+            files[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+    if files:
+        return files["default"] if list(files) == ["default"] else files
+    value = tok_cfg.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return {t["name"]: t["template"] for t in value}
+    raise ValueError(f"{folder / 'tokenizer_config.json'}: chat_template must be a str or a list of "
+                     f"{{'name', 'template'}} objects, got {type(value).__name__}")
+
+
+def _special_tokens_map(folder: Path, tok_cfg: dict) -> dict:
+    """transformers' `special_tokens_map`: the named special tokens as strings (bos_token, ...,
+    plus model-specific names from a dict `extra_special_tokens`), from tokenizer_config.json;
+    a legacy special_tokens_map.json fills in when the config has no added_tokens_decoder."""
+    merged = dict(tok_cfg)
+    legacy = folder / "special_tokens_map.json"
+    if "added_tokens_decoder" not in tok_cfg and legacy.is_file():
+        merged.update(_read_json(legacy))
+    names = list(SPECIAL_TOKEN_NAMES)
+    for key in ("model_specific_special_tokens", "extra_special_tokens"):
+        if isinstance(merged.get(key), dict):
+            names += list(merged[key])
+            merged = {**merged[key], **merged}
+    out = {}
+    for name in names:
+        value = merged.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            out[name] = value
+    return out
 
 
 def _read_json(file: Path) -> dict:

@@ -78,10 +78,20 @@ def check_cache(cfg: ModelConfig, cache, batch_size: int):
                          "and its buffers are gone; pass the cache that call returned")
     if len(cache.keys) != cfg.num_layers:
         raise ValueError(f"cache has {len(cache.keys)} layers but the model has {cfg.num_layers}")
-    want = (cache.batch_size, 1 if cache.pooled else cfg.num_kv_heads, cache.max_len, cfg.head_dim)
-    have = (*cache.keys[0].shape[:3], cache.head_dim)
-    if have != want:
-        raise ValueError(f"cache buffers have shape {have} but this model needs "
-                         f"[B, num_kv_heads, max_len, head_dim] = {want}")
+    for layer in range(cfg.num_layers):
+        slots = cache.keys[layer].shape[2]
+        if cache.hybrid and slots != (cache.rings[layer] or cache.max_len):
+            raise ValueError(f"hybrid cache layer {layer} has {slots} slots but its ring size is "
+                             f"{cache.rings[layer]} (0: a full layer of max_len={cache.max_len})")
+        want = (cache.batch_size, 1 if cache.pooled else cfg.num_kv_heads, slots, cfg.head_dim)
+        have = (*cache.keys[layer].shape[:3], cache.head_dim)
+        if have != want:
+            raise ValueError(f"cache buffers of layer {layer} have shape {have} but this model needs "
+                             f"[B, num_kv_heads, slots, head_dim] = {want}")
+    windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+    if cache.hybrid and any((r != w) if r else (w is not None and w < cache.max_len)
+                            for r, w in zip(cache.rings, windows)):
+        raise ValueError(f"this hybrid cache has rings {cache.rings} but the model's windows are "
+                         f"{[cfg.layer_window(i) for i in range(cfg.num_layers)]}")
     if cache.batch_size != batch_size:
         raise ValueError(f"cache batch size {cache.batch_size} does not match the tokens' batch size {batch_size}")

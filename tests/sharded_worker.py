@@ -22,6 +22,8 @@ if distributed:
     assert sharding.init_distributed()   # from KVJAX_* environment variables
 
 kind = overrides.pop("cache_kind", "dense")
+if "layer_types" in overrides:          # JSON has lists; ModelConfig fields are tuples
+    overrides["layer_types"] = tuple(overrides["layer_types"])
 cfg = kvjax.ModelConfig.preset(overrides.pop("preset", "llama-tiny"), **overrides)
 params = kvjax.init_params(cfg, jax.random.key(0), std=0.2)
 mesh = sharding.make_mesh(mesh_spec)
@@ -49,7 +51,7 @@ ref_logits, _ = kvjax.decode_step(cfg, params, np.asarray(ref_logits).argmax(-1)
 from kvjax.decode import _mesh_jits  # noqa: E402
 
 step_tokens = jax.ShapeDtypeStruct((B,), np.int32, sharding=sharding.batch_sharding(mesh, 1))
-hlo = _mesh_jits(cfg, mesh, kind, out.cache.num_sinks)["decode"].lower(
+hlo = _mesh_jits(cfg, mesh, kind, out.cache.num_sinks, rings=out.cache.rings)["decode"].lower(
     cfg, sp, step_tokens, kvjax.init_cache(cfg, B, MAX_LEN, mesh=mesh, kind=kind)).compile().as_text()
 gathers = []
 for line in hlo.splitlines():
@@ -65,7 +67,7 @@ report = {
     "logits_max_err": float(np.abs(np.asarray(sharding.to_host(logits)) - np.asarray(ref_logits)).max()),
     "cache_spec": str(cache.keys[0].sharding.spec),
     "shard_shape": list(shard.shape), "shard_bytes": int(shard.nbytes), "itemsize": shard.dtype.itemsize,
-    "kind": cache.kind, "max_len_seen": int(sharding.to_host(cache.lengths).max()),
+    "kind": cache.kind, "rings": list(cache.rings), "max_len_seen": int(sharding.to_host(cache.lengths).max()),
     "global_shape": list(cache.keys[0].shape),
     "cache_gathers": gathers,
     "layout": sharding.layout(cfg, mesh),

@@ -51,11 +51,13 @@ def test_ring_kinds_equal_their_pattern_oracle(name, kind, slots, sinks, oracle,
 
 
 def test_window_kind_generates_the_dense_tokens_on_a_sliding_window_model(rng):
-    """mistral-tiny has window 8: an 8-slot ring loses nothing against a full dense cache."""
+    """mistral-tiny has window 8: an 8-slot ring loses nothing against a full dense cache
+    (hybrid=False: max_len slots on every layer; the default dense cache of a model windowed
+    on every layer is itself a ring, see tests/test_hybrid_cache.py)."""
     cfg, params = model("mistral-tiny")
     prompts = rng.integers(0, cfg.vocab_size, (3, 12), dtype=np.int32)
     lens = np.array([12, 3, 7], np.int32)
-    dense = kvjax.generate(cfg, params, prompts, lens, max_new_tokens=30)
+    dense = kvjax.generate(cfg, params, prompts, lens, max_new_tokens=30, hybrid=False)
     ring = kvjax.generate(cfg, params, prompts, lens, max_new_tokens=30, max_len=8, cache_kind="window")
     np.testing.assert_array_equal(np.asarray(ring.tokens), np.asarray(dense.tokens))
     assert ring.cache.nbytes < dense.cache.nbytes / 4

@@ -67,7 +67,7 @@ def test_shape_mismatches(llama):
     with pytest.raises(ValueError, match="cache batch size 3 does not match"):
         kvjax.decode_step(cfg, params, np.ones((2,), np.int32), cache)
     other = kvjax.ModelConfig.preset("mqa-tiny")
-    with pytest.raises(ValueError, match=r"cache buffers have shape"):
+    with pytest.raises(ValueError, match=r"cache buffers of layer 0 have shape"):
         kvjax.prefill(other, params, np.ones((3, 4), np.int32), [4, 4, 4], cache)
     with pytest.raises(ValueError, match=r"temperature must be a scalar or have shape \[2\]"):
         kvjax.generate(cfg, params, np.ones((2, 4), np.int32), temperature=[1.0, 1.0, 1.0])

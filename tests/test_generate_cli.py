@@ -4,6 +4,7 @@ Checkpoints are built locally (hf_fixtures): transformers models with a trained 
 BPE tokenizer.json, and a kvjax model saved with a ByteTokenizer.
 """
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -112,6 +113,47 @@ def test_kvjax_checkpoint_with_byte_tokenizer(tmp_path, capsys):
     assert out == tok.decode(want) + "\n"
 
 
+def test_chat_flag_byte_template(tmp_path, capsys):
+    """--chat/--system render the prompt with the tokenizer's chat template (the byte-level one):
+    the same text as the rendered conversation given as a plain prompt (same ids: <bos> + bytes)."""
+    cfg = kvjax.ModelConfig.preset("llama-tiny")
+    kvjax.save_hf(cfg, random_params(cfg, seed=3), tmp_path, tokenizer=kvjax.ByteTokenizer())
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    text = kvjax.ByteTokenizer().apply_chat_template(chat, tokenize=False)
+    runs = [_run(capsys, "--model", tmp_path, *argv, "--max-new-tokens", 6, "--timing", "first")
+            for argv in (["--prompt", "hello", "--system", "Be brief."], ["--prompt", text])]
+    assert runs[0][0] == 0 and runs[0][1] == runs[1][1] and runs[0][1].strip()
+    assert _report(runs[0][2])["prompt tokens"] == str(1 + len(text.encode()))
+
+
+def test_chat_template_and_eos_list_from_checkpoint(tmp_path, capsys):
+    """An HF tokenizer's Jinja template drives --chat, and any id of generation_config.json's
+    eos_token_id list stops the text (here one the model is known to emit mid-way)."""
+    from kvjax.generate_cli import decode
+
+    cfg = kvjax.ModelConfig.preset("llama-tiny")
+    params = random_params(cfg, seed=5)
+    kvjax.save_hf(cfg, params, tmp_path)
+    make_hf_tokenizer(tmp_path)
+    tcfg = tmp_path / "tokenizer_config.json"
+    template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}"
+                "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    tcfg.write_text(json.dumps({**json.loads(tcfg.read_text()), "chat_template": template}))
+    tok = kvjax.load_tokenizer(tmp_path)
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}])
+    assert ids[0] == tok.bos_id and tok.decode(ids) == f"[user] {PROMPT}[assistant] "
+    free = decode(cfg, params, ids, NEW, timing="first")["tokens"]     # the CLI's programs, no EOS
+    cut = next(i for i in range(2, NEW) if free[i] not in free[:i])   # a token first seen at step i
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_id, free[cut]]}))
+    rc, out, err = _run(capsys, "--model", tmp_path, "--prompt", PROMPT, "--chat",
+                        "--max-new-tokens", NEW, "--timing", "first")
+    assert rc == 0 and out == tok.decode(free[:cut]) + "\n"
+    assert _report(err)["new tokens"] == str(cut)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    rc, out, err = _run(capsys, "--model", tmp_path, "--prompt", PROMPT, "--chat")
+    assert rc == 2 and "--chat: " in err and "has no chat template" in err
+
+
 def test_help_explains_every_flag(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -119,7 +161,7 @@ def test_help_explains_every_flag(capsys):
     flags = [a for a in gen._actions if a.option_strings and a.dest != "help"]
     assert {a.option_strings[0] for a in flags} == {
         "--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
-        "--no-cache", "--dtype", "--timing"}
+        "--no-cache", "--dtype", "--timing", "--chat", "--system"}
     assert all(a.help and len(a.help) > 15 for a in flags)
     with pytest.raises(SystemExit) as e:
         main(["generate", "--help"])

@@ -234,8 +234,8 @@ LLAMA = dict(model_type="llama", vocab_size=320, hidden_size=64, intermediate_si
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(mlp_bias=True), "mlp_bias"),
-    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2),
-     r"layers \[2, 3\] use a sliding window of 16"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=16,
+          layer_types=["full_attention"] * 2 + ["chunked_attention"] * 2), "chunked_attention"),
     (dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=64,
           activation_function="relu"), "activation_function='relu'"),
     (dict(num_key_value_heads=3), "num_kv_heads=3"),
@@ -259,6 +259,8 @@ def test_config_variants_map_as_transformers_reads_them():
     assert config_from_hf(q)[0].sliding_window is None
     assert config_from_hf({**q, "use_sliding_window": True, "max_window_layers": 0})[0].sliding_window == 16
     assert config_from_hf({**q, "use_sliding_window": True, "max_window_layers": 4})[0].sliding_window is None
+    mixed = config_from_hf({**q, "use_sliding_window": True, "max_window_layers": 2})[0]
+    assert mixed.layer_types == ("full", "full", "sliding", "sliding") and mixed.sliding_window == 16
     # Mistral's window carries over unchanged (same masking rule; see test_hf_parity).
     assert config_from_hf(dict(LLAMA, model_type="mistral", sliding_window=8))[0].sliding_window == 8
     # Llama's attention_bias covers q, k, v and o.

@@ -37,7 +37,8 @@ TINY = {
                               "cache_vs_nocache.min_seconds=0.01"],
     "memory_scaling.yaml": ["memory_scaling.preset=llama-tiny", "memory_scaling.kv_heads=[4,2,1]",
                             "memory_scaling.context_lens=[16,32]", "memory_scaling.batch_sizes=[1,2]",
-                            "memory_scaling.base_context=16", "memory_scaling.budget_gib=0.001"],
+                            "memory_scaling.base_context=16", "memory_scaling.budget_gib=0.001",
+                            "memory_scaling.hybrid_presets=[gemma3-tiny]", "memory_scaling.hybrid_contexts=[8,64]"],
     "batch_throughput.yaml": ["batch_throughput.batch_sizes=[1]", "batch_throughput.prompt_len=5",
                               "batch_throughput.new_tokens=4", "batch_throughput.step_repeats=2",
                               "batch_throughput.gen_repeats=2", "batch_throughput.min_seconds=0.01"],
@@ -86,6 +87,9 @@ def test_each_kind_writes_every_results_file(tmp_path, name, plot):
         assert allocated and all(r["allocated_bytes"] == r["predicted_bytes"] for r in allocated)
         assert all(r["device_stats"] == "unavailable" for r in allocated)
         assert summary["ok"] is True
+        hybrid = {r["context_len"]: r for r in rows if r["sweep"] == "hybrid"}
+        assert hybrid[8]["full_over_hybrid"] == 1.0                 # no window shorter than 8 slots
+        assert hybrid[64]["full_over_hybrid"] > 2 and hybrid[64]["match"] is True
     if name == "cache_vs_nocache.yaml":
         step = next(r for r in rows if r["sweep"] == "per_token")
         assert step["scores_cached_needed"] == 8 and step["scores_nocache_needed"] == 36

@@ -50,6 +50,10 @@ CASES = {
                          "PartitionSpec('data', 'model', None, None)", [4, 1, 40, 16]),
     "2x4 MQA, sinks": ({"data": 2, "model": 4}, {"preset": "mqa-tiny", "cache_kind": "sinks"},
                        "PartitionSpec('data', None, None, None)", [4, 1, 20, 16]),
+    # layer 0 windowed (a 6-slot ring that wraps), layer 1 full (40 slots): a hybrid cache
+    "4x2 hybrid (sliding, full), dense": (
+        {"data": 4, "model": 2}, {"sliding_window": 6, "layer_types": ["sliding", "full"]},
+        "PartitionSpec('data', 'model', None, None)", [2, 1, 6, 16]),
 }
 
 
@@ -68,8 +72,9 @@ def test_sharded_generate_matches_one_device(tmp_path, case):
     assert r["shard_shape"] == shard
     assert r["shard_bytes"] == r["itemsize"] * shard[0] * shard[1] * shard[2] * shard[3]
     assert r["kind"] == overrides.get("cache_kind", "dense")
-    if r["kind"] in ("window", "sinks"):
+    if r["kind"] in ("window", "sinks") or r["rings"]:
         assert r["max_len_seen"] > shard[2]             # the ring wrapped while sharded
+    assert r["rings"] == ([6, 0] if "layer_types" in overrides else [])
     assert r["cache_gathers"] == []                     # no collective moves a cache buffer
 
 

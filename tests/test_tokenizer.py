@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import kvjax
 from conftest import require_module
-from hf_fixtures import make_hf_tokenizer
+from hf_fixtures import make_hf_tokenizer, random_params
 
 
 # ----------------------------------------------------------------------------- ByteTokenizer
@@ -134,3 +134,32 @@ def test_missing_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="tokenizer.json is not a valid tokenizers file"):
         kvjax.load_tokenizer(tmp_path)
+
+
+def test_generate_stops_at_any_of_several_eos_ids():
+    """eos_token_id as a list: each row stops at the first of ANY listed id (EOS included in its
+    length, pad after); a row that emits none of them runs to max_new_tokens."""
+    import numpy as np
+
+    cfg = kvjax.ModelConfig.preset("llama-tiny")
+    params = random_params(cfg, seed=1)
+    prompts = np.array([[5, 6, 7, 8], [9, 10, 11, 0], [12, 13, 0, 0]], np.int32)
+    lens = np.array([4, 3, 2], np.int32)
+    N = 8
+    free = np.asarray(kvjax.generate(cfg, params, prompts, lens, max_new_tokens=N).tokens)
+    first_new = lambda row: next(t for i, t in enumerate(row) if i >= 1 and t not in row[:i])  # noqa: E731
+    eos = []
+    for row in free[:2]:
+        eos.append(int(first_new([t for t in row.tolist() if t not in eos] + [-1])))
+    out = kvjax.generate(cfg, params, prompts, lens, max_new_tokens=N, eos_token_id=eos, pad_token_id=0)
+    toks, got = np.asarray(out.tokens), np.asarray(out.lengths)
+    for b in range(3):
+        hits = [i for i, t in enumerate(free[b]) if t in eos]
+        n = hits[0] + 1 if hits else N
+        assert got[b] == n and toks[b, :n].tolist() == free[b, :n].tolist()
+        assert (toks[b, n:] == 0).all()
+    assert got[0] < N and got[1] < N
+    with pytest.raises(ValueError, match=r"eos_token_id=999 is outside the vocabulary \[0, 320\)"):
+        kvjax.generate(cfg, params, prompts, lens, max_new_tokens=2, eos_token_id=[3, 999])
+    with pytest.raises(ValueError, match="eos_token_id must be None, an int or a sequence of ints"):
+        kvjax.generate(cfg, params, prompts, lens, max_new_tokens=2, eos_token_id="3")

@@ -10,7 +10,8 @@
 Modules: base.py (inputs, budgets, top-k per head), norms.py (Knorm, KeyDiff, StreamingLLM,
 Random), window.py (SnapKV, PyramidKV, TOVA, ObservedAttention), expected.py
 (ExpectedAttention), wrappers.py (AdaKV, CriticalKV, ChunkKV, KeyRerotation), decoding.py
-(DecodingPress and whole-cache compaction), layer.py (the one compaction of a chunk into the
+(DecodingPress and whole-cache compaction), kvzip.py (KVzip: scoring by context
+reconstruction, whole-model passes of its own), layer.py (the one compaction of a chunk into the
 cache), host.py (checks before anything runs).
 """
 from __future__ import annotations
@@ -26,11 +27,13 @@ from .expected import ExpectedAttentionPress
 from .norms import KeyDiffPress, KnormPress, RandomPress, StreamingLLMPress
 from .window import ObservedAttentionPress, PyramidKVPress, SnapKVPress, TOVAPress
 from .wrappers import AdaKVPress, ChunkKVPress, CriticalKVPress, KeyRerotationPress
+from .kvzip import KVzipPress, chat_context
 
 __all__ = ["Press", "ScorerPress", "Keep", "LayerInputs", "KnormPress", "KeyDiffPress",
            "StreamingLLMPress", "RandomPress", "SnapKVPress", "PyramidKVPress", "TOVAPress",
            "ObservedAttentionPress", "ExpectedAttentionPress", "AdaKVPress", "CriticalKVPress",
-           "ChunkKVPress", "KeyRerotationPress", "DecodingPress", "kept_positions", "init_cache",
+           "ChunkKVPress", "KeyRerotationPress", "KVzipPress", "chat_context", "DecodingPress",
+           "kept_positions", "init_cache",
            "layer_budgets", "n_kept", "compress_cache", "cache_bytes", "pressed_cache"]
 
 

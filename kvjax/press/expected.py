@@ -22,16 +22,22 @@ from .base import LayerInputs, ScorerPress, always_keep, check_ratio, group_mean
 
 def averaged_rotation(start: jax.Array, n_future: int, inv_freq: jax.Array | None, H: int) -> jax.Array:
     """float32 [B, H, H]: mean over p in [start_b, start_b + F) of the rotary matrix R(p)
-    (half-split layout: R x = x cos + rotate_half(x) sin). Identity without rotary."""
+    (half-split layout: R x = x cos + rotate_half(x) sin). Identity without rotary.
+    inv_freq: [R/2], or per row [B, R/2] (longrope); with R < H (partial rotary) the last
+    H - R dims pass unrotated."""
     B = start.shape[0]
+    eye = jnp.broadcast_to(jnp.eye(H, dtype=jnp.float32), (B, H, H))
     if inv_freq is None:
-        return jnp.broadcast_to(jnp.eye(H, dtype=jnp.float32), (B, H, H))
+        return eye
+    inv = inv_freq if inv_freq.ndim == 2 else inv_freq[None]                       # [B or 1, R/2]
     p = start[:, None].astype(jnp.float32) + jnp.arange(n_future, dtype=jnp.float32)[None, :]  # [B, F]
-    ang = p[:, :, None] * inv_freq[None, None, :]                                   # [B, F, H/2]
-    c, s = jnp.cos(ang).mean(1), jnp.sin(ang).mean(1)                             # [B, H/2]
+    ang = p[:, :, None] * inv[:, None, :]                                           # [B, F, R/2]
+    c, s = jnp.cos(ang).mean(1), jnp.sin(ang).mean(1)                             # [B, R/2]
     top = jnp.concatenate([jax.vmap(jnp.diag)(c), -jax.vmap(jnp.diag)(s)], axis=2)
     bottom = jnp.concatenate([jax.vmap(jnp.diag)(s), jax.vmap(jnp.diag)(c)], axis=2)
-    return jnp.concatenate([top, bottom], axis=1)
+    rot = jnp.concatenate([top, bottom], axis=1)                                   # [B, R, R]
+    R = rot.shape[-1]
+    return rot if R == H else eye.at[:, :R, :R].set(rot)
 
 
 @dataclass(frozen=True)

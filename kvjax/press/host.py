@@ -23,6 +23,10 @@ def check_press(press, cfg: ModelConfig, cache: KVCache, mesh, where: str) -> No
     if cache.kind not in PRESSABLE_KINDS:
         raise ValueError(f"{where}: a press compacts dense or int8 caches; this cache is kind "
                          f"{cache.kind!r} (a ring already decides what it keeps)")
+    if cache.hybrid:
+        raise ValueError(f"{where}: a press compacts caches with max_len slots on every layer; this "
+                         f"hybrid cache keeps rings of {max(cache.rings)} slots on its windowed layers. "
+                         f"Make it with init_cache(..., hybrid=False)")
     if cfg.attention_sinks:
         raise ValueError(f"{where}: presses are not supported on models with attention_sinks="
                          f"{cfg.attention_sinks} (keys are cached unrotated there)")

@@ -193,7 +193,8 @@ class KeyRerotationPress(Wrapper, Press):
         new_pos = start[:, None] + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1     # [B, K, T]
         old_pos = inp.positions[:, None, :]
         delta = jnp.where(mask, new_pos - old_pos, 0).astype(jnp.float32)
-        ang = delta[..., None] * inp.inv_freq[None, None, None, :]                   # [B, K, T, H/2]
+        inv = inp.inv_freq if inp.inv_freq.ndim == 2 else inp.inv_freq[None]       # [B or 1, R/2]
+        ang = delta[..., None] * inv[:, None, None, :]                               # [B, K, T, R/2]
         k = jnp.swapaxes(inp.k, 1, 2)                                              # [B, K, T, H]
         rotated = jnp.swapaxes(rotate(k, jnp.cos(ang), jnp.sin(ang)), 1, 2)
         next_position = start[:, 0] + mask.sum(-1).max(-1).astype(jnp.int32)

@@ -14,7 +14,9 @@ MQA at 1, GQA between) the run computes:
     allocated), and the same for the device's own `bytes_limit` where it reports one.
 
 Sweeps: context lengths at `base_batch`, batch sizes at `base_context`, each for every
-kv-head layout. No model runs, so a full-size shape (the default, llama-1b) costs
+kv-head layout. Hybrid caches: for each preset in `hybrid_presets` (models with windowed
+layers, e.g. Gemma 3), the bytes of the default hybrid cache (a ring of `window` slots on
+each windowed layer) against a full cache (`hybrid=False`) at `hybrid_contexts`. No model runs, so a full-size shape (the default, llama-1b) costs
 seconds.
 """
 from __future__ import annotations
@@ -55,11 +57,23 @@ class Config(ShapeConfig):
     alloc_limit_mib: float = option(256.0, min=0.0, help="largest cache (MiB) to actually allocate")
     budget_gib: float = option(16.0, min=0.0, help="memory budget (GiB) for the longest-context table")
     budget_includes_params: bool = option(True, help="subtract the model weights from the budget")
+    hybrid_presets: tuple[str, ...] = option((), help="presets with windowed layers whose hybrid "
+                                             "cache (rings on windowed layers) is compared with a full one")
+    hybrid_contexts: tuple[int, ...] = option((4096, 8192, 32768), min=1, min_items=1,
+                                              help="cache lengths (tokens) for the hybrid comparison")
 
 
 def validate(run_cfg) -> None:
     c: Config = run_cfg.settings
     cfg = model_config("memory_scaling", c, run_cfg.dtype)
+    for i, name in enumerate(c.hybrid_presets):
+        try:
+            hcfg = kvjax.ModelConfig.preset(name)
+        except ValueError as e:
+            raise ConfigError(f"memory_scaling.hybrid_presets[{i}]: {e}") from None
+        if not hcfg.sliding_layers:
+            raise ConfigError(f"memory_scaling.hybrid_presets[{i}]: {name!r} has no windowed layers, "
+                              f"so its cache cannot be hybrid")
     for i, k in enumerate(c.kv_heads):
         if cfg.num_heads % k:
             raise ConfigError(f"memory_scaling.kv_heads[{i}]: {k} does not divide num_heads="
@@ -183,8 +197,11 @@ def run(ctx, c: Config) -> dict:
                    "need a longer-context model; the table counts memory only.")
 
     _plot(ctx, base, c, rows, fit, budgets[0][0])
+    hybrid = _hybrid(ctx, c)
+    rows += hybrid
     allocated = [r for r in rows if r["match"] is not None]
-    return {"shape": base.name, "allocated_points": len(allocated),
+    return {"hybrid_vs_full": {f"{r['preset']} S={r['context_len']}": r["full_over_hybrid"] for r in hybrid},
+            "shape": base.name, "allocated_points": len(allocated),
             "predicted_equals_allocated": all(r["match"] for r in allocated) if allocated else None,
             "ok": all(r["match"] for r in allocated),
             "bytes_per_token_per_row": {layout(base.num_heads, k): per_token[k] for k in c.kv_heads},
@@ -215,3 +232,38 @@ def _plot(ctx, base, c: Config, rows, fit, budget_label):
                 xlabel="batch size", ylabel="longest context (tokens)",
                 title=f"Fits in {budget_label}", logx=True, logy=True)
     ctx.save_figure(fig, "memory_scaling.png")
+
+
+def _hybrid(ctx, c: Config) -> list[dict]:
+    """Hybrid caches (rings on windowed layers) against full ones, predicted and allocated."""
+    rows = []
+    for name in c.hybrid_presets:
+        cfg = kvjax.ModelConfig.preset(name, dtype=ctx.dtype)
+        windows = sorted({cfg.layer_window(i) for i in cfg.sliding_layers})
+        for n in c.hybrid_contexts:
+            full = kvjax.cache_bytes(cfg, c.base_batch, n, c.cache_dtype, kind=c.cache_kind, hybrid=False)
+            hybrid = kvjax.cache_bytes(cfg, c.base_batch, n, c.cache_dtype, kind=c.cache_kind)
+            row = {"sweep": "hybrid", "preset": name, "context_len": n, "batch_size": c.base_batch,
+                   "windowed_layers": len(cfg.sliding_layers), "layers": cfg.num_layers,
+                   "windows": windows, "full_bytes": full, "predicted_bytes": hybrid,
+                   "full_over_hybrid": full / hybrid, "allocated_bytes": None, "match": None,
+                   "device_stats": "unavailable"}
+            if c.allocate and hybrid <= c.alloc_limit_mib * MIB:
+                cache = jax.block_until_ready(kvjax.init_cache(cfg, c.base_batch, n, c.cache_dtype,
+                                                               kind=c.cache_kind))
+                row["allocated_bytes"] = cache.nbytes
+                row["match"] = cache.nbytes == hybrid
+                del cache
+                gc.collect()
+            ctx.log(row)
+            rows.append(row)
+    if rows:
+        ctx.table(f"Hybrid caches: a ring of the window on windowed layers (batch {c.base_batch}, "
+                  f"{c.cache_kind})",
+                  ["preset", "windowed layers", "window", "context", "full MiB", "hybrid MiB",
+                   "full / hybrid", "allocated MiB", "equal"],
+                  [[r["preset"], f"{r['windowed_layers']}/{r['layers']}", r["windows"], r["context_len"],
+                    r["full_bytes"] / MIB, r["predicted_bytes"] / MIB, round(r["full_over_hybrid"], 2),
+                    None if r["allocated_bytes"] is None else r["allocated_bytes"] / MIB, r["match"]]
+                   for r in rows])
+    return rows

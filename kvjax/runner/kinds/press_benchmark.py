@@ -52,7 +52,7 @@ from .. import plots
 from ..schema import ConfigError, option
 
 SCORERS = ("Knorm", "KeyDiff", "StreamingLLM", "Random", "SnapKV", "PyramidKV", "TOVA",
-           "ObservedAttention", "ExpectedAttention")
+           "ObservedAttention", "ExpectedAttention", "KVzip")
 WRAPPERS = ("AdaKV", "CriticalKV", "ChunkKV", "KeyRerotation")
 BASELINES = ("dense", "int8", "kivi2", "kivi4", "window", "sinks")
 DEFAULT_PRESSES = ("Knorm", "KeyDiff", "StreamingLLM", "Random", "SnapKV", "PyramidKV", "TOVA",
@@ -134,6 +134,7 @@ def make_press(name: str, ratio: float, c: Config, seed: int = 0):
         "ObservedAttention": lambda: P.ObservedAttentionPress(r),
         "ExpectedAttention": lambda: P.ExpectedAttentionPress(r, n_future_positions=c.n_future_positions,
                                                               n_sink=c.n_sink),
+        "KVzip": lambda: _kvzip(r, c),
     }[inner]()
     if outer is None:
         return scorer
@@ -143,6 +144,19 @@ def make_press(name: str, ratio: float, c: Config, seed: int = 0):
         "ChunkKV": lambda: P.ChunkKVPress(scorer, chunk_length=c.chunk_length),
         "KeyRerotation": lambda: P.KeyRerotationPress(scorer),
     }[outer]()
+
+
+def _kvzip(ratio: float, c: Config):
+    """KVzipPress for the bundled byte-level models: the reconstruction prompt in the
+    ByteTokenizer's chat format (kvpress's repeat prompts, then the template's suffix after a
+    user message); the contexts here are raw (<bos> + text, no chat prefix), so only <bos> is
+    the prefix."""
+    from kvjax.press.kvzip import REPEAT_PART_PROMPT, REPEAT_PROMPT, chat_pieces
+
+    tok = kvjax.ByteTokenizer()
+    enc = lambda t: tuple(tok.encode(t, add_special_tokens=False))  # noqa: E731
+    return P.KVzipPress(ratio, n_sink=c.n_sink, prefix_length=1, suffix_ids=enc(chat_pieces(tok)[1]),
+                        repeat_ids=enc(REPEAT_PROMPT), repeat_part_ids=enc(REPEAT_PART_PROMPT))
 
 
 @dataclass(frozen=True)

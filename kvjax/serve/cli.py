@@ -1,0 +1,180 @@
+"""`kvjax serve`: load a model once, start the engine, answer OpenAI-style HTTP requests.
+
+    kvjax serve --model PATH_OR_BUNDLED_NAME [--host 127.0.0.1] [--port 8000]
+                [--dtype float32|bfloat16] [--max-slots 8] [--max-len 512] [--page-size 16]
+                [--api-key KEY] [--mesh data=D,model=M]
+
+Lifecycle: load the model (as `kvjax generate` does), build the engine, run one tiny
+request through it so the first client does not pay for compilation, then serve with
+uvicorn until SIGINT or SIGTERM. On either signal the server stops accepting connections,
+lets every request in flight finish (streams included), closes the engine (draining it)
+and exits with status 0.
+
+This module imports no web library at import time (`kvjax --help` works without the
+`serve` extra); `kvjax serve` without them says what to install.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from ..cli import UserError
+
+INSTALL_HINT = ("kvjax serve needs fastapi, uvicorn and prometheus-client: "
+                "pip install 'kvjax[serve]' (from a checkout: pip install -e '.[serve]')")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..generate_cli import _int_at_least
+
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Load a model once and serve it over HTTP with the OpenAI API shapes "
+                    "(/v1/completions, /v1/chat/completions, /v1/models, streaming by "
+                    "server-sent events), plus /health and /metrics (Prometheus). Requests "
+                    "run concurrently through kvjax.Engine (continuous batching, paged KV "
+                    "cache, prefix cache). SIGINT/SIGTERM: stop accepting, finish the "
+                    "requests in flight, exit 0. Needs the serve extra: "
+                    "pip install 'kvjax[serve]'.")
+    p.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                   help="a bundled model name (e.g. text) or a checkpoint folder (Hugging Face "
+                        "format, as for kvjax generate)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id clients send and /v1/models lists; default: the --model value")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; default %(default)s (this machine only: pass 0.0.0.0 "
+                        "to accept other machines, ideally with --api-key)")
+    p.add_argument("--port", type=_int_at_least(0), default=8000,
+                   help="TCP port; 0 picks a free one (uvicorn's start-up line shows it); default %(default)s")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameter and activation dtype; default %(default)s")
+    p.add_argument("--max-slots", type=_int_at_least(1), default=8, metavar="N",
+                   help="requests decoded together (engine slots); more wait in a queue; "
+                        "default %(default)s")
+    p.add_argument("--max-len", type=_int_at_least(2), default=512, metavar="N",
+                   help="context of one request: prompt + max_tokens tokens; default %(default)s")
+    p.add_argument("--page-size", type=_int_at_least(1), default=16, metavar="N",
+                   help="tokens per KV-cache page; default %(default)s")
+    p.add_argument("--num-pages", type=_int_at_least(1), default=None, metavar="N",
+                   help="pages in the KV pool; default: enough for max-slots x max-len")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not keep and share prompt pages between requests")
+    p.add_argument("--api-key", default=os.environ.get("KVJAX_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health and "
+                        "/metrics; default: $KVJAX_API_KEY if set, else no key")
+    p.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                   help="run the engine on a device mesh: slots over data, kv heads over model "
+                        "(the product must equal the number of devices); default: one device")
+    p.add_argument("--max-request-bytes", type=_int_at_least(1), default=8 * 1024 * 1024,
+                   metavar="N", help="largest request body accepted (413 above); default %(default)s")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"),
+                   default="info", help="uvicorn's log level; default %(default)s")
+    p.set_defaults(func=run)
+    return p
+
+
+def parse_mesh(text: str | None) -> dict | None:
+    """'data=2,model=4' -> {'data': 2, 'model': 4}."""
+    if text is None:
+        return None
+    spec = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or key not in ("data", "model") or not value.strip().isdigit() \
+                or int(value) < 1 or key in spec:
+            raise UserError(f"--mesh {text!r}: expected data=D,model=M with each axis once and "
+                            f"sizes >= 1 (e.g. data=2,model=4)")
+        spec[key] = int(value)
+    return spec
+
+
+def load_model(spec: str, dtype: str):
+    """--model value -> (cfg, params, tokenizer), as `kvjax generate` resolves it, with
+    bundled model names (kvjax.bundled) read as their folders."""
+    from ..bundled import bundled_names, model_folder
+    from ..generate_cli import resolve_model
+
+    folder = model_folder(spec) if spec in bundled_names() else spec
+    return resolve_model(str(folder), dtype)
+
+
+def build(args):
+    """Everything but the listening socket: (app, engine, model_id). Raises UserError."""
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"{INSTALL_HINT} ({e.name} is missing)") from None
+    import kvjax
+
+    from ..engine import Engine, SamplingParams
+    from .app import create_app
+
+    mesh_spec = parse_mesh(args.mesh)
+    t0 = time.perf_counter()
+    cfg, params, tok = load_model(args.model, args.dtype)
+    context = args.max_len
+    if cfg.positions == "learned" and context > cfg.max_position:
+        raise UserError(f"--max-len {context} exceeds this model's {cfg.max_position} learned "
+                        f"positions; pass --max-len {cfg.max_position} or less")
+    mesh = None
+    if mesh_spec is not None:
+        try:
+            mesh = kvjax.make_mesh(mesh_spec)       # the engine places the params on it
+        except ValueError as e:
+            raise UserError(f"--mesh {args.mesh}: {e}") from None
+    eos_ids = tuple(e for e in tok.eos_ids if e < cfg.vocab_size)
+    try:
+        engine = Engine(cfg, params, max_slots=args.max_slots, max_len=context,
+                              page_size=args.page_size, num_pages=args.num_pages,
+                              prefix_cache=not args.no_prefix_cache, mesh=mesh)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    _say(f"loaded {args.model} ({cfg.name}, {cfg.dtype}) and built the engine in "
+         f"{time.perf_counter() - t0:.1f} s; warming up")
+    t0 = time.perf_counter()
+    # compile before serving what clients would otherwise wait for: the short-prompt prefill
+    # and the decode steps at every batch size the engine buckets to (powers of two)
+    warm = (tok.encode("Hello") or [0])[: max(1, min(5, context - 2))]
+    sp = SamplingParams(max_tokens=2, temperature=0.0)
+    for n in sorted({min(1 << i, args.max_slots) for i in range(args.max_slots.bit_length() + 1)}):
+        engine.generate([warm] * n, sp)
+    _say(f"warm-up done in {time.perf_counter() - t0:.1f} s")
+    model_id = args.served_model_name or args.model
+    app = create_app(engine, tok, model_id, context=context, vocab_size=cfg.vocab_size,
+                     eos_ids=eos_ids, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
+    return app, engine, model_id
+
+
+def run(args) -> int:
+    app, engine, model_id = build(args)
+    import uvicorn
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            lifespan="off", timeout_graceful_shutdown=None)
+    server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the
+    # handlers it found. Found handlers that do nothing make that re-raise a no-op, so a
+    # drained shutdown exits 0 instead of dying by the signal.
+    quiet = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    _say(f"serving {model_id!r} on http://{args.host}:{args.port}/v1 "
+         f"({'API key required' if args.api_key else 'no API key'}); Ctrl-C or SIGTERM to stop")
+    try:
+        server.run()
+    finally:
+        _say("no more connections; closing the engine")
+        engine.close(drain=True)
+        for s, h in quiet.items():
+            signal.signal(s, h)
+    if not server.started:
+        raise UserError(f"could not listen on {args.host}:{args.port} (see the log above)")
+    _say("stopped")
+    return 0
+
+
+def _say(message: str):
+    print(f"kvjax serve: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,292 @@
+"""kvjax.Engine: continuous batching over a paged cache gives each request exactly what
+`kvjax.generate` gives its prompt alone (greedy), whatever else is in flight, the pool size,
+preemption or a prefix hit; pages are accounted for; bad input fails up front.
+
+Oracle: `kvjax.generate` on one prompt (dense cache, same max_len). Weights at std 0.2
+(conftest.INIT_STD) so the greedy argmax is decisive and float32 reduction-order noise
+(~1e-6 relative: the engine attends over a paged view of another width, in batches of
+other sizes) cannot flip a token.
+
+Every engine here shares one shape (max_len, page_size, decode_steps, prefill_chunk, and,
+except the preemption case, num_pages), so compiled programs are reused across tests.
+"""
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from conftest import model
+from kvjax.engine import paged
+
+MAX_LEN, PAGE, STEPS, CHUNK = 96, 8, 4, 32
+N_REF = 24            # oracle tokens per prompt (requests ask for at most this many)
+WIDTH = 48            # oracle prompt width (prompts are at most this long)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return model("llama-tiny")
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny):
+    """prompt tuple -> the first N_REF greedy tokens of kvjax.generate on that prompt alone."""
+    cfg, params = tiny
+    memo = {}
+
+    def ref(prompt):
+        key = tuple(prompt)
+        if key not in memo:
+            padded = np.zeros((1, WIDTH), np.int32)
+            padded[0, :len(prompt)] = prompt
+            out = kvjax.generate(cfg, params, padded, prompt_lengths=[len(prompt)], max_new_tokens=N_REF,
+                                 max_len=MAX_LEN)
+            memo[key] = [int(t) for t in np.asarray(out.tokens[0])]
+        return memo[key]
+    return ref
+
+
+def expect(ref_tokens, sp):
+    """What a request with these settings must produce from the oracle's greedy stream."""
+    out = []
+    for t in ref_tokens[:sp.max_tokens]:
+        out.append(t)
+        if t in sp.stop_token_ids:
+            return out, "stop"
+    return out, "length"
+
+
+def make_engine(tiny, **kw):
+    cfg, params = tiny
+    args = dict(max_slots=4, max_len=MAX_LEN, page_size=PAGE, decode_steps=STEPS, prefill_chunk=CHUNK)
+    args.update(kw)
+    return kvjax.Engine(cfg, params, **args)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    with make_engine(tiny) as eng:
+        yield eng
+
+
+def prompts_of(cfg, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, cfg.vocab_size, n)] for n in lengths]
+
+
+def check_drained(eng):
+    s = eng.stats()
+    assert s["running"] == 0 and s["waiting"] == 0
+    assert s["pages_used"] == s["pages_cached"] and s["pages_in_use"] == 0   # only the prefix cache holds pages
+    assert all(r == 0 for r in eng.pool.refs)
+
+
+# ----------------------------------------------------------------------------- paged attention
+
+def test_reference_paged_attention_equals_dense(rng):
+    """write_pages + attend_pages on a random page table == dot attention on the dense K/V."""
+    from kvjax.attention import attention_mask, dot_attention, scores
+    B, T, N, K, H, Z, W, P = 3, 5, 4, 2, 8, 4, 6, 40
+    S = W * Z
+    starts = np.array([0, 7, 17], np.int32)
+    lengths = np.array([5, 3, 1], np.int32)
+    table = rng.permutation(P)[:B * W].reshape(B, W).astype(np.int32)   # each row its own pages
+    dense_k = rng.standard_normal((B, K, S, H)).astype(np.float32)
+    dense_v = rng.standard_normal((B, K, S, H)).astype(np.float32)
+    k_pool = rng.standard_normal((P, K, Z, H)).astype(np.float32)    # garbage everywhere else
+    v_pool = rng.standard_normal((P, K, Z, H)).astype(np.float32)
+    for b in range(B):                                                 # history before the chunk
+        for w in range(W):
+            k_pool[table[b, w]] = dense_k[b, :, w * Z:(w + 1) * Z]
+            v_pool[table[b, w]] = dense_v[b, :, w * Z:(w + 1) * Z]
+    q = rng.standard_normal((B, T, N, H)).astype(np.float32)
+    k_new = rng.standard_normal((B, T, K, H)).astype(np.float32)
+    v_new = rng.standard_normal((B, T, K, H)).astype(np.float32)
+    positions = starts[:, None] + np.arange(T, dtype=np.int32)[None, :]
+    cache = paged.paged_cache((jnp.asarray(k_pool),), (jnp.asarray(v_pool),), jnp.asarray(starts),
+                              jnp.asarray(table))
+    out, new = paged.paged_attention(q, k_new, v_new, positions, lengths, cache, 0, None, 0, scores)
+
+    for b in range(B):                                                 # the dense oracle
+        for t in range(lengths[b]):
+            dense_k[b, :, starts[b] + t], dense_v[b, :, starts[b] + t] = k_new[b, t], v_new[b, t]
+    k_pos = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S))
+    mask = attention_mask(positions, k_pos, k_pos < (starts + lengths)[:, None])
+    want = dot_attention(q, dense_k, dense_v, mask[:, 0])
+    real = np.arange(T)[None, :] < lengths[:, None]
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(want)[real], atol=1e-5, rtol=1e-5)
+    got_k = np.asarray(paged.gather_pages(new["k"], table))
+    np.testing.assert_array_equal(got_k, dense_k)                       # written exactly, padding dropped
+    untouched = np.setdiff1d(np.arange(P), table)
+    np.testing.assert_array_equal(np.asarray(new["v"])[untouched], v_pool[untouched])
+
+
+# ----------------------------------------------------------------------------- exactness
+
+def test_ragged_workload_equals_generate_per_request(tiny, engine, oracle):
+    cfg, _ = tiny
+    lengths = [5, 17, 33, 3, 40, 9, 26, 12, 1, 48]
+    prompts = prompts_of(cfg, lengths)
+    sps = [kvjax.SamplingParams(max_tokens=m) for m in (12, 3, 20, 7, 24, 1, 16, 9, 24, 5)]
+    outs = engine.generate(prompts, sps)
+    for p, sp, o in zip(prompts, sps, outs):
+        assert (o.tokens, o.finish_reason) == expect(oracle(p), sp)
+        assert o.prompt_tokens == len(p)
+    s = engine.stats()
+    assert s["generated_tokens"] >= sum(len(o.tokens) for o in outs)
+    assert s["compilations"] >= 1
+    check_drained(engine)
+
+
+def test_stop_tokens_end_requests(tiny, engine, oracle):
+    cfg, _ = tiny
+    prompts = prompts_of(cfg, [6, 11, 20], seed=1)
+    sps = []
+    for i, p in enumerate(prompts):
+        ref = oracle(p)
+        stop = ref[3 + 2 * i]                  # a token the greedy stream emits
+        sps.append(kvjax.SamplingParams(max_tokens=N_REF, stop_token_ids=(stop, cfg.vocab_size - 1)))
+    outs = engine.generate(prompts, sps)
+    for p, sp, o in zip(prompts, sps, outs):
+        want = expect(oracle(p), sp)
+        assert want[1] == "stop"
+        assert (o.tokens, o.finish_reason) == want
+    check_drained(engine)
+
+
+def test_prefix_hits_are_exact_and_skip_compute(tiny, engine, oracle):
+    cfg, _ = tiny
+    system = prompts_of(cfg, [32], seed=2)[0]               # 4 full pages shared by every request
+    tails = prompts_of(cfg, [3, 9, 5, 14], seed=3)
+    prompts = [system + t for t in tails]
+    sp = kvjax.SamplingParams(max_tokens=10)
+    before = engine.stats()
+    # all at once: the first computes the prefix, the others wait for its pages, then share them
+    outs = engine.generate(prompts, sp)
+    after = engine.stats()
+    for p, o in zip(prompts, outs):
+        assert (o.tokens, o.finish_reason) == expect(oracle(p), sp)
+    assert [o.cached_tokens for o in outs] == [0, 32, 32, 32]
+    computed = after["prefill_tokens_computed"] - before["prefill_tokens_computed"]
+    assert computed == sum(len(p) for p in prompts) - 3 * 32
+    assert after["prefix_hits"] - before["prefix_hits"] == 12
+    # a finished request's pages stay cached; a prompt that is all cache still computes its
+    # last page (its logits need one real token)
+    again = engine.generate([prompts[0], system], sp)
+    assert again[0].tokens == outs[0].tokens and again[0].cached_tokens == 32
+    assert (again[1].tokens, again[1].cached_tokens) == (expect(oracle(system), sp)[0], 24)
+    check_drained(engine)
+
+
+def test_preemption_with_a_small_pool_is_exact_and_leaks_nothing(tiny, oracle):
+    cfg, _ = tiny
+    lengths = [30, 41, 25, 36, 44, 28, 33, 39]
+    prompts = prompts_of(cfg, lengths, seed=4)
+    sp = kvjax.SamplingParams(max_tokens=N_REF)
+    # 8 requests of up to 9 pages each, 30 pages: the pool runs dry while they decode.
+    with make_engine(tiny, max_slots=8, num_pages=30, prefix_cache=False) as eng:
+        outs = eng.generate(prompts, sp)
+        s = eng.stats()
+        assert s["preemptions"] > 0
+        assert s["pages_peak"] <= 30
+        for p, o in zip(prompts, outs):
+            assert (o.tokens, o.finish_reason) == expect(oracle(p), sp)
+        assert s["prefill_tokens_computed"] > s["prompt_tokens"]       # preempted work was recomputed
+        check_drained(eng)
+        assert s["pages_used"] == 0
+
+
+# ----------------------------------------------------------------------------- asynchronous use
+
+def test_submit_iterate_cancel_and_threads(tiny, engine, oracle):
+    cfg, _ = tiny
+    p1, p2, p3 = prompts_of(cfg, [7, 13, 21], seed=5)
+    sp = kvjax.SamplingParams(max_tokens=20, logprobs=3)
+    h1 = engine.submit(p1, sp)
+    long = engine.submit(p2, kvjax.SamplingParams(max_tokens=80))
+    streamed = list(h1)                                     # blocks until h1 is done
+    res = h1.result(timeout=60)
+    assert h1.done and streamed == res.tokens == expect(oracle(p1), sp)[0]
+    assert len(h1.logprobs) == len(res.tokens) == len(res.logprobs)
+    for lp, t in zip(res.logprobs, res.tokens):
+        assert lp.token == t and list(lp.top)[0] == t and len(lp.top) == 3   # greedy: the top one
+        assert lp.logprob == pytest.approx(lp.top[t]) and lp.logprob <= 0
+    assert next(iter(long)) == oracle(p2)[0]
+    long.cancel()
+    out = long.result(timeout=60)
+    assert out.finish_reason == "abort" and 1 <= len(out.tokens) < 80
+    n = min(len(out.tokens), N_REF)
+    assert out.tokens[:n] == oracle(p2)[:n]
+    # submissions from several threads at once
+    results = {}
+
+    def worker(i, p):
+        results[i] = engine.submit(p, kvjax.SamplingParams(max_tokens=5)).result(timeout=120)
+    threads = [threading.Thread(target=worker, args=(i, p)) for i, p in enumerate((p1, p2, p3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, p in enumerate((p1, p2, p3)):
+        assert results[i].tokens == oracle(p)[:5]
+    check_drained(engine)
+
+
+def test_seeded_sampling_is_reproducible_whatever_runs_alongside(tiny, engine):
+    cfg, _ = tiny
+    p, *others = prompts_of(cfg, [9, 4, 30, 15], seed=6)
+    sp = kvjax.SamplingParams(max_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=123)
+    alone = engine.generate([p], sp)[0].tokens
+    crowd = engine.generate([*others, p, p], [kvjax.SamplingParams(max_tokens=12, temperature=0.7)] * 3 + [sp, sp])
+    assert crowd[3].tokens == alone and crowd[4].tokens == alone
+    other_seed = engine.generate([p], kvjax.SamplingParams(max_tokens=12, temperature=1.0, top_k=50,
+                                                           top_p=0.9, seed=124))[0].tokens
+    assert other_seed != alone
+
+
+def test_prompt_logprobs_equal_forward(tiny, engine):
+    cfg, params = tiny
+    p = prompts_of(cfg, [37], seed=7)[0]
+    out = engine.generate([p], kvjax.SamplingParams(max_tokens=2, prompt_logprobs=2))[0]
+    logits = np.asarray(kvjax.forward(cfg, params, np.array([p])))[0]
+    lp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    for t in range(1, len(p)):
+        got = out.prompt_logprobs[t]
+        assert got.token == p[t]
+        assert got.logprob == pytest.approx(lp[t - 1, p[t]], abs=2e-4)
+        assert list(got.top) == list(np.argsort(-lp[t - 1])[:2])
+    assert out.cached_tokens == 0
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_raise_before_anything_runs(tiny, engine, oracle):
+    cfg, _ = tiny
+    good = prompts_of(cfg, [5], seed=8)[0]
+    sp = kvjax.SamplingParams(max_tokens=4)
+    before = engine.stats()
+    cases = [
+        ([good, []], sp, r"request 1: the prompt is empty"),
+        ([good, [1] * MAX_LEN], sp, rf"request 1: the prompt has {MAX_LEN} tokens but max_len={MAX_LEN}"),
+        ([good, [3, cfg.vocab_size]], sp, rf"request 1: prompt token 1 is {cfg.vocab_size}, outside the vocabulary \[0, {cfg.vocab_size}\)"),
+        ([good], kvjax.SamplingParams(max_tokens=0), r"request 0: max_tokens must be an int >= 1, got 0"),
+        ([good], kvjax.SamplingParams(temperature=-1.0), r"request 0: temperature"),
+        ([good], kvjax.SamplingParams(top_p=0.0), r"request 0: top_p"),
+        ([good], kvjax.SamplingParams(logprobs=21), r"request 0: logprobs must be None or an int in \[0, 20\]"),
+        ([good], kvjax.SamplingParams(stop_token_ids=(-1,)), r"request 0: stop token -1"),
+    ]
+    for prompts, s, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            engine.generate(prompts, s)
+    with pytest.raises(ValueError, match="request: the prompt is empty"):
+        engine.submit([], sp)
+    assert engine.stats()["prompt_tokens"] == before["prompt_tokens"]       # nothing ran
+    # a pool too small for one request
+    with pytest.raises(ValueError, match=r"request 0: prompt \(40\) \+ max_tokens \(24\) needs 8 pages of "
+                                         r"8 tokens but the pool has num_pages=4"):
+        make_engine(tiny, num_pages=4).generate([[1] * 40], kvjax.SamplingParams(max_tokens=24))
+    assert engine.generate([good], sp)[0].tokens == oracle(good)[:4]         # still serving

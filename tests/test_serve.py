@@ -1,0 +1,519 @@
+"""`kvjax serve` end to end: a real server process on the bundled text model, real clients.
+
+One server (`python -m kvjax.cli serve --model text`, a subprocess on a free port, with an
+API key) serves the whole module; the official `openai` client and raw HTTP (httpx) talk
+to it. Oracles: `kvjax generate` run in this process (its printed text, plain and --chat),
+and `kvjax.forward` for log-probabilities. The last test stops the server with SIGTERM
+while a stream is in flight and checks the stream completes and the process exits 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvjax.bundled import bundled_path, load_bundled
+
+KEY = "test-key-123"
+CONTEXT = 160            # --max-len
+MAX_BYTES = 65536        # --max-request-bytes
+N_NEW = 24               # max_tokens of the exactness checks
+LONG = 110               # max_tokens of streams meant to be in flight (prompt + LONG <= 128:
+                         # the engine's narrowest attention view, so no extra compilation)
+# the first two are checked against `kvjax generate` (same length: its programs compile once)
+PROMPTS = ["def foo(", "class A(", "import os\n", "Return the"]
+CHAT = "What is a list?"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc, url, log):
+        self.proc, self.url, self.log = proc, url, log
+
+    def output(self) -> str:
+        return Path(self.log).read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    cmd = [sys.executable, "-m", "kvjax.cli", "serve", "--model", "text", "--port", str(port),
+           "--max-len", str(CONTEXT), "--max-slots", "8", "--api-key", KEY,
+           "--max-request-bytes", str(MAX_BYTES), "--log-level", "warning"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    srv = Server(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        yield srv
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """What `kvjax generate` prints for each prompt (run here while the server starts)."""
+    from kvjax.cli import main
+
+    folder = str(bundled_path("text"))
+    out = {}
+    for p in PROMPTS[:2]:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+            rc = main(["generate", "--model", folder, "--max-new-tokens", str(N_NEW),
+                       "--timing", "first", "--prompt", p])
+        assert rc == 0
+        text = buf.getvalue()
+        assert text.endswith("\n")
+        out[p] = text[:-1]              # print() adds one newline
+    return out
+
+
+@pytest.fixture(scope="module")
+def ready(server, oracle):
+    """The server once /health answers (the oracle was computed meanwhile)."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if server.proc.poll() is not None:
+            pytest.fail(f"kvjax serve exited with {server.proc.returncode}:\n{server.output()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"kvjax serve did not become healthy:\n{server.output()}")
+
+
+@pytest.fixture(scope="module")
+def client(ready):
+    return openai.OpenAI(base_url=ready.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(ready):
+    with httpx.Client(base_url=ready.url, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_bundled("text")
+
+
+def _sse_events(lines) -> list:
+    """The `data:` payloads of a server-sent-event stream, [DONE] included as a string."""
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def _metrics(http) -> dict:
+    """{(name, frozenset(labels)): value} from /metrics."""
+    text = http.get("/metrics").text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+# ---------------------------------------------------------------- basics and exactness
+def test_health_and_models(ready, client):
+    assert httpx.get(ready.url + "/health").json() == {"status": "ok"}   # no key needed
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["text"]
+
+
+def test_completion_equals_kvjax_generate(client, oracle, model):
+    _, _, tok = model
+    for p in PROMPTS[:2]:
+        r = client.completions.create(model="text", prompt=p, max_tokens=N_NEW, temperature=0)
+        assert r.choices[0].text == oracle[p]
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage.prompt_tokens == len(tok.encode(p))
+        assert 1 <= r.usage.completion_tokens <= N_NEW
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # several prompts in one request (as harnesses batch them): one choice each, in order
+    r = client.completions.create(model="text", prompt=PROMPTS[:2], max_tokens=N_NEW, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert [c.text for c in r.choices] == [oracle[p] for p in PROMPTS[:2]]
+
+
+def test_stream_concatenates_to_the_answer(client, http, oracle):
+    p = PROMPTS[0]
+    chunks = list(client.completions.create(model="text", prompt=p, max_tokens=N_NEW,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == oracle[p]
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # raw SSE: JSON chunks, usage on the last one, then data: [DONE]
+    with http.stream("POST", "/v1/completions", json={
+            "model": "text", "prompt": p, "max_tokens": N_NEW, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] >= 1
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == oracle[p]
+
+
+def test_chat_uses_the_chat_template(client, http, model):
+    # the answer to the messages is the completion of the template's rendering of them (the
+    # ids `kvjax generate --chat` decodes from); completions equal `kvjax generate` above
+    _, _, tok = model
+    messages = [{"role": "user", "content": CHAT}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    plain = client.completions.create(model="text", prompt=ids, max_tokens=N_NEW, temperature=0)
+    r = client.chat.completions.create(model="text", messages=messages, max_tokens=N_NEW,
+                                       temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == plain.choices[0].text
+    assert r.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model="text", messages=messages,
+                                                 max_tokens=N_NEW, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) \
+        == plain.choices[0].text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert http.post("/tokenize", json={"messages": messages}).json()["tokens"] == ids
+
+
+def test_stop_strings(client, http, oracle):
+    answer = oracle[PROMPTS[0]]
+    stop = answer[6:9]
+    expected = answer[:answer.find(stop)]
+    r = client.completions.create(model="text", prompt=PROMPTS[0], max_tokens=N_NEW,
+                                  temperature=0, stop=[stop, "never-appears"])
+    assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="text", prompt=PROMPTS[0], max_tokens=N_NEW,
+                                            temperature=0, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+
+
+# ---------------------------------------------------------------- logprobs / echo (lm-eval)
+def _reference_logprobs(model, ids):
+    """log p(ids[i] | ids[:i]) for i >= 1, and the greedy next token, from kvjax.forward."""
+    from kvjax import forward
+
+    cfg, params, _ = model
+    logits = np.asarray(forward(cfg, params, np.asarray([ids], np.int32))[0], np.float64)
+    lsm = logits - logits.max(-1, keepdims=True)
+    lsm = lsm - np.log(np.exp(lsm).sum(-1, keepdims=True))
+    return np.array([lsm[i - 1, ids[i]] for i in range(1, len(ids))]), int(lsm[-1].argmax()), lsm
+
+
+def test_echo_logprobs_score_the_prompt(http, model):
+    _, _, tok = model
+    context, continuation = tok.encode("def f(x):"), tok.encode(" x", add_special_tokens=False)
+    ids = context + continuation
+    ref, greedy, lsm = _reference_logprobs(model, ids)
+    # what lm-eval's local-completions sends for log-likelihoods
+    body = {"model": "text", "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+            "seed": 1234, "echo": True}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+    assert lp["top_logprobs"][0] is None
+    np.testing.assert_allclose(lp["token_logprobs"][1:len(ids)], ref, atol=2e-4)
+    assert lp["tokens"][-1] == tok.decode([greedy])           # the one new token: greedy
+    np.testing.assert_allclose(lp["token_logprobs"][-1], lsm[-1].max(), atol=2e-4)
+    for tl, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert len(top) == 1 and max(top.values()) >= tl - 1e-6
+    assert choice["text"].startswith(tok.decode(ids))          # echo: the prompt, then the answer
+    # lm-eval's parse_logprobs: the continuation's log-likelihood
+    ctxlen = len(context)
+    assert math.isclose(sum(lp["token_logprobs"][ctxlen:-1]), ref[ctxlen - 1:].sum(), abs_tol=1e-3)
+    # max_tokens 0 with echo: the prompt's scores only, nothing generated
+    r = http.post("/v1/completions", json={**body, "max_tokens": 0, "prompt": ids})
+    out = r.json()
+    assert r.status_code == 200, r.text
+    assert out["choices"][0]["text"] == tok.decode(ids)
+    assert len(out["choices"][0]["logprobs"]["token_logprobs"]) == len(ids)
+    assert out["usage"]["completion_tokens"] == 0 and out["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_generated_logprobs(http, model):
+    _, _, tok = model
+    ids = tok.encode("def f(x):")      # echo + logprobs like above: the same compiled programs
+    r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0,
+                                            "logprobs": 3, "echo": True})
+    out = r.json()
+    lp, n = out["choices"][0]["logprobs"], out["usage"]["completion_tokens"]
+    assert len(lp["token_logprobs"]) == len(ids) + n
+    generated = slice(len(ids), None)
+    for tl, top in zip(lp["token_logprobs"][generated], lp["top_logprobs"][generated]):
+        assert len(top) == 3 and math.isclose(tl, max(top.values()), abs_tol=1e-5)   # greedy
+    new = [t for t in lp["tokens"][generated] if t != "<eos>"]          # ASCII answers here
+    assert out["choices"][0]["text"] == tok.decode(ids) + "".join(new)
+    assert lp["tokens"][0] == "<bos>" and lp["text_offset"] == [0] + list(range(len(ids) - 1 + n))
+
+
+# ---------------------------------------------------------------- concurrency
+def test_sixteen_concurrent_requests(client, http, oracle):
+    def text(p):
+        r = client.completions.create(model="text", prompt=p, max_tokens=N_NEW, temperature=0)
+        return r.choices[0].text
+
+    # exactness with 16 requests in flight: each answer is the one it gets alone
+    solo = {p: text(p) for p in PROMPTS[2:]}
+    expect = {**{p: oracle[p] for p in PROMPTS[:2]}, **solo}
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(text, prompts)) == [expect[p] for p in prompts]
+
+    # speed: 16 at once against the same 16 one after the other, timed in a round without
+    # compilations (a new batch shape compiles once; such a round is repeated)
+    def one(p):
+        r = http.post("/v1/completions", json={"prompt": p, "max_tokens": LONG - 16,
+                                               "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+    def compilations():
+        return _metrics(http)[("kvjax_engine_compilations", frozenset())]
+
+    rounds = []              # (together / serial, together, serial) of compile-free rounds
+    for attempt in range(3):  # a shared CPU is noisy: the best of up to 3 rounds counts
+        t = time.perf_counter()
+        for p in prompts:
+            one(p)
+        serial = time.perf_counter() - t
+        before = compilations()
+        with ThreadPoolExecutor(16) as pool:
+            t = time.perf_counter()
+            list(pool.map(one, prompts))
+            together = time.perf_counter() - t
+        if compilations() == before:
+            rounds.append((together / serial, together, serial))
+            if min(rounds)[0] < 0.5:
+                break
+    assert rounds and min(rounds)[0] < 0.5, \
+        f"16 concurrent requests vs one after the other (ratio, s, s): {rounds}"
+
+
+# ---------------------------------------------------------------- bad requests
+BAD = [  # (id, path, raw body or JSON, status, param)
+    ("malformed-json", "/v1/completions", b'{"prompt": "x", ', 400, None),
+    ("not-an-object", "/v1/completions", b"[1, 2]", 400, None),
+    ("max_tokens-string", "/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    ("temperature-string", "/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("prompt-number", "/v1/completions", {"prompt": 5}, 400, "prompt"),
+    ("stream-string", "/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("max_tokens-zero", "/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens-negative", "/v1/completions", {"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ("max_tokens-beyond-context", "/v1/completions", {"prompt": "x", "max_tokens": 10**6}, 400,
+     "max_tokens"),
+    ("prompt-beyond-context", "/v1/completions", {"prompt": "x" * (CONTEXT + 10)}, 400, "prompt"),
+    ("temperature-negative", "/v1/completions", {"prompt": "x", "temperature": -0.5}, 400,
+     "temperature"),
+    ("unknown-model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
+    ("token-out-of-vocab", "/v1/completions", {"prompt": [1, 2, 100000]}, 400, "prompt"),
+    ("empty-prompt", "/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("n-two", "/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("top_p-zero", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("chat-no-messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("chat-bad-role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]},
+     400, "messages.0.role"),
+    ("chat-messages-string", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("chat-unknown-model", "/v1/chat/completions",
+     {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ("oversized-body", "/v1/completions", {"prompt": "x" * (MAX_BYTES + 1000)}, 413, None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_request_gets_openai_error(http, path, body, status, param):
+    if isinstance(body, bytes):
+        r = http.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and err["param"] == param
+    # the server stays up and serves the next request normally
+    ok = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_oversized_chunked_body_and_unknown_route(http):
+    r = http.post("/v1/completions", content=(b"x" * 8192 for _ in range(10)),
+                  headers={"content-type": "application/json"})   # no Content-Length: chunked
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = http.get("/v1/nothing-here")
+    assert r.status_code == 404 and "message" in r.json()["error"]
+    assert http.get("/v1/completions").status_code == 405
+
+
+def test_api_key(ready):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(ready.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1},
+                       headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(ready.url + "/v1/models").status_code == 401
+    bad = openai.OpenAI(base_url=ready.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_tokenizer_routes(http):
+    assert http.post("/tokenize", json={"prompt": "<bos>ab", "add_special_tokens": False}
+                     ).json()["tokens"] == [257, 97, 98]
+    assert http.post("/detokenize", json={"tokens": [104, 105, 258]}).json() == {"prompt": "hi"}
+    info = http.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<eos>" and info["bos_token"] == "<bos>"
+
+
+# ---------------------------------------------------------------- disconnect, metrics
+def _wait_for(fn, timeout=15.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.05)
+    return fn()
+
+
+def test_disconnect_cancels_the_request(http):
+    def engine(m, key):
+        return m[(f"kvjax_engine_{key}", frozenset())]
+
+    before = _metrics(http)
+    max_tokens = LONG
+    with http.stream("POST", "/v1/completions", json={
+            "prompt": "class", "max_tokens": max_tokens, "temperature": 0, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(l for l in lines if l.startswith("data: "))   # the stream has begun
+    # the connection is closed: the engine aborts the request and frees its slot and pages
+    after = _wait_for(lambda: (m := _metrics(http)) and engine(m, "aborted") > engine(before, "aborted")
+                      and engine(m, "running") == 0 and m)
+    assert after, "the request was not aborted after the client went away"
+    assert engine(after, "pages_used") == engine(after, "pages_cached")   # only cached pages left
+    generated = engine(after, "generated_tokens") - engine(before, "generated_tokens")
+    assert generated < max_tokens
+    assert after[("kvjax_requests_total", frozenset({("finish_reason", "abort")}))] >= 1
+
+
+def test_metrics_and_prefix_cache(http):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 1 + "Then it sat."  # 58 tokens
+    first = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0})
+    second = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0})
+    assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
+    assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 48   # 3 full pages
+    m = _metrics(http)
+    assert m[("kvjax_pages_total", frozenset())] == 8 * math.ceil(CONTEXT / 16)
+    assert m[("kvjax_prefix_cache_hits", frozenset())] >= 3
+    assert m[("kvjax_time_to_first_token_seconds_count", frozenset())] >= 10
+    assert m[("kvjax_time_per_output_token_seconds_count", frozenset())] >= 10
+    assert m[("kvjax_generation_tokens_total", frozenset())] >= 100
+    assert m[("kvjax_requests_total", frozenset({("finish_reason", "length")}))] >= 10
+    assert m[("kvjax_http_requests_total",
+              frozenset({("route", "/v1/completions"), ("status", "400")}))] >= 10
+    assert m[("kvjax_requests_running", frozenset())] == 0
+
+
+# ---------------------------------------------------------------- shutdown (keep last)
+def test_sigterm_drains_in_flight_requests_and_exits_0(ready, http):
+    max_tokens = LONG
+    with http.stream("POST", "/v1/completions", json={
+            "prompt": "class", "max_tokens": max_tokens, "temperature": 0, "stream": True}) as r:
+        lines = r.iter_lines()
+        events = _sse_events([next(l for l in lines if l.startswith("data: "))])
+        ready.proc.send_signal(signal.SIGTERM)                     # mid-stream
+        # the server stops accepting new connections at once ...
+        refused = _wait_for(lambda: _refused(ready.url), timeout=10)
+        events += _sse_events(lines)                               # ... but finishes this stream
+    assert refused, "the server still accepted connections after SIGTERM"
+    assert events[-1] == "[DONE]"
+    last = events[-2]
+    assert last["choices"][0]["finish_reason"] in ("length", "stop")
+    assert last["usage"]["completion_tokens"] >= 1
+    if last["choices"][0]["finish_reason"] == "length":
+        assert last["usage"]["completion_tokens"] == max_tokens
+    assert ready.proc.wait(60) == 0, ready.output()
+
+
+def _refused(url) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=1)
+        return False
+    except httpx.TransportError:
+        return True
+
+
+# ---------------------------------------------------------------- the command itself (no server)
+def test_serve_without_the_web_stack_says_how_to_install(monkeypatch):
+    from kvjax.cli import UserError, build_parser
+    from kvjax.serve import cli as serve_cli
+
+    args = build_parser().parse_args(["serve", "--model", "text"])
+    assert (args.host, args.port, args.max_slots, args.max_len) == ("127.0.0.1", 8000, 8, 512)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)       # import uvicorn -> ImportError
+    with pytest.raises(UserError, match=r"pip install 'kvjax\[serve\]'"):
+        serve_cli.build(args)
+
+
+def test_mesh_flag_parsing():
+    from kvjax.cli import UserError
+    from kvjax.serve.cli import parse_mesh
+
+    assert parse_mesh("data=2,model=4") == {"data": 2, "model": 4}
+    assert parse_mesh("model=2") == {"model": 2} and parse_mesh(None) is None
+    for bad in ("data=0", "rows=2", "data=2,data=2", "data", "data=x"):
+        with pytest.raises(UserError, match="--mesh"):
+            parse_mesh(bad)
+
+
+def test_text_stream_is_exact_across_cut_characters_and_stop_strings():
+    """Streamed pieces concatenate to the full decode (multi-byte characters cut between
+    byte tokens are held back) and stop at the first stop string, however tokens arrive."""
+    from kvjax.serve.textstream import TextStream
+    from kvjax.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    text = "héllo wörld € 😀 end, STOP here ü"
+    ids = list(text.encode()) + [tok.EOS]
+    rng = np.random.default_rng(0)
+    for stops in [(), ("STOP",), ("ö",), ("😀 e", "xx"), ("€",), ("ü",)]:
+        cuts = [text.find(s) for s in stops if s in text]
+        expected = text[:min(cuts)] if cuts else text
+        for _ in range(20):
+            ts, out, i = TextStream(tok, stops, skip_ids=[tok.EOS]), [], 0
+            while i < len(ids):
+                k = int(rng.integers(1, 5))
+                out.append(ts.push(ids[i:i + k]))
+                i += k
+            out.append(ts.finish())
+            assert "".join(out) == expected and "\ufffd" not in "".join(out)
+            assert ts.full_text == expected
