@@ -39,8 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Continue PROMPT with a local checkpoint folder (Hugging Face format: "
                     "config.json, *.safetensors, and tokenizer.json or kvjax_tokenizer.json). "
                     "Prints the continuation on stdout and a timing report on stderr.")
-    p.add_argument("--model", required=True, metavar="PATH",
-                   help="checkpoint folder; supported model_type: gpt2, llama, mistral, qwen2")
+    p.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                   help="checkpoint folder (model_type: " + ", ".join(_model_types()) + "), or the "
+                   "name of a bundled model (" + ", ".join(_bundled()) + ")")
     p.add_argument("--prompt", required=True, help="text to continue (encoded with the "
                    "checkpoint's tokenizer, special tokens such as BOS included)")
     p.add_argument("--chat", action="store_true",
@@ -111,18 +112,29 @@ def _float_range(low: float, high: float, low_open: bool = False):
     return parse
 
 
+def _model_types():
+    from .hf import SUPPORTED_MODEL_TYPES
+    return SUPPORTED_MODEL_TYPES
+
+
+def _bundled():
+    from .bundled import bundled_names
+    return bundled_names()
+
+
 def resolve_model(spec: str, dtype: str):
     """--model value -> (cfg, params, tokenizer). The one place that knows where models come from.
 
-    Today: a checkpoint folder. Bundled model names (kvjax.bundled.load_bundled) belong
-    here too, tried before the path check.
+    A bundled model's name (kvjax.bundled.bundled_names(), e.g. "text") or a checkpoint folder.
     """
+    from .bundled import bundled_names, model_folder
     from .hf import load_hf
     from .tokenizer import load_tokenizer
 
-    path = Path(spec).expanduser()
+    path = model_folder(spec) if spec in bundled_names() else Path(spec).expanduser()
     if not path.exists():
-        raise UserError(f"--model {spec}: no such checkpoint folder")
+        raise UserError(f"--model {spec}: no such checkpoint folder, and not a bundled model "
+                        f"(bundled: {', '.join(bundled_names()) or 'none'})")
     try:
         cfg, params = load_hf(path, dtype=dtype)
         tokenizer = load_tokenizer(path)

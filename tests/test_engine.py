@@ -199,6 +199,21 @@ def test_preemption_with_a_small_pool_is_exact_and_leaks_nothing(tiny, oracle):
         assert s["pages_used"] == 0
 
 
+def test_per_layer_windows_and_softcap_equal_generate():
+    """gemma2-tiny: sliding and full layers alternate (window 8, shorter than the prompts),
+    soft-capped scores and logits, sandwich norms: the paged path reads attention.py's own
+    per-layer pattern and scores, so it matches generate (whose cache has rings on the
+    windowed layers)."""
+    cfg, params = model("gemma2-tiny")
+    prompts = prompts_of(cfg, [5, 30, 19], seed=9)
+    with kvjax.Engine(cfg, params, max_slots=4, max_len=64, page_size=8, decode_steps=4,
+                      prefill_chunk=16) as eng:
+        outs = eng.generate(prompts, kvjax.SamplingParams(max_tokens=12))
+    for p, o in zip(prompts, outs):
+        ref = kvjax.generate(cfg, params, np.array([p]), max_new_tokens=12, max_len=64)
+        assert o.tokens == [int(t) for t in np.asarray(ref.tokens[0])]
+
+
 # ----------------------------------------------------------------------------- asynchronous use
 
 def test_submit_iterate_cancel_and_threads(tiny, engine, oracle):
@@ -233,6 +248,19 @@ def test_submit_iterate_cancel_and_threads(tiny, engine, oracle):
     for i, p in enumerate((p1, p2, p3)):
         assert results[i].tokens == oracle(p)[:5]
     check_drained(engine)
+
+
+def test_close_without_drain_aborts_what_is_in_flight(tiny):
+    cfg, _ = tiny
+    eng = make_engine(tiny)                         # same shapes as the module's engine: no compile
+    h = eng.submit(prompts_of(cfg, [10], seed=10)[0], kvjax.SamplingParams(max_tokens=80))
+    next(iter(h))
+    eng.close(drain=False)
+    out = h.result(timeout=60)
+    assert out.finish_reason == "abort" and len(out.tokens) < 80
+    assert eng.stats()["pages_in_use"] == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.submit([1, 2], kvjax.SamplingParams())
 
 
 def test_seeded_sampling_is_reproducible_whatever_runs_alongside(tiny, engine):
@@ -290,3 +318,35 @@ def test_bad_inputs_raise_before_anything_runs(tiny, engine, oracle):
                                          r"8 tokens but the pool has num_pages=4"):
         make_engine(tiny, num_pages=4).generate([[1] * 40], kvjax.SamplingParams(max_tokens=24))
     assert engine.generate([good], sp)[0].tokens == oracle(good)[:4]         # still serving
+
+
+# ----------------------------------------------------------------------------- serving_bench
+
+def test_serving_bench_runs_through_the_runner(tmp_path):
+    import json
+    from pathlib import Path
+
+    from kvjax.cli import main
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    sets = ["serving_bench.requests=4", "serving_bench.prompt_len=[4, 9]", "serving_bench.output_len=[2, 8]",
+            "serving_bench.arrival_rate=0", "serving_bench.shared_prefix=32", "serving_bench.suffix_len=[2, 4]",
+            "serving_bench.max_slots=2", "serving_bench.page_size=8", "serving_bench.static_batch=2",
+            "serving_bench.decode_steps=4", "serving_bench.prefill_chunk=32", "serving_bench.repeats=1"]
+    args = ["run", str(root / "experiments" / "serving_bench.yaml"), "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    assert (out / "COMPLETE").exists() and (out / "serving_bench.png").stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["scenario"], r["system"]) for r in rows} == {
+        (s, m) for s in ("mixed", "shared_prefix") for m in ("engine", "static")}
+    assert summary["mixed_same_tokens"] == summary["shared_prefix_same_tokens"] == "4/4"   # greedy: equal
+    # 3 of 4 prompts share the 32-token prefix (4 pages of 8) with the first
+    engine = next(r for r in rows if r["scenario"] == "shared_prefix" and r["system"] == "engine")
+    assert engine["cached_tokens"] == 3 * 32
+    assert summary["shared_prefix_computed_fraction"] == pytest.approx(
+        engine["prefill_tokens_computed"] / engine["prompt_tokens"])
+    for r in rows:
+        assert r["tok_s"] > 0 and r["ttft_p50_ms"] > 0

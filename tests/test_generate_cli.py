@@ -217,4 +217,14 @@ def test_command_line_process_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"kvjax generate: error: --model {tmp_path / 'nope'}: no such checkpoint folder"]
+        f"kvjax generate: error: --model {tmp_path / 'nope'}: no such checkpoint folder, and not "
+        f"a bundled model (bundled: recall, text)"]
+
+
+def test_a_bundled_model_name_resolves_to_its_folder():
+    from kvjax.bundled import load_bundled
+    from kvjax.generate_cli import resolve_model
+
+    cfg, params, tok = resolve_model("text", "float32")
+    ref_cfg, _, ref_tok = load_bundled("text")
+    assert cfg == ref_cfg and tok.encode("abc") == ref_tok.encode("abc")

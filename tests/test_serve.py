@@ -32,6 +32,7 @@ from kvjax.bundled import bundled_path, load_bundled
 KEY = "test-key-123"
 CONTEXT = 160            # --max-len
 MAX_BYTES = 65536        # --max-request-bytes
+SLOTS = 8                # --max-slots (the server compiles programs for batch buckets 1, 2, 4, 8)
 N_NEW = 24               # max_tokens of the exactness checks
 LONG = 110               # max_tokens of streams meant to be in flight (prompt + LONG <= 128:
                          # the engine's narrowest attention view, so no extra compilation)
@@ -60,7 +61,7 @@ def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [sys.executable, "-m", "kvjax.cli", "serve", "--model", "text", "--port", str(port),
-           "--max-len", str(CONTEXT), "--max-slots", "8", "--api-key", KEY,
+           "--max-len", str(CONTEXT), "--max-slots", str(SLOTS), "--api-key", KEY,
            "--max-request-bytes", str(MAX_BYTES), "--log-level", "warning"]
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -98,8 +99,30 @@ def oracle():
 
 
 @pytest.fixture(scope="module")
-def ready(server, oracle):
-    """The server once /health answers (the oracle was computed meanwhile)."""
+def model():
+    return load_bundled("text")
+
+
+ECHO_CONTEXT, ECHO_CONTINUATION = "def f(x):", " x"
+
+
+@pytest.fixture(scope="module")
+def echo_reference(model):
+    """Token ids of the scored text and log p(id_i | ids_<i) from `kvjax.forward`."""
+    from kvjax import forward
+
+    cfg, params, tok = model
+    context = tok.encode(ECHO_CONTEXT)
+    ids = context + tok.encode(ECHO_CONTINUATION, add_special_tokens=False)
+    logits = np.asarray(forward(cfg, params, np.asarray([ids], np.int32))[0], np.float64)
+    lsm = logits - logits.max(-1, keepdims=True)
+    lsm = lsm - np.log(np.exp(lsm).sum(-1, keepdims=True))
+    return context, ids, np.array([lsm[i - 1, ids[i]] for i in range(1, len(ids))]), lsm
+
+
+@pytest.fixture(scope="module")
+def ready(server, oracle, echo_reference):
+    """The server once /health answers (the oracles were computed meanwhile)."""
     deadline = time.time() + 240
     while time.time() < deadline:
         if server.proc.poll() is not None:
@@ -123,11 +146,6 @@ def http(ready):
     with httpx.Client(base_url=ready.url, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_bundled("text")
 
 
 def _sse_events(lines) -> list:
@@ -220,22 +238,10 @@ def test_stop_strings(client, http, oracle):
 
 
 # ---------------------------------------------------------------- logprobs / echo (lm-eval)
-def _reference_logprobs(model, ids):
-    """log p(ids[i] | ids[:i]) for i >= 1, and the greedy next token, from kvjax.forward."""
-    from kvjax import forward
-
-    cfg, params, _ = model
-    logits = np.asarray(forward(cfg, params, np.asarray([ids], np.int32))[0], np.float64)
-    lsm = logits - logits.max(-1, keepdims=True)
-    lsm = lsm - np.log(np.exp(lsm).sum(-1, keepdims=True))
-    return np.array([lsm[i - 1, ids[i]] for i in range(1, len(ids))]), int(lsm[-1].argmax()), lsm
-
-
-def test_echo_logprobs_score_the_prompt(http, model):
+def test_echo_logprobs_score_the_prompt(http, model, echo_reference):
     _, _, tok = model
-    context, continuation = tok.encode("def f(x):"), tok.encode(" x", add_special_tokens=False)
-    ids = context + continuation
-    ref, greedy, lsm = _reference_logprobs(model, ids)
+    context, ids, ref, lsm = echo_reference
+    greedy = int(lsm[-1].argmax())
     # what lm-eval's local-completions sends for log-likelihoods
     body = {"model": "text", "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1,
             "seed": 1234, "echo": True}
@@ -265,7 +271,7 @@ def test_echo_logprobs_score_the_prompt(http, model):
 
 def test_generated_logprobs(http, model):
     _, _, tok = model
-    ids = tok.encode("def f(x):")      # echo + logprobs like above: the same compiled programs
+    ids = tok.encode(ECHO_CONTEXT)     # echo + logprobs like above: the same compiled programs
     r = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0,
                                             "logprobs": 3, "echo": True})
     out = r.json()
@@ -432,7 +438,7 @@ def test_metrics_and_prefix_cache(http):
     assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
     assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 48   # 3 full pages
     m = _metrics(http)
-    assert m[("kvjax_pages_total", frozenset())] == 8 * math.ceil(CONTEXT / 16)
+    assert m[("kvjax_pages_total", frozenset())] == SLOTS * math.ceil(CONTEXT / 16)
     assert m[("kvjax_prefix_cache_hits", frozenset())] >= 3
     assert m[("kvjax_time_to_first_token_seconds_count", frozenset())] >= 10
     assert m[("kvjax_time_per_output_token_seconds_count", frozenset())] >= 10
@@ -477,7 +483,14 @@ def test_serve_without_the_web_stack_says_how_to_install(monkeypatch):
     from kvjax.cli import UserError, build_parser
     from kvjax.serve import cli as serve_cli
 
-    args = build_parser().parse_args(["serve", "--model", "text"])
+    parser = build_parser()
+    serve = next(a for a in parser._actions if a.dest == "command").choices["serve"]
+    flags = {a.option_strings[0]: a.help for a in serve._actions
+             if a.option_strings and a.dest != "help"}
+    assert {"--model", "--host", "--port", "--dtype", "--max-slots", "--max-len", "--page-size",
+            "--api-key", "--mesh"} <= set(flags)
+    assert all(h and len(h) > 15 for h in flags.values())          # --help explains every flag
+    args = parser.parse_args(["serve", "--model", "text"])
     assert (args.host, args.port, args.max_slots, args.max_len) == ("127.0.0.1", 8000, 8, 512)
     monkeypatch.setitem(sys.modules, "uvicorn", None)       # import uvicorn -> ImportError
     with pytest.raises(UserError, match=r"pip install 'kvjax\[serve\]'"):
@@ -517,3 +530,26 @@ def test_text_stream_is_exact_across_cut_characters_and_stop_strings():
             out.append(ts.finish())
             assert "".join(out) == expected and "\ufffd" not in "".join(out)
             assert ts.full_text == expected
+
+
+def test_logprob_objects_name_tokens_and_offsets():
+    """The completions and chat `logprobs` objects built from engine TokenLogprobs (pure)."""
+    from types import SimpleNamespace
+
+    from kvjax.engine.api import TokenLogprob
+    from kvjax.serve.app import _chat_logprobs, _completion_logprobs
+    from kvjax.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    state = SimpleNamespace(tok=tok)
+    ids = [tok.BOS] + list("aé".encode()) + [tok.EOS]          # é is two byte tokens
+    entries = [None] + [TokenLogprob(t, -0.5, {t: -0.5, 98: -1.5}) for t in ids[1:]]
+    lp = _completion_logprobs(state, entries, ids, offset0=3)
+    assert lp["tokens"] == ["<bos>", "a", "bytes:\\xc3", "bytes:\\xa9", "<eos>"]
+    assert lp["token_logprobs"] == [None, -0.5, -0.5, -0.5, -0.5]
+    assert lp["top_logprobs"][0] is None and lp["top_logprobs"][1] == {"a": -0.5, "b": -1.5}
+    assert lp["text_offset"] == [3, 3, 4, 4, 5]          # "a" at 3, both bytes of "é" at 4
+    chat = _chat_logprobs(state, entries[1:], ids[1:])["content"]
+    assert [c["token"] for c in chat] == ["a", "bytes:\\xc3", "bytes:\\xa9", "<eos>"]
+    assert chat[1]["bytes"] == [0xC3] and chat[0]["top_logprobs"][1] == {
+        "token": "b", "logprob": -1.5, "bytes": [98]}

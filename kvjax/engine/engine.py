@@ -24,7 +24,6 @@ touches the scheduler state and the device pools.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -115,7 +114,7 @@ class RequestHandle:
         self._finished.set()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     id: int
     prompt: list
@@ -129,9 +128,10 @@ class _Request:
     prompt_logprobs: list | None = None
     cached_tokens: int | None = None   # set at first admission
     admitted_before: bool = False
+    prompt_logprobs_done: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class _Seq:
     """A running request: its pages and how far its tokens are written."""
     req: _Request
@@ -386,7 +386,9 @@ class Engine:
             req = self._waiting.popleft()
             toks = req.prompt + req.generated
             L = len(toks)
-            want_plp = req.sp.prompt_logprobs is not None and req.prompt_logprobs is None
+            want_plp = req.sp.prompt_logprobs is not None and not req.prompt_logprobs_done
+            if want_plp:
+                req.prompt_logprobs = None      # (re)computed from the start by this prefill
             hits, node, pending = ([], 0, False) if want_plp else pool.lookup(toks, (L - 1) // Z)
             if pending:
                 pool.release(hits)
@@ -552,6 +554,7 @@ class Engine:
             self.counters["prefill_tokens_computed"] += k
             self._register(s)
             if s.lens == s.target:
+                req.prompt_logprobs_done |= s.want_prompt_lp
                 s.want_prompt_lp = False
                 tok = int(out["token"][b])
                 lp = (self._lp(out["logprob"][b], out["top"][b], out["top_ids"][b], req.sp.logprobs, tok)

@@ -230,27 +230,41 @@ def _submit_all(state: ServerState, prepared: P.Prepared) -> list[Generation]:
 # ---------------------------------------------------------------- response pieces
 def _completion_logprobs(state, entries, ids, offset0=0) -> dict:
     """The legacy completions `logprobs` object for tokens `ids` with engine entries
-    (TokenLogprob or None per token)."""
+    (TokenLogprob or None per token). text_offset: characters of the text before each token
+    (a character counts once its last byte is in)."""
     tok = state.tok
     tokens, lps, tops, offsets = [], [], [], []
+    count = _CharCount(tok)
     pos = offset0
     for tid, e in zip(ids, entries):
-        s = token_text(tok, tid)
-        tokens.append(s)
+        tokens.append(token_text(tok, tid))
         lps.append(None if e is None else float(e.logprob))
         tops.append(None if e is None else {token_text(tok, k): float(v) for k, v in e.top.items()})
         offsets.append(pos)
-        pos += _chars(tok, tid)
+        pos += count(tid)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _chars(tok, tid) -> int:
-    """Characters token `tid` adds to decoded text (a UTF-8 continuation byte adds none)."""
-    from ..tokenizer import ByteTokenizer
+class _CharCount:
+    """Characters each token completes in the decoded text. Byte tokens: a UTF-8 character
+    counts at its last byte; specials add none. Other tokenizers: len(decode([id]))."""
 
-    if isinstance(tok, ByteTokenizer):
-        return 1 if tid < 256 and (tid & 0xC0) != 0x80 else 0
-    return len(tok.decode([tid]))
+    def __init__(self, tok):
+        from ..tokenizer import ByteTokenizer
+
+        self.tok, self.bytes, self.pending = tok, isinstance(tok, ByteTokenizer), 0
+
+    def __call__(self, tid: int) -> int:
+        if not self.bytes:
+            return len(self.tok.decode([tid]))
+        if tid >= 256:
+            return 0
+        if tid & 0xC0 == 0x80 and self.pending:          # a continuation byte
+            self.pending -= 1
+            return 0 if self.pending else 1
+        width = 4 if tid >= 0xF0 else 3 if tid >= 0xE0 else 2 if tid >= 0xC0 else 1
+        self.pending = width - 1
+        return 0 if self.pending else 1
 
 
 def _merge_logprobs(a: dict | None, b: dict) -> dict:

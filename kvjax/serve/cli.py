@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -48,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="address to bind; default %(default)s (this machine only: pass 0.0.0.0 "
                         "to accept other machines, ideally with --api-key)")
     p.add_argument("--port", type=_int_at_least(0), default=8000,
-                   help="TCP port; 0 picks a free one (uvicorn's start-up line shows it); default %(default)s")
+                   help="TCP port; 0 picks a free one (printed at start); default %(default)s")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and activation dtype; default %(default)s")
     p.add_argument("--max-slots", type=_int_at_least(1), default=8, metavar="N",
@@ -130,8 +131,8 @@ def build(args):
     eos_ids = tuple(e for e in tok.eos_ids if e < cfg.vocab_size)
     try:
         engine = Engine(cfg, params, max_slots=args.max_slots, max_len=context,
-                              page_size=args.page_size, num_pages=args.num_pages,
-                              prefix_cache=not args.no_prefix_cache, mesh=mesh)
+                        page_size=args.page_size, num_pages=args.num_pages,
+                        prefix_cache=not args.no_prefix_cache, mesh=mesh)
     except ValueError as e:
         raise UserError(str(e)) from None
     _say(f"loaded {args.model} ({cfg.name}, {cfg.dtype}) and built the engine in "
@@ -151,29 +152,54 @@ def build(args):
 
 
 def run(args) -> int:
-    app, engine, model_id = build(args)
+    sock = bind(args.host, args.port)      # before loading anything: a taken port fails at once
+    try:
+        app, engine, model_id = build(args)
+    except BaseException:
+        sock.close()
+        raise
     import uvicorn
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            lifespan="off", timeout_graceful_shutdown=None)
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="off",
+                            timeout_graceful_shutdown=None)
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the
     # handlers it found. Found handlers that do nothing make that re-raise a no-op, so a
     # drained shutdown exits 0 instead of dying by the signal.
     quiet = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
-    _say(f"serving {model_id!r} on http://{args.host}:{args.port}/v1 "
+    host, port = sock.getsockname()[:2]
+    _say(f"serving {model_id!r} on http://{_url_host(host)}:{port}/v1 "
          f"({'API key required' if args.api_key else 'no API key'}); Ctrl-C or SIGTERM to stop")
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         _say("no more connections; closing the engine")
         engine.close(drain=True)
+        sock.close()
         for s, h in quiet.items():
             signal.signal(s, h)
-    if not server.started:
-        raise UserError(f"could not listen on {args.host}:{args.port} (see the log above)")
     _say("stopped")
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (not yet listening); UserError if that is impossible."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"--host {host}: {e}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _say(message: str):

@@ -247,7 +247,7 @@ def _fit_max_tokens(asked: Optional[int], default: Optional[int], n_prompt: int,
     low = 0 if allow_zero else 1
     if asked < low:
         why = " (0 is allowed only with echo, to score the prompt)" if not allow_zero else ""
-        raise invalid(f"{param} must be >= 1{why}, got {asked}", param)
+        raise invalid(f"{param} must be >= {low}{why}, got {asked}", param)
     if asked > room:
         raise invalid(f"{param} is {asked}, but the prompt has {n_prompt} tokens and the context "
                       f"is {limits.context}: at most {room} new tokens fit", param,
@@ -297,7 +297,8 @@ def prepare_completion(req: CompletionRequest, tokenizer, limits: Limits) -> Pre
         sampling.append(SamplingParams(
             max_tokens=max(n_new, 1), logprobs=logprobs,
             prompt_logprobs=logprobs if (echo and logprobs is not None) else None, **sampling_kw))
-    return Prepared(prompts, texts, sampling, stop=stop, score_only=echo and asked == 0, echo=echo, logprobs=logprobs, stream=bool(req.stream),
+    return Prepared(prompts, texts, sampling, stop=stop, score_only=echo and asked == 0, echo=echo,
+                    logprobs=logprobs, stream=bool(req.stream),
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 

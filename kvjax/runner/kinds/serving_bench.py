@@ -2,9 +2,10 @@
 batches of `kvjax.generate`, on the same requests.
 
 Workload (seeded): `requests` prompts of random token ids with lengths uniform in
-`prompt_len`, each asking for an output length in `output_len` (uniform or log-uniform, `output_dist`; greedy, no stop
-token, so every request generates exactly its length); arrivals all at once (offline) or,
-in the online scenario, a Poisson process of `arrival_rate` requests/s. Scenarios:
+`prompt_len`, each asking for an output length in `output_len` (uniform, or log-uniform:
+as many per octave, a long tail; `output_dist`), greedy with no stop token, so every request
+generates exactly its length; arrivals all at once (offline) or, in the online scenario, a
+Poisson process of `arrival_rate` requests/s. Scenarios:
 
   mixed          offline, outputs varying as `output_len` says (tenfold by default);
   online         the same requests arriving at `arrival_rate` (when > 0);
