@@ -8,8 +8,9 @@
 # matplotlib, rich already installed, and optionally torch + transformers (the transformers
 # rows); it downloads nothing. kvjax itself is installed from this checkout without
 # dependencies or network (or, if pip cannot, imported from the checkout via PYTHONPATH).
-# Writes OUT_DIR/env.txt (devices, versions, nvidia-smi) and OUT_DIR/decode_bench/ (the
-# results folder: summary.md, summary.json, metrics.jsonl/csv, decode_bench.png).
+# Writes OUT_DIR/env.txt (devices, versions, nvidia-smi), OUT_DIR/decode_bench/ (the
+# results folder: summary.md, summary.json, metrics.jsonl/csv, decode_bench.png) and
+# OUT_DIR/serving_bench/ (experiments/serving_bench.yaml: the Engine against static batches).
 # Exit status: the run's (0 finished, 1 a check failed, 2 a config error).
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [--cpu]}
@@ -55,5 +56,24 @@ else
     exit 2
   fi
 fi
+set +e
 "$PY" -m kvjax.cli run "$CONFIG" --out "$OUT/decode_bench" "$@" 2>&1 | tee "$OUT/decode_bench.log"
-exit "${PIPESTATUS[0]}"
+DECODE=${PIPESTATUS[0]}
+
+# The serving bench: kvjax.Engine against static batches of generate (bundled text model).
+if [ "$MODE" = cpu ]; then
+  set -- --set device=cpu --set serving_bench.requests=4 --set "serving_bench.prompt_len=[4, 9]" \
+    --set "serving_bench.output_len=[2, 8]" --set serving_bench.arrival_rate=0 \
+    --set serving_bench.shared_prefix=32 --set "serving_bench.suffix_len=[2, 4]" \
+    --set serving_bench.max_slots=2 --set serving_bench.page_size=8 --set serving_bench.static_batch=2 \
+    --set serving_bench.decode_steps=4 --set serving_bench.prefill_chunk=32 --set serving_bench.repeats=1 \
+    --set serving_bench.same_memory_slots=3
+else
+  set --
+fi
+"$PY" -m kvjax.cli run "$ROOT/experiments/serving_bench.yaml" --out "$OUT/serving_bench" "$@" 2>&1 \
+  | tee "$OUT/serving_bench.log"
+SERVING=${PIPESTATUS[0]}
+echo "gpu_check: decode_bench exit $DECODE, serving_bench exit $SERVING"
+[ "$DECODE" -ne 0 ] && exit "$DECODE"
+exit "$SERVING"

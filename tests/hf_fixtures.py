@@ -127,3 +127,26 @@ def make_hf_tokenizer(folder, vocab_size: int = 300, bos: bool = True):
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
          "tokenizer_class": "PreTrainedTokenizerFast"}))
     return folder
+
+
+LOGIT_TOL = 2e-5          # max abs logit error, relative to max |logit| (float32 parity)
+
+
+def assert_logits_close(got, ref, tol: float = LOGIT_TOL) -> float:
+    """Max |logit error| within tol x max |logit|; returns the relative error."""
+    import numpy as np
+
+    scale = float(np.abs(ref).max())
+    err = float(np.abs(got - ref).max())
+    assert err <= tol * scale, f"max |logit error| {err:.3g} > {tol} x logit scale {scale:.3g}"
+    return err / scale
+
+
+def pad_rows(prompts, rows, width: int):
+    """The prompts of `rows`, right-padded to `width`: (tokens int32 [len(rows), width], lengths)."""
+    import numpy as np
+
+    toks = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        toks[i, : len(prompts[r])] = prompts[r]
+    return toks, np.array([len(prompts[r]) for r in rows], np.int32)

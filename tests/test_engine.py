@@ -332,7 +332,8 @@ def test_serving_bench_runs_through_the_runner(tmp_path):
     sets = ["serving_bench.requests=4", "serving_bench.prompt_len=[4, 9]", "serving_bench.output_len=[2, 8]",
             "serving_bench.arrival_rate=0", "serving_bench.shared_prefix=32", "serving_bench.suffix_len=[2, 4]",
             "serving_bench.max_slots=2", "serving_bench.page_size=8", "serving_bench.static_batch=2",
-            "serving_bench.decode_steps=4", "serving_bench.prefill_chunk=32", "serving_bench.repeats=1"]
+            "serving_bench.decode_steps=4", "serving_bench.prefill_chunk=32", "serving_bench.repeats=1",
+            "serving_bench.same_memory_slots=3"]
     args = ["run", str(root / "experiments" / "serving_bench.yaml"), "--out", str(out)]
     for s in sets:
         args += ["--set", s]
@@ -341,8 +342,12 @@ def test_serving_bench_runs_through_the_runner(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {(r["scenario"], r["system"]) for r in rows} == {
-        (s, m) for s in ("mixed", "shared_prefix") for m in ("engine", "static")}
-    assert summary["mixed_same_tokens"] == summary["shared_prefix_same_tokens"] == "4/4"   # greedy: equal
+        (s, m) for s in ("mixed", "same_memory", "shared_prefix") for m in ("engine", "static")}
+    assert (summary["mixed_same_tokens"] == summary["shared_prefix_same_tokens"]
+            == summary["same_memory_same_tokens"] == "4/4")   # greedy: equal
+    # same_memory: the engine's pool is the static batches' peak allocation, rounded up to pages
+    same = {r["system"]: r for r in rows if r["scenario"] == "same_memory"}
+    assert same["engine"]["pages_total"] == -(-same["static"]["peak_kv_tokens"] // 8)
     # 3 of 4 prompts share the 32-token prefix (4 pages of 8) with the first
     engine = next(r for r in rows if r["scenario"] == "shared_prefix" and r["system"] == "engine")
     assert engine["cached_tokens"] == 3 * 32

@@ -37,11 +37,10 @@ torch = require_module("torch", "parity tests need PyTorch (CPU)")
 transformers = require_module("transformers", "parity tests need the reference implementation")
 
 import kvjax  # noqa: E402
-from hf_fixtures import WEIGHT_STD  # noqa: E402
+from hf_fixtures import LOGIT_TOL, WEIGHT_STD, assert_logits_close, pad_rows  # noqa: E402
 from kvjax.hf import CheckpointError, config_from_hf, config_to_hf  # noqa: E402
 
 VOCAB = 320
-LOGIT_TOL = 2e-5          # max abs logit error relative to max |logit| (as test_hf_parity)
 NEW = 16
 PROMPT_LENS = (5, 9, 13)
 WIDTH = max(PROMPT_LENS)
@@ -160,10 +159,7 @@ class Loaded:
         return np.array(out)
 
     def padded(self, rows):
-        toks = np.zeros((len(rows), WIDTH), np.int32)
-        for i, r in enumerate(rows):
-            toks[i, : len(self.prompts[r])] = self.prompts[r]
-        return toks, np.array([len(self.prompts[r]) for r in rows], np.int32)
+        return pad_rows(self.prompts, rows, WIDTH)
 
 
 _LOADED = {}
@@ -180,12 +176,6 @@ def fam(request, tmp_path_factory):
     return _load(request.param, tmp_path_factory)
 
 
-def _assert_logits_close(got, ref):
-    scale = float(np.abs(ref).max())
-    err = float(np.abs(got - ref).max())
-    assert err <= LOGIT_TOL * scale, f"max |logit error| {err:.3g} > {LOGIT_TOL} x logit scale {scale:.3g}"
-
-
 def test_config_maps_the_family(fam):
     for field, want in EXPECT[fam.name].items():
         assert getattr(fam.cfg, field) == want, (fam.name, field)
@@ -200,7 +190,7 @@ def test_config_maps_the_family(fam):
 
 def test_forward_logits_match(fam):
     tokens = np.random.default_rng(2).integers(0, VOCAB, (2, 24)).astype(np.int32)
-    _assert_logits_close(np.asarray(kvjax.forward(fam.cfg, fam.params, tokens)), fam.hf_logits(tokens))
+    assert_logits_close(np.asarray(kvjax.forward(fam.cfg, fam.params, tokens)), fam.hf_logits(tokens))
 
 
 def _switch(n):
@@ -292,8 +282,8 @@ def test_longrope_switches_per_row_at_the_original_length(tmp_path_factory):
     tokens = rng.integers(0, VOCAB, (2, 17)).astype(np.int32)
     ref16, ref17 = fam.hf_logits(tokens[:1, :16]), fam.hf_logits(tokens[1:])
     got = np.asarray(kvjax.forward(fam.cfg, fam.params, tokens, lengths=np.array([16, 17])))
-    _assert_logits_close(got[:1, :16], ref16)   # rows of one batch choose independently
-    _assert_logits_close(got[1:], ref17)
+    assert_logits_close(got[:1, :16], ref16)   # rows of one batch choose independently
+    assert_logits_close(got[1:], ref17)
 
 
 # ----------------------------------------------------------------------------- multimodal gemma3
@@ -328,7 +318,7 @@ def test_multimodal_gemma3_loads_its_language_model(tmp_path):
     tokens = np.random.default_rng(6).integers(0, VOCAB - 3, (2, 20)).astype(np.int32)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
-    _assert_logits_close(np.asarray(kvjax.forward(cfg, params, tokens)), ref)
+    assert_logits_close(np.asarray(kvjax.forward(cfg, params, tokens)), ref)
 
     # Both layouts: the hub's (language_model.model.*, vision_tower.*), which save_pretrained
     # writes, and the module names of transformers 5 (model.language_model.*, model.vision_tower.*).
@@ -453,7 +443,7 @@ def test_presets_run_in_transformers(preset, tmp_path):
     tokens = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, 70)).astype(np.int32)
     with torch.no_grad():
         ref = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-    _assert_logits_close(np.asarray(kvjax.forward(cfg, params, tokens)), ref)
+    assert_logits_close(np.asarray(kvjax.forward(cfg, params, tokens)), ref)
 
 
 def test_expected_attention_rotation_with_partial_and_per_row_rotary():

@@ -26,9 +26,9 @@ torch = require_module("torch", "parity tests need PyTorch (CPU)")
 transformers = require_module("transformers", "parity tests need the reference implementation")
 
 import kvjax  # noqa: E402
-from hf_fixtures import VARIANTS, VOCAB, hf_model, random_params  # noqa: E402
+from hf_fixtures import (LOGIT_TOL, VARIANTS, VOCAB, assert_logits_close, hf_model, pad_rows,  # noqa: E402
+                         random_params)
 
-LOGIT_TOL = 2e-5          # max abs logit error, relative to max |logit|
 NEW = 32                  # greedy tokens compared per prompt
 PROMPT_LENS = (5, 9, 13)  # different lengths: ragged batch; every prompt + NEW > window 8
 WIDTH = max(PROMPT_LENS)
@@ -66,10 +66,7 @@ class Loaded:
         return self._ref
 
     def padded(self, rows):
-        toks = np.zeros((len(rows), WIDTH), np.int32)
-        for i, r in enumerate(rows):
-            toks[i, : len(self.prompts[r])] = self.prompts[r]
-        return toks, np.array([len(self.prompts[r]) for r in rows], np.int32)
+        return pad_rows(self.prompts, rows, WIDTH)
 
 
 _LOADED = {}
@@ -87,13 +84,6 @@ def loaded(request, tmp_path_factory):
     return _load(request.param, tmp_path_factory)
 
 
-def _assert_logits_close(got, ref):
-    scale = float(np.abs(ref).max())
-    err = float(np.abs(got - ref).max())
-    assert err <= LOGIT_TOL * scale, f"max |logit error| {err:.3g} > {LOGIT_TOL} x logit scale {scale:.3g}"
-    return err / scale
-
-
 def test_config_maps_the_intended_layout(loaded):
     cfg, hf_cfg = loaded.cfg, loaded.hf.config
     heads = {"gpt2": (4, 4, 16), "llama2": (4, 2, 24), "llama3": (4, 4, 16),
@@ -107,7 +97,7 @@ def test_config_maps_the_intended_layout(loaded):
 def test_forward_logits_match(loaded):
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, VOCAB, (2, 40)).astype(np.int32)  # 40 > window 8, > llama3 original 32
-    _assert_logits_close(np.asarray(kvjax.forward(loaded.cfg, loaded.params, tokens)),
+    assert_logits_close(np.asarray(kvjax.forward(loaded.cfg, loaded.params, tokens)),
                          loaded.hf_logits(tokens))
 
 
@@ -191,7 +181,7 @@ def test_kvjax_models_saved_for_transformers(preset, changes, tmp_path):
     tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
     with torch.no_grad():
         ref = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-    _assert_logits_close(np.asarray(kvjax.forward(cfg, params, tokens)), ref)
+    assert_logits_close(np.asarray(kvjax.forward(cfg, params, tokens)), ref)
     assert model.generation_config.eos_token_id == kvjax.ByteTokenizer.EOS
 
 

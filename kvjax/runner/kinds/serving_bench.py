@@ -10,7 +10,10 @@ Poisson process of `arrival_rate` requests/s. Scenarios:
   mixed          offline, outputs varying as `output_len` says (tenfold by default);
   online         the same requests arriving at `arrival_rate` (when > 0);
   shared_prefix  offline, every prompt = one `shared_prefix`-token system prompt + a
-                 suffix of `suffix_len` tokens (when shared_prefix > 0).
+                 suffix of `suffix_len` tokens (when shared_prefix > 0);
+  same_memory    the mixed requests with the engine given the KV memory the static batches
+                 allocate (`num_pages` = their peak slots / page_size) and `same_memory_slots`
+                 slots (when set): what paging buys, more requests in the same memory.
 
 Systems:
   engine  `kvjax.Engine` (max_slots, page_size, decode_steps, prefill_chunk): requests
@@ -37,6 +40,7 @@ runs are counted and reported (a run that compiled is marked invalid).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -68,6 +72,8 @@ class Config:
     prefill_chunk: int = option(128, min=1, help="Engine: prompt tokens prefilled per request per iteration")
     static_batch: int = option(8, min=1, help="static baseline: requests per generate call")
     repeats: int = option(3, min=1, help="timed runs per scenario and system (median)")
+    same_memory_slots: int | None = option(16, min=1, help="same_memory scenario: engine slots within the "
+                                           "static batches' KV memory (null: skip it)")
 
 
 def _range(name, v):
@@ -108,6 +114,8 @@ def workloads(c: Config, vocab: int, seed: int) -> list[Workload]:
     prompts = [[int(t) for t in rng.integers(0, vocab, k)] for k in plens]
     at_once = np.zeros(n)
     out = [Workload("mixed", prompts, outs, at_once)]
+    if c.same_memory_slots:
+        out.append(Workload("same_memory", prompts, outs, at_once))
     if c.arrival_rate > 0:
         gaps = rng.exponential(1.0 / c.arrival_rate, n)
         out.append(Workload("online", prompts, outs, np.cumsum(gaps) - gaps[0]))
@@ -168,6 +176,23 @@ def run_engine(cfg, params, c: Config, w: Workload, max_len: int):
     return row, [o.tokens for o in outs]
 
 
+def static_peak(c: Config, w: Workload) -> int:
+    """KV slots the static batches allocate at most: batch x (longest prompt + longest output)."""
+    peak = 0
+    for i in range(0, len(w.prompts), c.static_batch):
+        idx = range(i, min(i + c.static_batch, len(w.prompts)))
+        peak = max(peak, len(idx) * (max(len(w.prompts[j]) for j in idx) + int(max(w.outputs[j] for j in idx))))
+    return peak
+
+
+def engine_settings(c: Config, w: Workload) -> Config:
+    """The engine's settings for a scenario (same_memory: more slots, the static batches' memory)."""
+    if w.name != "same_memory":
+        return c
+    return dataclasses.replace(c, max_slots=c.same_memory_slots,
+                               num_pages=-(-static_peak(c, w) // c.page_size))
+
+
 def run_static(cfg, params, c: Config, w: Workload):
     """Static batches in arrival order, each timed; their times laid on the arrival timeline."""
     n = len(w.prompts)
@@ -225,7 +250,7 @@ def run(ctx, c: Config) -> dict:
         # warm-up until a run compiles nothing new (online arrivals may meet new shapes)
         warm_compiles = 0
         for _ in range(3):
-            warm_engine, engine_tokens = run_engine(cfg, params, c, w, max_len)
+            warm_engine, engine_tokens = run_engine(cfg, params, engine_settings(c, w), w, max_len)
             warm_compiles += warm_engine["engine_compilations"]
             if warm_engine["timed_compiles"] == 0:
                 break
@@ -235,7 +260,7 @@ def run(ctx, c: Config) -> dict:
         for system in ("engine", "static"):
             rows = []
             for r in range(c.repeats):
-                row = (run_engine(cfg, params, c, w, max_len) if system == "engine"
+                row = (run_engine(cfg, params, engine_settings(c, w), w, max_len) if system == "engine"
                        else run_static(cfg, params, c, w))[0]
                 row.update(scenario=w.name, system=system, repeat=r)
                 ctx.log(row)
@@ -243,6 +268,8 @@ def run(ctx, c: Config) -> dict:
             per[system] = _median_row(rows)
         per["engine"]["warmup_compilations"] = warm_compiles
         per["engine"]["same_tokens"] = same
+        per["engine"]["max_slots"] = engine_settings(c, w).max_slots
+        per["engine"]["pool_pages"] = per["engine"]["pages_total"]
         results[w.name] = per
 
     table = []
@@ -264,7 +291,8 @@ def run(ctx, c: Config) -> dict:
         summary[f"{name}_peak_kv_ratio"] = e["peak_kv_tokens"] / s["peak_kv_tokens"]
         summary[f"{name}_computed_fraction"] = e["computed_fraction"]
         summary[f"{name}_same_tokens"] = f"{e['same_tokens']}/{c.requests}"
-        ctx.note(f"{name}: engine {e['tok_s']:,.0f} tok/s vs static {s['tok_s']:,.0f} tok/s "
+        ctx.note(f"{name} (engine: {e['max_slots']} slots, a pool of {e['pages_total']:.0f} pages of "
+                 f"{c.page_size}): engine {e['tok_s']:,.0f} tok/s vs static {s['tok_s']:,.0f} tok/s "
                  f"({e['tok_s'] / s['tok_s']:.2f}x); TTFT p50 {e['ttft_p50_ms']:.0f} vs {s['ttft_p50_ms']:.0f} ms; "
                  f"peak KV {e['peak_kv_tokens']} vs {s['peak_kv_tokens']} token slots; prompt tokens computed "
                  f"{100 * e['computed_fraction']:.0f}% (prefix hits {100 * e['prefix_hit_rate']:.0f}%), "
