@@ -298,3 +298,17 @@ def test_save_over_existing_checkpoint_replaces_it(tmp_path):
     assert cfg == b
     _assert_same_params(_params(b, 1), params)
     shutil.rmtree(tmp_path)
+
+
+def test_save_hf_writes_a_list_of_eos_ids(tmp_path):
+    """Several ids that end a turn: generation_config.json keeps the list, config.json the first."""
+    import json
+
+    cfg = kvjax.ModelConfig.preset("llama-tiny")
+    params = kvjax.init_params(cfg, jax.random.key(0))
+    folder = kvjax.save_hf(cfg, params, tmp_path / "m", eos_token_id=[2, 5], bos_token_id=1)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [2, 5] and gen["bos_token_id"] == 1
+    assert json.loads((folder / "config.json").read_text())["eos_token_id"] == 2
+    with pytest.raises(CheckpointError, match="eos_token_id=400 is outside the vocabulary"):
+        kvjax.save_hf(cfg, params, tmp_path / "bad", eos_token_id=[2, 400])

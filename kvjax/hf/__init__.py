@@ -200,14 +200,16 @@ def _ignorable(name: str, family, model_type: str, cfg: ModelConfig) -> bool:
 # ----------------------------------------------------------------------------- saving
 
 def save_hf(cfg: ModelConfig, params, path, *, tokenizer=None, model_type: str | None = None,
-            bos_token_id: int | None = None, eos_token_id: int | None = None,
+            bos_token_id: int | None = None, eos_token_id=None,
             pad_token_id: int | None = None, max_shard_bytes: int | None = None) -> Path:
     """Write (cfg, params) as a Hugging Face checkpoint folder that transformers and load_hf read.
 
     Tensors are written in `cfg.dtype` (bfloat16 models stay bfloat16 on disk) with
     config.json (`dtype`/`torch_dtype` set), generation_config.json when a bos/eos/pad id
     is known, and the tokenizer if given (a ByteTokenizer writes kvjax_tokenizer.json).
-    Special ids default to the tokenizer's. `model_type` defaults to `hf_model_type(cfg)`.
+    Special ids default to the tokenizer's. `eos_token_id` may be a list (every id that ends a
+    turn, e.g. Llama 3's <|eot_id|> too): generation_config.json gets the list, config.json the
+    first. `model_type` defaults to `hf_model_type(cfg)`.
     `max_shard_bytes`: split into model-0000i-of-0000n.safetensors plus an index.
     Earlier model*.safetensors / index files in the folder are replaced.
     """
@@ -221,14 +223,23 @@ def save_hf(cfg: ModelConfig, params, path, *, tokenizer=None, model_type: str |
     check_params(params, shapes)
     if tokenizer is not None:
         bos_token_id = tokenizer.bos_id if bos_token_id is None else bos_token_id
-        eos_token_id = tokenizer.eos_id if eos_token_id is None else eos_token_id
+        if eos_token_id is None:
+            eos_token_id = list(tokenizer.eos_ids) if len(tokenizer.eos_ids) > 1 else tokenizer.eos_id
         pad_token_id = tokenizer.pad_id if pad_token_id is None else pad_token_id
+    eos_list = None
+    if eos_token_id is not None and not isinstance(eos_token_id, (int, np.integer)):
+        eos_list = [int(e) for e in eos_token_id]
+        if not eos_list:
+            raise CheckpointError("eos_token_id is an empty list; pass None for no EOS id")
+        eos_token_id = eos_list[0] if len(eos_list) == 1 else eos_list
     special = {k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
                                  ("pad_token_id", pad_token_id)) if v is not None}
     for k, v in special.items():
-        if not 0 <= int(v) < cfg.vocab_size:
-            raise CheckpointError(f"{k}={v} is outside the vocabulary [0, {cfg.vocab_size})")
-    hf_cfg.update({k: int(v) for k, v in special.items()})
+        for one in (v if isinstance(v, list) else [v]):
+            if not 0 <= int(one) < cfg.vocab_size:
+                raise CheckpointError(f"{k}={one} is outside the vocabulary [0, {cfg.vocab_size})")
+    special = {k: (v if isinstance(v, list) else int(v)) for k, v in special.items()}
+    hf_cfg.update({k: (v[0] if isinstance(v, list) else v) for k, v in special.items()})
 
     target = jnp.dtype(cfg.dtype)
     tensors = {t.hf: np.ascontiguousarray(

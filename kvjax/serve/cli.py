@@ -93,13 +93,11 @@ def parse_mesh(text: str | None) -> dict | None:
 
 
 def load_model(spec: str, dtype: str):
-    """--model value -> (cfg, params, tokenizer), as `kvjax generate` resolves it, with
-    bundled model names (kvjax.bundled) read as their folders."""
-    from ..bundled import bundled_names, model_folder
+    """--model value (a checkpoint folder or a bundled model's name) -> (cfg, params,
+    tokenizer), exactly as `kvjax generate` resolves it."""
     from ..generate_cli import resolve_model
 
-    folder = model_folder(spec) if spec in bundled_names() else spec
-    return resolve_model(str(folder), dtype)
+    return resolve_model(spec, dtype)
 
 
 def build(args):
