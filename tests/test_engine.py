@@ -222,6 +222,10 @@ def test_submit_iterate_cancel_and_threads(tiny, engine, oracle):
     sp = kvjax.SamplingParams(max_tokens=20, logprobs=3)
     h1 = engine.submit(p1, sp)
     long = engine.submit(p2, kvjax.SamplingParams(max_tokens=80))
+    # cancel `long` as soon as its first token is out (80 tokens take 10 decode calls; the
+    # cancel lands at the next call boundary), while h1 runs on beside it
+    assert next(iter(long)) == oracle(p2)[0]
+    long.cancel()
     streamed = list(h1)                                     # blocks until h1 is done
     res = h1.result(timeout=60)
     assert h1.done and streamed == res.tokens == expect(oracle(p1), sp)[0]
@@ -229,8 +233,6 @@ def test_submit_iterate_cancel_and_threads(tiny, engine, oracle):
     for lp, t in zip(res.logprobs, res.tokens):
         assert lp.token == t and list(lp.top)[0] == t and len(lp.top) == 3   # greedy: the top one
         assert lp.logprob == pytest.approx(lp.top[t]) and lp.logprob <= 0
-    assert next(iter(long)) == oracle(p2)[0]
-    long.cancel()
     out = long.result(timeout=60)
     assert out.finish_reason == "abort" and 1 <= len(out.tokens) < 80
     n = min(len(out.tokens), N_REF)
