@@ -146,6 +146,10 @@ class KVCache:
         (as does a hybrid cache whose layers are all rings)."""
         return self.kind in ("dense", "int8", "kivi") and not self.all_rings
 
+    def ring_view(self) -> "KVCache":
+        """A hybrid cache's ring layers as one ring (they share `slot_pos` and the ring size)."""
+        return self.layer_view(self.rings.index(max(self.rings)))
+
     def layer_view(self, layer: int) -> "KVCache":
         """Layer `layer` alone as a one-layer cache (no copy): a ring layer of a hybrid cache
         becomes a ring (slot_pos set), a full layer a plain dense/int8 cache."""
@@ -226,6 +230,13 @@ def layer_rings(cfg: ModelConfig, max_len: int, kind: str = "dense", hybrid: boo
     return ()
 
 
+def _slot_layout(cfg: ModelConfig, max_len: int, kind: str, rings: tuple) -> tuple[list, int]:
+    """(slots of each layer's buffers, slots of `slot_pos` (0: none)) for init_cache and cache_bytes."""
+    slots = [r or max_len for r in rings] if rings else [max_len] * cfg.num_layers
+    ring_slots = max(rings) if rings else (max_len if kind in ("window", "sinks") else 0)
+    return slots, ring_slots
+
+
 def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kind: str = "dense",
                 num_sinks: int | None = None, pressed: bool = False, pooled: bool = False,
                 bits: int | None = None,
@@ -252,7 +263,7 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
         per_head = batch_size * cfg.num_kv_heads * 4
         return (cache_bytes(cfg, batch_size, max_len, dtype, kind)
                 + cfg.num_layers * per_head * (max_len + 1))
-    rings = () if pressed else layer_rings(cfg, max_len, kind, hybrid)
+    slots, ring_slots = _slot_layout(cfg, max_len, kind, layer_rings(cfg, max_len, kind, hybrid))
 
     def per_layer(slots):
         values = batch_size * cfg.num_kv_heads * slots * cfg.head_dim
@@ -261,12 +272,8 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
             n += 2 * batch_size * cfg.num_kv_heads * slots * 4            # float32 scales
         return n
 
-    if rings:   # full layers, ring layers, and the ring's slot positions
-        ring = max(rings)
-        return (sum(per_layer(r or max_len) for r in rings) + batch_size * ring * 4
-                + 4 * batch_size)
-    extra = batch_size * max_len * 4 if kind in ("window", "sinks") else 0  # slot_pos
-    return cfg.num_layers * per_layer(max_len) + extra + 4 * batch_size    # + lengths
+    # buffers, slot positions of a ring (window/sinks, or a hybrid cache's ring layers), lengths
+    return sum(per_layer(n) for n in slots) + batch_size * ring_slots * 4 + 4 * batch_size
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh=None,
@@ -304,10 +311,9 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh
         from .sharding import init_sharded_cache  # sharding imports this module
         return init_sharded_cache(cfg, batch_size, max_len, mesh, dtype, kind, sinks, rings)
     dt = jnp.int8 if kind == "int8" else _resolve_dtype(cfg, dtype)
-    B, K, H, L = batch_size, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
-    slots = [(rings[i] if rings else 0) or max_len for i in range(L)]
+    B, K, H = batch_size, cfg.num_kv_heads, cfg.head_dim
+    slots, ring_slots = _slot_layout(cfg, max_len, kind, rings)
     bufs = lambda tail, d: tuple(jnp.zeros((B, K, s, *tail), d) for s in slots)  # noqa: E731
-    ring_slots = max(rings) if rings else (max_len if kind in ("window", "sinks") else 0)
     return KVCache(
         keys=bufs((H,), dt), values=bufs((H,), dt),
         lengths=jnp.zeros((B,), jnp.int32),
@@ -329,9 +335,8 @@ def chunk_slots(cache: KVCache, starts: jax.Array, lengths: jax.Array, T: int) -
     """
     if cache.hybrid:
         full = next((i for i, r in enumerate(cache.rings) if not r), None)
-        ring = cache.rings.index(max(cache.rings))
         return (None if full is None else chunk_slots(cache.layer_view(full), starts, lengths, T),
-                chunk_slots(cache.layer_view(ring), starts, lengths, T))
+                chunk_slots(cache.ring_view(), starts, lengths, T))
     S, s = cache.max_len, cache.num_sinks
     t = jnp.arange(T, dtype=jnp.int32)[None, :]
     pos = starts[:, None] + t                                           # [B, T]
@@ -430,8 +435,7 @@ def assemble(cache: KVCache, layers: list, starts, lengths, slots) -> KVCache:
         changes.update(key_scales=tuple(l["ks"] for l in layers),
                        value_scales=tuple(l["vs"] for l in layers))
     if cache.hybrid:
-        ring = cache.rings.index(max(cache.rings))
-        changes["slot_pos"] = slot_positions(cache.layer_view(ring), starts, lengths, slots[1])[0]
+        changes["slot_pos"] = slot_positions(cache.ring_view(), starts, lengths, slots[1])[0]
     elif cache.slot_pos is not None:
         changes["slot_pos"] = slot_positions(cache, starts, lengths, slots)[0]
     return cache.replace(**changes)

@@ -317,9 +317,9 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
     mesh = sharding.mesh_of(cache)
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, tok.shape[0])
-    used = sharding.to_host(cache.lengths)
     if press is not None and hasattr(press, "prefill"):   # a whole-model press (KVzip): its own passes
         return press.prefill(cfg, params, tok, lens, cache)
+    used = sharding.to_host(cache.lengths)
     if press is not None or cache.pressed:
         from .press import host
         if press is not None:

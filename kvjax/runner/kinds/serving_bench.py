@@ -196,7 +196,7 @@ def engine_settings(c: Config, w: Workload) -> Config:
 def run_static(cfg, params, c: Config, w: Workload):
     """Static batches in arrival order, each timed; their times laid on the arrival timeline."""
     n = len(w.prompts)
-    first, finish, tokens_out, peak = [0.0] * n, [0.0] * n, [None] * n, 0
+    first, finish, tokens_out = [0.0] * n, [0.0] * n, [None] * n
     clock = 0.0
     with compile_watch() as cw:
         for i in range(0, n, c.static_batch):
@@ -211,14 +211,13 @@ def run_static(cfg, params, c: Config, w: Workload):
             out = np.asarray(kvjax.generate(cfg, params, arr, prompt_lengths=lens, max_new_tokens=new).tokens)
             took = time.perf_counter() - t
             clock = max(clock, float(max(w.arrivals[j] for j in idx))) + took
-            peak = max(peak, len(idx) * (width + new))
             for b, j in enumerate(idx):
                 first[j] = finish[j] = clock
                 tokens_out[j] = [int(x) for x in out[b, :int(w.outputs[j])]]
     tokens = int(sum(w.outputs))
     row = {"tokens": tokens, "seconds": clock, "tok_s": tokens / clock,
            **_latency(first, finish, w.arrivals, [0] * n),
-           "peak_kv_tokens": peak, "timed_compiles": cw.compiles}
+           "peak_kv_tokens": static_peak(c, w), "timed_compiles": cw.compiles}
     return row, tokens_out
 
 
