@@ -261,7 +261,7 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
         if kind not in ("dense", "int8"):
             raise ValueError(f"only dense and int8 caches can be pressed, got kind {kind!r}")
         per_head = batch_size * cfg.num_kv_heads * 4
-        return (cache_bytes(cfg, batch_size, max_len, dtype, kind)
+        return (cache_bytes(cfg, batch_size, max_len, dtype, kind, hybrid=False)   # never hybrid
                 + cfg.num_layers * per_head * (max_len + 1))
     slots, ring_slots = _slot_layout(cfg, max_len, kind, layer_rings(cfg, max_len, kind, hybrid))
 

@@ -115,6 +115,8 @@ def test_presses_refuse_a_hybrid_cache_and_generate_picks_a_full_one(model, prom
         kvjax.prefill(cfg, params, prompts, LENS, kvjax.init_cache(cfg, B, 32), press=p)
     out = kvjax.generate(cfg, params, prompts, LENS, max_new_tokens=2, press=p)
     assert not out.cache.hybrid and out.cache.pressed
+    # a pressed cache has max_len slots on every layer, windowed model or not
+    assert out.cache.nbytes == kvjax.cache_bytes(cfg, B, S + 2, pressed=True)
 
 
 def test_a_model_windowed_on_every_layer_gets_rings_everywhere_and_runs_past_max_len():
