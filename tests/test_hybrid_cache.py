@@ -117,6 +117,8 @@ def test_presses_refuse_a_hybrid_cache_and_generate_picks_a_full_one(model, prom
     assert not out.cache.hybrid and out.cache.pressed
     # a pressed cache has max_len slots on every layer, windowed model or not
     assert out.cache.nbytes == kvjax.cache_bytes(cfg, B, S + 2, pressed=True)
+    sized = press.init_cache(cfg, B, S, p, room=2)          # per-layer budgets, never rings
+    assert not sized.hybrid and sized.nbytes == press.cache_bytes(cfg, B, [k.shape[2] for k in sized.keys])
 
 
 def test_a_model_windowed_on_every_layer_gets_rings_everywhere_and_runs_past_max_len():
