@@ -13,8 +13,7 @@ chunk is written afterwards. XLA then copies that layer's buffers once per such 
 (prefill only; a one-token decode step never needs it: the slot it overwrites is just
 outside the window of its query).
 
-One mask rule for every block: a key at position j is visible to a query at position p
-when it is valid, j <= p, and (no window, or p - j < window, or j < sinks).
+Masks, scores and the blockwise softmax live in kvjax/attention_math.py.
 """
 from __future__ import annotations
 
@@ -22,89 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .cache import KVCache, layer_arrays, read_layer, slot_positions, write_layer
+from .attention_math import attention_mask, score_args, scores, softmax_blocks
+from .cache import KVCache, kivi, layer_arrays, read_layer, slot_positions, write_layer
 from .config import ModelConfig
+from .cache.paged import paged_attention
 from .layers import Norm, apply_rope, apply_rope_heads_first, chunk_rope, dense
-
-_NEG = jnp.finfo(jnp.float32).min  # finite, so a fully masked padding row never makes NaN
-
-
-def attention_mask(q_pos, k_pos, k_valid, window=None, sinks=0):
-    """Visibility [B, 1, T, S] from q_pos [B, T], k_pos and k_valid [B, S] (every kv head sees
-    the same slots), or [B, K, T, S] from per-head k_pos, k_valid [B, K, S] (pressed caches)."""
-    if k_pos.ndim == 2:
-        k_pos, k_valid = k_pos[:, None], k_valid[:, None]
-    qp = q_pos[:, None, :, None]                                  # [B, 1, T, 1]
-    kp = k_pos[:, :, None, :]                                     # [B, K', 1, S]
-    mask = k_valid[:, :, None, :] & (kp <= qp)
-    if window is not None:
-        near = qp - kp < window
-        if sinks:
-            near = near | (kp < sinks)
-        mask = mask & near
-    return mask
-
-
-def _f32_dot(spec, a, b):
-    """einsum accumulating and returning float32. XLA's CPU runtime has no bf16 x bf16 -> f32
-    dot, so on CPU half-precision operands are widened first; accelerators read them as
-    stored (the cache stays half-size in memory traffic)."""
-    if jax.default_backend() == "cpu" and (a.dtype.itemsize < 4 or b.dtype.itemsize < 4):
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-
-
-def scores(q, k, scale: float | None = None, softcap: float | None = None):
-    """q [B, T, N, H], k [B, K, S, H] -> float32 scaled scores [B, K, G, T, S].
-
-    scale: None for 1/sqrt(H); softcap (Gemma 2): scores -> softcap * tanh(scores / softcap),
-    applied after scaling and before the mask, as transformers does. A layer's own values
-    come from `score_args(cfg)`."""
-    B, T, N, H = q.shape
-    K = k.shape[1]
-    qg = q.reshape(B, T, K, N // K, H)
-    s = _f32_dot("btkgh,bksh->bkgts", qg, k) * (H ** -0.5 if scale is None else scale)
-    if softcap is not None:
-        s = softcap * jnp.tanh(s / softcap)
-    return s
-
-
-def score_args(cfg: ModelConfig) -> tuple:
-    """(scale, softcap) for `scores`: Gemma 2/3 scale by query_pre_attn_scalar ** -0.5."""
-    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
-    return scale, cfg.attn_softcap
-
-
-def softmax_blocks(blocks, q_dtype, column_sums: bool = False, query_valid=None):
-    """One softmax over several key blocks. blocks: [(scores [B,K,G,T,S_i], mask [B,K',T,S_i]
-    (K' = 1 or K; or [B,K,G',T,S_i] per query head), values [B,K,S_i,H])] -> [B, T, N, H].
-
-    column_sums: also return, per block, the attention each key received summed over the
-    queries (those with query_valid [B, T], when given), float32 [B, N, S_i] (H2O's observed
-    attention)."""
-    masked = [jnp.where(m[:, :, None] if m.ndim == 4 else m, s, _NEG) for s, m, _ in blocks]
-    probs = jax.nn.softmax(jnp.concatenate(masked, axis=-1), axis=-1)
-    out, offset, sums = 0.0, 0, []
-    for s, _, v in blocks:
-        p = probs[..., offset:offset + s.shape[-1]]
-        if column_sums:
-            B, K, G = p.shape[:3]
-            counted = p if query_valid is None else jnp.where(query_valid[:, None, None, :, None], p, 0.0)
-            sums.append(counted.sum(axis=3).reshape(B, K * G, -1))
-        out = out + _f32_dot("bkgts,bksh->btkgh", p.astype(v.dtype), v)
-        offset += s.shape[-1]
-    B, T, K, G, H = out.shape
-    out = out.reshape(B, T, K * G, H).astype(q_dtype)
-    return (out, sums) if column_sums else out
-
-
-def dot_attention(q, k, v, mask):
-    """Reference grouped-query attention over one block; the oracle for faster kernels.
-
-    q: [B, T, N, H]; k, v: [B, K, S, H]; mask: [B, T, S] or [B, K, T, S] -> [B, T, N, H].
-    """
-    return softmax_blocks([(scores(q, k), mask[:, None] if mask.ndim == 3 else mask, v)], q.dtype)
-
 
 def attention_pattern(cfg: ModelConfig, cache: KVCache | None, layer: int = 0):
     """(window, sinks) a query of `layer` sees, from the model and the cache kind.
@@ -158,7 +79,6 @@ class Attention(nn.Module):
             q = apply_rope(q, positions, inv_freq, rope_scale)
             k = apply_rope(k, positions, inv_freq, rope_scale)   # keys are cached after rotation
         if cache is not None and cache.kind == "paged":   # kvjax.Engine: pages of a shared pool
-            from .engine.paged import paged_attention
             out, new_layer = paged_attention(q, k, v, positions, lengths, cache, layer, window, sinks,
                                              lambda qs, kb: scores(qs, kb, *score_args(c)))
             return dense(c, c.d_model, "o", c.out_bias, self.std)(out.reshape(B, T, -1)), new_layer
@@ -290,8 +210,6 @@ def _kivi_blocks(cache, layer, k, v, starts, lengths, chunk):
     """KIVI: one token is written, then read back with the store (as the dense path); a chunk
     attends over the stored tokens plus its own exact keys and values, then is written
     (its queries see full precision, as KIVI's prefill does)."""
-    from . import kivi
-
     quant = cache.quant
     arrays = layer_arrays(cache, layer)
     new_layer = kivi.write(arrays, k, v, starts, lengths, *quant)

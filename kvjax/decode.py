@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import sharding, validate
+from . import cache as cache_layouts, sharding, validate
 from .cache import KVCache, as_pooled, as_pressed, assemble, assemble_pressed, chunk_slots, init_cache
 from .config import ModelConfig
 from .model import Transformer, init_params
@@ -222,8 +222,8 @@ def _mesh_jits(cfg: ModelConfig, mesh, kind: str = "dense", num_sinks: int = 0, 
     """
     params_shape = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     ps = sharding.param_shardings(cfg, params_shape, mesh)
-    cs = sharding.cache_shardings(cfg, mesh, kind, num_sinks, layout_in, rings)
-    out = sharding.cache_shardings(cfg, mesh, kind, num_sinks, layout_out or layout_in, rings)
+    cs = cache_layouts.cache_shardings(cfg, mesh, kind, num_sinks, layout_in, rings)
+    out = cache_layouts.cache_shardings(cfg, mesh, kind, num_sinks, layout_out or layout_in, rings)
     b1, b2 = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
     rep = sharding.replicated(mesh)
     knobs = {"temperature": b1, "top_k": b1, "top_p": b1, "eos": rep, "pad": rep, "key": rep}
@@ -314,7 +314,7 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
     lens = validate.as_lengths(lengths, tok)
     validate.check_cache(cfg, cache, tok.shape[0])
     validate.check_token_ids(cfg, tok, lens)
-    mesh = sharding.mesh_of(cache)
+    mesh = cache_layouts.mesh_of(cache)
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, tok.shape[0])
     if press is not None and hasattr(press, "prefill"):   # a whole-model press (KVzip): its own passes
@@ -331,7 +331,7 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
             budgets = None
         validate.check_room(cfg, used, lens, cache.max_len, "prefill", bounded=False)
         fn = _prefill_jit if mesh is None else _mesh_jits(
-            cfg, mesh, cache.kind, cache.num_sinks, sharding.layout_name(cache), _out_layout(cache, press),
+            cfg, mesh, cache.kind, cache.num_sinks, cache_layouts.layout_name(cache), _out_layout(cache, press),
             budgets is not None)["prefill"]
         return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, None, press,
                   _global_budgets(mesh, budgets))
@@ -366,12 +366,12 @@ def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = 
             validate.check_room(cfg, used, ones, cache.max_len, "decode_step", cache.bounded)
             if cache.reads_live_prefix:
                 live = live_bucket(int(used.max()) + 1, cache.max_len)
-    mesh = sharding.mesh_of(cache)
+    mesh = cache_layouts.mesh_of(cache)
     if mesh is None:
         return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache, live)
     if not isinstance(tokens, jax.Array) or tokens.is_fully_addressable:
         (tokens,) = _placed(mesh, np.asarray(tokens, np.int32))
-    return _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks, sharding.layout_name(cache),
+    return _mesh_jits(cfg, mesh, cache.kind, cache.num_sinks, cache_layouts.layout_name(cache),
                       rings=cache.rings)["decode"](
         cfg, params, tokens, cache, live)
 
@@ -420,7 +420,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     elif max_len is not None and max_len != cache.max_len:
         raise ValueError(f"max_len={max_len} disagrees with the given cache's max_len={cache.max_len}")
     validate.check_cache(cfg, cache, B)
-    mesh = sharding.mesh_of(cache)
+    mesh = cache_layouts.mesh_of(cache)
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, B)
     used = sharding.to_host(cache.lengths)
@@ -432,7 +432,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         validate.check_room(cfg, used, lens + max_new_tokens, cache.max_len, what, cache.bounded)
         plan = (*live_plan(int((used + lens).max()), int(max_new_tokens), cache), None, None)
     fn = _generate_cached if mesh is None else _mesh_jits(
-        cfg, mesh, cache.kind, cache.num_sinks, sharding.layout_name(cache), _out_layout(cache, press),
+        cfg, mesh, cache.kind, cache.num_sinks, cache_layouts.layout_name(cache), _out_layout(cache, press),
         "budgets" in knobs, cache.rings)["generate"]
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan,
               _place_knobs(mesh, knobs))

@@ -121,7 +121,8 @@ def load_cache(path, cfg: ModelConfig | None = None, kind: str | None = None, me
                     kind=meta["kind"], num_sinks=meta["num_sinks"], quant=tuple(meta.get("quant", ())),
                     rings=tuple(meta.get("rings", ())))
     if mesh is not None:
-        from .sharding import cache_shardings, check_mesh, layout_name as sharding_layout
+        from .cache import cache_shardings, layout_name as sharding_layout
+        from .sharding import check_mesh
         if cfg is None:
             raise ValueError("load_cache(..., mesh=...) needs the model config to lay the cache out")
         check_mesh(cfg, mesh, cache.batch_size)

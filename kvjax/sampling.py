@@ -8,8 +8,12 @@ categorical draw. Temperature 0 means greedy for that row.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _NEG_INF = -jnp.inf
 
@@ -55,3 +59,105 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
         return jnp.where(temperature > 0, drawn, greedy(logits))
 
     return jax.lax.cond(jnp.all(temperature <= 0), greedy, draw, logits)
+
+
+# ----------------------------------------------------------------------------- validation and knobs
+
+class SamplingError(ValueError):
+    """A sampling parameter out of range; `param` names it (the server answers it with a 400)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_sampling(temperature, top_k, top_p, where: str = "") -> None:
+    """The one range check of sampling parameters (scalars or per-row arrays), used by
+    `generate`, `Engine` and `kvjax serve`: temperature finite and >= 0 (0: greedy), top_k an
+    int >= 0 (0 disables it), top_p in (0, 1] (1 disables it). Raises SamplingError naming
+    the parameter, its value and the limit."""
+    pre = f"{where}: " if where else ""
+    temp = np.asarray(temperature, np.float64)
+    if (temp < 0).any() or not np.isfinite(temp).all():
+        raise SamplingError("temperature", f"{pre}temperature must be finite and >= 0, got {temperature!r}")
+    k = np.asarray(top_k)
+    if isinstance(top_k, bool) or not (np.issubdtype(k.dtype, np.integer) or k.size == 0) or (k < 0).any():
+        raise SamplingError("top_k", f"{pre}top_k must be >= 0 and an int (0 disables it), got {top_k!r}")
+    p = np.asarray(top_p, np.float64)
+    if not np.isfinite(p).all() or ((p <= 0) | (p > 1)).any():
+        raise SamplingError("top_p", f"{pre}top_p must be in (0, 1], got {top_p!r}")
+
+
+EOS_WIDTH = 8   # Knobs.eos holds up to this many end-of-sequence ids without a new program
+
+
+def eos_ids(eos_token_id) -> list[int]:
+    """None, an int, or a sequence of ints -> the list of end-of-sequence ids (ValueError otherwise)."""
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, (int, np.integer)) and not isinstance(eos_token_id, bool):
+        return [int(eos_token_id)]
+    if np.ndim(eos_token_id) == 1 and all(isinstance(e, (int, np.integer)) and not isinstance(e, bool)
+                                          for e in eos_token_id):
+        return [int(e) for e in eos_token_id]
+    raise ValueError(f"eos_token_id must be None, an int or a sequence of ints, got {eos_token_id!r}")
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Sampling state of a decode loop, all traced (new values never recompile).
+
+    temperature float32 [B], top_k int32 [B], top_p float32 [B]: per row; eos int32 [E]
+    (-1 padded to a multiple of EOS_WIDTH); pad int32 []: the token a finished row emits;
+    key: the PRNG key (step i draws with fold_in(key, i))."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    eos: jax.Array
+    pad: jax.Array
+    key: jax.Array
+
+    @classmethod
+    def make(cls, vocab_size: int, batch_size: int, temperature=0.0, top_k=0, top_p=1.0,
+             eos_token_id=None, key=None, pad_token_id: int = 0) -> "Knobs":
+        """Validated knobs for B rows from scalars or per-row [B] values (host arrays: place
+        them with `map` before a sharded call)."""
+        rows = {name: _per_row(name, v, batch_size, dt) for name, v, dt in
+                (("temperature", temperature, np.float32), ("top_k", top_k, np.int32),
+                 ("top_p", top_p, np.float32))}
+        check_sampling(temperature, top_k, top_p)
+        eos = eos_ids(eos_token_id)
+        for name, v in [*(("eos_token_id", e) for e in eos), ("pad_token_id", pad_token_id)]:
+            if v is not None and not 0 <= int(v) < vocab_size:
+                raise ValueError(f"{name}={v} is outside the vocabulary [0, {vocab_size})")
+        # A fixed width (-1 padded) so that one to EOS_WIDTH ids share one compiled program.
+        width = max(EOS_WIDTH, -(-len(eos) // EOS_WIDTH) * EOS_WIDTH)
+        return cls(**rows, eos=np.pad(np.asarray(eos, np.int32), (0, width - len(eos)), constant_values=-1),
+                   pad=np.asarray(pad_token_id, np.int32),
+                   key=key if key is not None else jax.random.key(0))
+
+    def replace(self, **changes) -> "Knobs":
+        return dataclasses.replace(self, **changes)
+
+
+jax.tree_util.register_dataclass(Knobs, data_fields=["temperature", "top_k", "top_p", "eos", "pad", "key"],
+                                 meta_fields=[])
+
+
+def _per_row(name: str, value, batch_size: int, dtype) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        arr = np.broadcast_to(arr, (batch_size,))
+    if arr.shape != (batch_size,):
+        raise ValueError(f"{name} must be a scalar or have shape [{batch_size}], got shape {arr.shape}")
+    return arr.astype(dtype)
+
+
+def pick(logits: jax.Array, i, done: jax.Array, knobs: Knobs):
+    """Sample token i for rows not yet done: (tokens int32 [B], active [B], new done [B])."""
+    tok = sample(logits, jax.random.fold_in(knobs.key, i), knobs.temperature, knobs.top_k, knobs.top_p)
+    active = ~done
+    tok = jnp.where(active, tok, knobs.pad)
+    is_eos = (tok[:, None] == knobs.eos[None, :]).any(axis=-1)   # eos: int32 [E], -1 padded
+    return tok, active, done | (active & is_eos)

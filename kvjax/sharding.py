@@ -19,7 +19,8 @@ Query heads and the batch must divide their mesh axes: otherwise `check_mesh` ra
 naming both numbers.
 
 `jax.jit` with `in_shardings`/`out_shardings` is how pjit is spelled today (pjit was folded
-into jit); decode.py uses the shardings below as exactly those arguments.
+into jit); decode uses the shardings below (and the cache layouts' own, kvjax/cache/sharded.py)
+as exactly those arguments.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .cache import KVCache, init_cache as _init_cache_unsharded
 from .config import ModelConfig
 
 AXES = ("data", "model")
@@ -112,7 +112,7 @@ def auto_axes(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names))
 
 
-def _spec(logical: tuple, rules) -> P:
+def logical_spec(logical: tuple, rules) -> P:
     return P(*(rules.get(a) for a in logical))
 
 
@@ -127,7 +127,7 @@ def param_shardings(cfg: ModelConfig, params, mesh: Mesh):
         logical = _PARAM_AXES.get(tuple(names[-2:]))
         if logical is None:  # norms (scale/bias over embed) and anything else: replicated
             logical = (None,) * np.ndim(leaf)
-        return NamedSharding(mesh, _spec(logical, rules))
+        return NamedSharding(mesh, logical_spec(logical, rules))
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -135,51 +135,6 @@ def param_shardings(cfg: ModelConfig, params, mesh: Mesh):
 def shard_params(cfg: ModelConfig, params, mesh: Mesh):
     """Place params on the mesh according to the layout (no host round trip when already on device)."""
     return jax.device_put(params, param_shardings(cfg, params, mesh))
-
-
-def cache_shardings(cfg: ModelConfig, mesh: Mesh, kind: str = "dense", num_sinks: int = 0,
-                    layout_of: str = "plain", rings: tuple = ()) -> KVCache:
-    """A KVCache-shaped pytree of NamedSharding for a cache of `kind`.
-
-    keys/values [B, K, S, H] and int8 scales [B, K, S] over (data, model-or-replicated);
-    slot positions [B, S] and lengths [B] over data. layout_of: "plain", "pressed" (adds
-    per-head positions [B, K, S] and fills [B, K], laid out like the buffers) or "pooled"
-    (AdaKV: one pool [B, 1, P, H] per layer, rows over data, the pool replicated over model
-    since its kv heads are mixed; owners [B, P]). rings: a hybrid cache's per-layer ring
-    sizes (its ring positions [B, W] are laid out like slot positions).
-    """
-    mesh = auto_axes(mesh)
-    rules = layout(cfg, mesh)
-    per_layer = lambda logical: tuple(NamedSharding(mesh, _spec(logical, rules))  # noqa: E731
-                                      for _ in range(cfg.num_layers))
-    heads = None if layout_of == "pooled" else "kv_heads"
-    bufs = per_layer(("batch", heads, "sequence", "head_dim"))
-    scales = per_layer(("batch", heads, "sequence")) if kind == "int8" else ()
-    extra = {}
-    if layout_of in ("pressed", "pooled"):
-        extra = dict(head_pos=per_layer(("batch", heads, "sequence")),
-                     head_fill=per_layer(("batch", "kv_heads")))
-        if layout_of == "pooled":
-            extra["head_owner"] = per_layer(("batch", "sequence"))
-    return KVCache(keys=bufs, values=bufs, lengths=NamedSharding(mesh, P("data")),
-                   key_scales=scales, value_scales=scales,
-                   slot_pos=NamedSharding(mesh, P("data", None)) if (kind in ("window", "sinks") or rings)
-                   else None, kind=kind, num_sinks=num_sinks, rings=tuple(rings), **extra)
-
-
-def layout_name(cache: KVCache) -> str:
-    return "pooled" if cache.pooled else "pressed" if cache.pressed else "plain"
-
-
-def init_sharded_cache(cfg: ModelConfig, batch_size: int, max_len: int, mesh: Mesh, dtype=None,
-                       kind: str = "dense", num_sinks: int = 0, rings: tuple = ()) -> KVCache:
-    """`init_cache` created directly in its sharded layout (no full copy on any one device)."""
-    check_mesh(cfg, mesh, batch_size)
-    shardings = cache_shardings(cfg, mesh, kind, num_sinks, rings=rings)
-    make = jax.jit(lambda: _init_cache_unsharded(cfg, batch_size, max_len, dtype, kind=kind,
-                                                 num_sinks=num_sinks, hybrid=bool(rings)),
-                   out_shardings=shardings)
-    return make()
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -206,14 +161,6 @@ def to_host(x) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def mesh_of(cache: KVCache) -> Mesh | None:
-    """The mesh a cache is laid out on, or None for a single-device cache."""
-    sh = getattr(cache.lengths, "sharding", None)
-    if isinstance(sh, NamedSharding) and sh.mesh.size > 1:
-        return sh.mesh
-    return None
 
 
 def describe(mesh: Mesh) -> dict:

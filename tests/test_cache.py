@@ -72,12 +72,12 @@ def test_compiled_decode_step_aliases_the_donated_cache():
 
 def test_dense_cache_never_wraps():
     """Padding past the buffer end is dropped, never clamped onto real slots."""
-    from kvjax.cache import _scatter_rows, chunk_slots
+    from kvjax.cache import chunk_slots, scatter_rows
 
     cfg = kvjax.ModelConfig.preset("llama-tiny", num_kv_heads=1, num_heads=1, head_dim=2, num_layers=1)
     cache = kvjax.init_cache(cfg, 1, 4).replace(lengths=jnp.array([2], jnp.int32))
     slots = chunk_slots(cache, cache.lengths, jnp.array([2]), 4)    # 4-token chunk, 2 real
     np.testing.assert_array_equal(np.asarray(slots), [[2, 3, 4, 4]])  # 4 = dropped
     new = jnp.arange(1.0, 5.0).reshape(1, 4, 1, 1)
-    out = _scatter_rows(jnp.zeros((1, 1, 4, 1)), new, slots)
+    out = scatter_rows(jnp.zeros((1, 1, 4, 1)), new, slots)
     np.testing.assert_array_equal(np.asarray(out)[0, 0, :, 0], [0, 0, 1, 2])

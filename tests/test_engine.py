@@ -19,7 +19,7 @@ import pytest
 
 import kvjax
 from conftest import model
-from kvjax.engine import paged
+from kvjax.cache import paged
 
 MAX_LEN, PAGE, STEPS, CHUNK = 96, 8, 4, 32
 N_REF = 24            # oracle tokens per prompt (requests ask for at most this many)

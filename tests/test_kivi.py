@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax import kivi
+from kvjax.cache import kivi
 
 B, K, S, H, G, R = 3, 2, 48, 8, 4, 8     # capacity S + R - 1 = 55 tokens per row
 LENS = np.array([50, 13, 29])            # ragged rows; 50 > 48 ends partly in the residual

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import kivi
+from kvjax.cache import kivi
 from kvjax.cache import layer_arrays
 
 

@@ -38,7 +38,7 @@ from ..config import ModelConfig
 from . import programs
 from .api import Completion, SamplingParams, TokenLogprob
 from .pages import PagePool
-from .paged import init_pools
+from ..cache.paged import init_pools
 
 _END = object()
 MIN_CHUNK = 16          # narrowest prefill chunk compiled

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from ..model import Transformer
 from ..sampling import greedy, sample
-from .paged import gather_views, paged_cache
+from ..cache.paged import gather_views, paged_cache
 
 LOGPROBS_MAX = 20   # most alternatives a request may ask for (OpenAI's limit)
 

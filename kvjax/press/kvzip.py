@@ -171,10 +171,11 @@ class KVzipPress(Press):
         """kvjax.prefill's path for this press: host checks, then one jitted program."""
         from . import host
         from .. import sharding, validate
+        from ..cache import mesh_of
 
         where = "prefill (KVzipPress)"
-        host.check_press(self, cfg, cache, sharding.mesh_of(cache), "prefill")
-        if sharding.mesh_of(cache) is not None:
+        host.check_press(self, cfg, cache, mesh_of(cache), "prefill")
+        if mesh_of(cache) is not None:
             raise ValueError(f"{where}: a cache on a mesh is not supported yet; prefill without a mesh")
         if cache.hybrid or (sharding.to_host(cache.lengths) > 0).any() or (
                 cache.pressed and any((sharding.to_host(f) > 0).any() for f in cache.head_fill)):

@@ -22,7 +22,7 @@ Kinds (one interface; `kind` and `num_sinks` are static pytree metadata):
   window  a ring of S slots: position p lives in slot p mod S, so a query sees the last S
           tokens; memory is fixed however long generation runs. `slot_pos` [B, S] records
           the position held by each slot (-1: empty), which drives masks after wrap-around.
-  kivi    KIVI (Liu et al. 2024), kvjax/kivi.py: keys quantised per channel over groups of
+  kivi    KIVI (Liu et al. 2024), kvjax/cache/kivi.py: keys quantised per channel over groups of
           `group_size` tokens, values per token over groups of channels, 2 or 4 bits packed
           into uint8 (`keys`/`values` hold the codes); the last tokens stay in full
           precision in a residual until a block of `residual_length` fills. Scales, minima
@@ -31,6 +31,10 @@ Kinds (one interface; `kind` and `num_sinks` are static pytree metadata):
           S - num_sinks slots are a ring of recent tokens. Keys are stored *before*
           rotation; attention assigns rotary positions by place in the cache (see
           attention.py), as the StreamingLLM paper found necessary for stable perplexity.
+  paged   kvjax.Engine's storage (kvjax/cache/paged.py): keys/values are L pools of pages
+          [P, K, Z, H] shared by every row, `page_table` [B, W] maps a row's page w to a pool
+          page, and `lengths` counts each row's tokens before the chunk being written.
+          Made by `paged.paged_cache`, not init_cache.
 
 Hybrid (dense or int8, the default for models with windowed layers, e.g. Gemma 2/3 or a
 Qwen2 with `max_window_layers`): a layer whose window W is shorter than max_len keeps a
@@ -64,9 +68,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
+from ..config import ModelConfig
+from . import kivi
 
-KINDS = ("dense", "int8", "window", "sinks", "kivi")
+KINDS = ("dense", "int8", "window", "sinks", "kivi")   # what init_cache makes
+PAGED = "paged"   # the engine's kind: pools of pages shared by rows (kvjax/cache/paged.py)
 KIVI_DEFAULTS = {"bits": 2, "group_size": 32, "residual_length": 128}
 DEFAULT_SINKS = 4   # StreamingLLM's default: four initial tokens are enough to anchor attention
 
@@ -189,7 +195,7 @@ def _check(batch_size: int, max_len: int, kind: str, num_sinks: int):
                          f"max_len={max_len}")
 
 
-def _sinks_for(kind: str, num_sinks) -> int:
+def sinks_for(kind: str, num_sinks) -> int:
     return (DEFAULT_SINKS if num_sinks is None else int(num_sinks)) if kind == "sinks" else 0
 
 
@@ -247,10 +253,9 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
     pressed: the same cache once a press has compacted it (it adds per-head slot positions
     int32 [B, K, S] and fills int32 [B, K] per layer; kvjax.press.cache_bytes gives
     per-layer sizes). pooled: once AdaKVPress has pooled it (a head id per slot too)."""
-    _check(batch_size, max_len, kind, _sinks_for(kind, num_sinks))
+    _check(batch_size, max_len, kind, sinks_for(kind, num_sinks))
     quant = _quant(kind, bits, group_size, residual_length)
     if kind == "kivi":
-        from . import kivi
         per = kivi.layer_bytes(batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, *quant,
                                _resolve_dtype(cfg, dtype))
         return cfg.num_layers * per + 4 * batch_size
@@ -276,11 +281,12 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
     return sum(per_layer(n) for n in slots) + batch_size * ring_slots * 4 + 4 * batch_size
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh=None,
-               kind: str = "dense", num_sinks: int | None = None, bits: int | None = None,
+def empty_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None,
+                kind: str = "dense", num_sinks: int | None = None, bits: int | None = None,
                group_size: int | None = None, residual_length: int | None = None,
                hybrid: bool | None = None) -> KVCache:
-    """An empty cache of `max_len` slots per row.
+    """An empty cache of `max_len` slots per row on the default device (`init_cache` places
+    it on a mesh).
 
     hybrid: on a model with windowed layers (layer_types / sliding_window), a dense or int8
     cache keeps only a ring of `window` slots on each windowed layer by default (see
@@ -290,15 +296,11 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh
     kind: "dense" | "int8" | "window" | "sinks" | "kivi"; num_sinks: sink slots for "sinks"
     (default 4); bits (2 or 4), group_size (32), residual_length (128): KIVI settings, with
     max_len a multiple of residual_length.
-    mesh: create the buffers directly in their sharded layout (see sharding.py).
     """
-    sinks = _sinks_for(kind, num_sinks)
+    sinks = sinks_for(kind, num_sinks)
     _check(batch_size, max_len, kind, sinks)
     quant = _quant(kind, bits, group_size, residual_length)
     if kind == "kivi":
-        if mesh is not None:
-            raise ValueError("a kivi cache cannot be sharded yet; create it without a mesh")
-        from . import kivi
         dt = _resolve_dtype(cfg, dtype)
         layers = [kivi.init_layer(batch_size, cfg.num_kv_heads, max_len, cfg.head_dim, *quant, dt)
                   for _ in range(cfg.num_layers)]
@@ -307,9 +309,6 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh
                        lengths=jnp.zeros((batch_size,), jnp.int32), extras=tuple(layers),
                        kind="kivi", quant=quant)
     rings = layer_rings(cfg, max_len, kind, hybrid)
-    if mesh is not None:
-        from .sharding import init_sharded_cache  # sharding imports this module
-        return init_sharded_cache(cfg, batch_size, max_len, mesh, dtype, kind, sinks, rings)
     dt = jnp.int8 if kind == "int8" else _resolve_dtype(cfg, dtype)
     B, K, H = batch_size, cfg.num_kv_heads, cfg.head_dim
     slots, ring_slots = _slot_layout(cfg, max_len, kind, rings)
@@ -321,198 +320,3 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh
         value_scales=bufs((), jnp.float32) if kind == "int8" else (),
         slot_pos=jnp.full((B, ring_slots), -1, jnp.int32) if ring_slots else None,
         kind=kind, num_sinks=sinks, rings=rings)
-
-
-# ----------------------------------------------------------------------------- traced helpers
-
-def chunk_slots(cache: KVCache, starts: jax.Array, lengths: jax.Array, T: int) -> jax.Array:
-    """Slot for each token of a right-padded chunk [B, T] appended at `starts`; S = not written.
-
-    Padding is never written. In a ring, a chunk longer than the ring would hit a slot more
-    than once (a scatter with duplicate indices has no defined winner), so only the last
-    ring-size real tokens of the chunk are written: the earlier ones would be overwritten anyway.
-    A hybrid cache gets a pair (slots of its full layers, slots of its ring layers).
-    """
-    if cache.hybrid:
-        full = next((i for i, r in enumerate(cache.rings) if not r), None)
-        return (None if full is None else chunk_slots(cache.layer_view(full), starts, lengths, T),
-                chunk_slots(cache.ring_view(), starts, lengths, T))
-    S, s = cache.max_len, cache.num_sinks
-    t = jnp.arange(T, dtype=jnp.int32)[None, :]
-    pos = starts[:, None] + t                                           # [B, T]
-    end = (starts + lengths)[:, None]
-    keep = t < lengths[:, None]
-    if cache.kind == "window" or (cache.slot_pos is not None and cache.kind != "sinks"):
-        slot = pos % S
-        keep = keep & (pos >= end - S)
-    elif cache.kind == "sinks":
-        ring = S - s
-        slot = jnp.where(pos < s, pos, s + (pos - s) % ring)
-        keep = keep & ((pos < s) | (pos >= end - ring))
-    else:
-        slot = pos
-    return jnp.where(keep, slot, S)
-
-
-def _scatter_rows(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """buf [B, K, S, ...] <- new [B, T, K, ...] at slots [B, T] (slot S is dropped).
-
-    vmap over rows (rather than one scatter indexed by (row, slot)) makes the batch a
-    batching dimension of the scatter, so a batch-sharded cache updates shard-locally.
-    """
-    def row(b, n, sl):  # [K, S, ...], [T, K, ...], [T]
-        return b.at[:, sl].set(jnp.swapaxes(n, 0, 1).astype(b.dtype), mode="drop")
-
-    return jax.vmap(row)(buf, new, slots)
-
-
-def quantize_int8(x: jax.Array):
-    """Absmax int8 over the last axis: x [..., H] -> (int8 [..., H], float32 scale [...])."""
-    xf = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(xf), axis=-1) / 127.0
-    safe = jnp.where(scale > 0, scale, 1.0)
-    q = jnp.clip(jnp.round(xf / safe[..., None]), -127, 127).astype(jnp.int8)
-    return q, scale
-
-
-def layer_arrays(cache: KVCache, layer: int) -> dict:
-    """One layer's stored arrays: k, v (and int8 scales ks, vs); kivi: kvjax.kivi's names."""
-    if cache.kind == "kivi":
-        return {"k_codes": cache.keys[layer], "v_codes": cache.values[layer], **cache.extras[layer]}
-    arrays = {"k": cache.keys[layer], "v": cache.values[layer]}
-    if cache.kind == "int8":
-        arrays.update(ks=cache.key_scales[layer], vs=cache.value_scales[layer])
-    return arrays
-
-
-def read_layer(kind: str, arrays: dict, dtype):
-    """(keys, values) [B, K, S, H] in `dtype` from one layer's arrays (int8 is dequantised here)."""
-    k, v = arrays["k"], arrays["v"]
-    if kind == "int8":
-        k = (k.astype(jnp.float32) * arrays["ks"][..., None]).astype(dtype)
-        v = (v.astype(jnp.float32) * arrays["vs"][..., None]).astype(dtype)
-    return k, v
-
-
-def write_layer(cache: KVCache, layer: int, k_new, v_new, slots) -> dict:
-    """One layer's arrays after writing a chunk's k/v [B, T, K, H] at `slots` [B, T]."""
-    if cache.kind == "int8":
-        (kq, ks), (vq, vs) = quantize_int8(k_new), quantize_int8(v_new)
-        new = {"k": kq, "v": vq, "ks": ks, "vs": vs}
-    else:
-        new = {"k": k_new, "v": v_new}
-    return {name: _scatter_rows(old, new[name], slots) for name, old in layer_arrays(cache, layer).items()}
-
-
-def slot_positions(cache: KVCache, starts, lengths=None, slots=None):
-    """(position held by each slot [B, S], slot valid [B, S]).
-
-    Before a chunk is appended (lengths None), or after it is written at `slots`.
-    """
-    B, S = cache.batch_size, cache.max_len
-    if cache.slot_pos is None:   # dense and int8: slot s holds position s
-        pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))
-        end = starts if lengths is None else starts + lengths
-        return pos, pos < end[:, None]
-    pos = cache.slot_pos
-    if lengths is not None:
-        T = slots.shape[1]
-        chunk = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        pos = jax.vmap(lambda p, sl, n: p.at[sl].set(n, mode="drop"))(pos, slots, chunk)
-    return pos, pos >= 0
-
-
-def assemble(cache: KVCache, layers: list, starts, lengths, slots) -> KVCache:
-    """The cache after a chunk: new per-layer arrays, lengths and slot positions."""
-    if cache.kind == "kivi":
-        rest = tuple({k: v for k, v in l.items() if k not in ("k_codes", "v_codes")} for l in layers)
-        return cache.replace(keys=tuple(l["k_codes"] for l in layers),
-                             values=tuple(l["v_codes"] for l in layers), extras=rest,
-                             lengths=starts + lengths)
-    changes = dict(keys=tuple(l["k"] for l in layers), values=tuple(l["v"] for l in layers),
-                   lengths=starts + lengths)
-    if cache.kind == "int8":
-        changes.update(key_scales=tuple(l["ks"] for l in layers),
-                       value_scales=tuple(l["vs"] for l in layers))
-    if cache.hybrid:
-        changes["slot_pos"] = slot_positions(cache.ring_view(), starts, lengths, slots[1])[0]
-    elif cache.slot_pos is not None:
-        changes["slot_pos"] = slot_positions(cache, starts, lengths, slots)[0]
-    return cache.replace(**changes)
-
-
-# ----------------------------------------------------------------------------- pressed caches
-
-def as_pressed(cache: KVCache) -> KVCache:
-    """A dense/int8 cache in the pressed layout (traced): slot s of every head holds position s."""
-    if cache.pressed:
-        return cache
-    if cache.hybrid:   # host checks refuse this first (kvjax/press/host.py)
-        raise ValueError("a hybrid cache cannot be pressed; make it with init_cache(..., hybrid=False)")
-    pos, fill = [], []
-    for layer in range(len(cache.keys)):
-        B, K, S = cache.keys[layer].shape[:3]
-        s = jnp.arange(S, dtype=jnp.int32)[None, None, :]
-        used = cache.lengths[:, None, None]
-        pos.append(jnp.where(s < used, s, -1) * jnp.ones((B, K, 1), jnp.int32))
-        fill.append(jnp.broadcast_to(jnp.minimum(cache.lengths, S)[:, None], (B, K)).astype(jnp.int32))
-    return cache.replace(head_pos=tuple(pos), head_fill=tuple(fill))
-
-
-def as_pooled(cache: KVCache) -> KVCache:
-    """An EMPTY dense/int8 cache as one pool of K * S slots per layer (traced; a reshape)."""
-    if cache.pooled:
-        return cache
-    keys, values, ks, vs, pos, owner, fill = [], [], [], [], [], [], []
-    for layer in range(len(cache.keys)):
-        B, K, S, H = cache.keys[layer].shape
-        keys.append(cache.keys[layer].reshape(B, 1, K * S, H))
-        values.append(cache.values[layer].reshape(B, 1, K * S, H))
-        if cache.kind == "int8":
-            ks.append(cache.key_scales[layer].reshape(B, 1, K * S))
-            vs.append(cache.value_scales[layer].reshape(B, 1, K * S))
-        pos.append(jnp.full((B, 1, K * S), -1, jnp.int32))
-        owner.append(jnp.full((B, K * S), -1, jnp.int32))
-        fill.append(jnp.zeros((B, K), jnp.int32))          # per head; the pool's fill is the sum
-    return cache.replace(keys=tuple(keys), values=tuple(values), key_scales=tuple(ks),
-                         value_scales=tuple(vs), head_pos=tuple(pos), head_owner=tuple(owner),
-                         head_fill=tuple(fill))
-
-
-def _scatter_heads(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """buf [B, K, S, ...] <- new [B, T, K, ...] at per-head slots [B, K, T] (slot S is dropped)."""
-    def one(b, n, sl):  # [S, ...], [T, ...], [T]
-        return b.at[sl].set(n.astype(b.dtype), mode="drop")
-
-    per_head = jax.vmap(one, in_axes=(0, 1, 0))           # over K: new is [T, K, ...]
-    return jax.vmap(per_head)(buf, new, slots)
-
-
-def write_layer_heads(cache: KVCache, layer: int, k_new, v_new, slots) -> dict:
-    """One layer's arrays after writing k/v [B, T, K, H] at per-head `slots` [B, K, T]."""
-    if cache.kind == "int8":
-        (kq, ks), (vq, vs) = quantize_int8(k_new), quantize_int8(v_new)
-        new = {"k": kq, "v": vq, "ks": ks, "vs": vs}
-    else:
-        new = {"k": k_new, "v": v_new}
-    return {name: _scatter_heads(old, new[name], slots) for name, old in layer_arrays(cache, layer).items()}
-
-
-def gather_layer_heads(cache: KVCache, layer: int, order) -> dict:
-    """One layer's arrays reordered per head: slot j of head (b, k) takes old slot order[b, k, j]."""
-    def take(a):
-        idx = order if a.ndim == 3 else order[..., None]
-        return jnp.take_along_axis(a, idx, axis=2)
-    return {name: take(a) for name, a in layer_arrays(cache, layer).items()}
-
-
-def assemble_pressed(cache: KVCache, layers: list, head_pos: list, head_fill: list, lengths) -> KVCache:
-    """The pressed cache made of new per-layer arrays, per-head positions and fills."""
-    changes = dict(keys=tuple(l["k"] for l in layers), values=tuple(l["v"] for l in layers),
-                   lengths=lengths, head_pos=tuple(head_pos), head_fill=tuple(head_fill))
-    if cache.pooled:
-        changes["head_owner"] = tuple(l["owner"] for l in layers)
-    if cache.kind == "int8":
-        changes.update(key_scales=tuple(l["ks"] for l in layers),
-                       value_scales=tuple(l["vs"] for l in layers))
-    return cache.replace(**changes)

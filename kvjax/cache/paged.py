@@ -5,19 +5,19 @@ page), H head dim, W pages per row in the page table, N query heads.
 
 Layout: layer l keeps keys[l] and values[l] as pools [P, K, Z, H]. A row's token at
 position p lives in pool page `page_table[b, p // Z]` at offset p % Z. Pages belong to
-no row in particular: the host (pages.py) hands them out, shares full prompt pages
+no row in particular: the host (kvjax/engine/pages.py) hands them out, shares full prompt pages
 between rows (prefix cache) and takes them back when a request finishes, so the memory
 held follows the tokens actually cached, not max_len per row.
 
 [P, K, Z, H] keeps one (page, kv head) block contiguous ([Z, H]), the unit a ragged paged
 attention kernel reads, and a page is written with one scatter per chunk.
 
-The model reaches this module through one seam in `Attention.__call__`: a KVCache of kind
+The model reaches this module through the layout dispatch of kvjax/cache/attend.py: a KVCache of kind
 "paged" (keys/values = the pools, lengths = each row's tokens before the chunk,
 page_table) sends the rotated q/k/v here (`paged_attention`). `attend_pages` is the read
 side and the place an accelerator kernel plugs in (e.g. tokamax's ragged paged
 attention); its pure-JAX reference gathers each row's pages into a dense [B, K, W*Z, H]
-view and reuses attention.py's own scores/mask/softmax, so windows, soft-capping and GQA
+view and reuses kvjax/attention_math.py's scores/mask/softmax, so windows, soft-capping and GQA
 behave exactly as on the dense cache.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..cache import KVCache
-
-KIND = "paged"
+from ..attention_math import attend_view
+from .core import PAGED as KIND, KVCache
+from .dense import scatter_rows
 
 
 def paged_cache(keys: tuple, values: tuple, lengths, page_table, views: tuple = ()) -> KVCache:
@@ -97,17 +97,6 @@ def attend_pages(q, k_pool, v_pool, page_table, positions, ends, window, sinks, 
     return attend_view(q, kb, vb, positions, ends, window, sinks, score)
 
 
-def attend_view(q, kb, vb, positions, ends, window, sinks, score):
-    """Attention over dense views [B, K, S, H] whose slot s holds position s."""
-    from ..attention import attention_mask, softmax_blocks
-
-    B, S = kb.shape[0], kb.shape[2]
-    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))
-    valid = k_pos < ends[:, None]
-    mask = attention_mask(positions, k_pos, valid, window, sinks)
-    return softmax_blocks([(score(q, kb), mask, vb)], q.dtype)
-
-
 def paged_attention(q, k, v, positions, lengths, cache: KVCache, layer: int, window, sinks, score):
     """Write a chunk's k/v [B, T, K, H] into the pages, then attend over each row's pages.
 
@@ -127,13 +116,6 @@ def paged_attention(q, k, v, positions, lengths, cache: KVCache, layer: int, win
     S = view["k"].shape[2]
     t = jnp.arange(positions.shape[1], dtype=jnp.int32)[None, :]
     slot = jnp.where(t < lengths[:, None], positions, S)   # padding dropped
-    kb, vb = write_view(view["k"], k, slot), write_view(view["v"], v, slot)
+    kb, vb = scatter_rows(view["k"], k, slot), scatter_rows(view["v"], v, slot)
     out = attend_view(q, kb, vb, positions, starts + lengths, window, sinks, score)
     return out, {"k": k_pool, "v": v_pool, "view": {"k": kb, "v": vb}}
-
-
-def write_view(view, new, slot):
-    """view [B, K, S, H] <- new [B, T, K, H] at slots [B, T] (slot S is dropped), row by row."""
-    def row(b, n, sl):
-        return b.at[:, sl].set(jnp.swapaxes(n, 0, 1).astype(b.dtype), mode="drop")
-    return jax.vmap(row)(view, new, slot)

@@ -1,0 +1,106 @@
+"""Attention math with no Flax and no cache: masks, scores, one softmax over key blocks.
+
+Axis letters: B batch, T query chunk, S key slots, N query heads, K kv heads, G query heads
+per kv head (N = K * G), H head dim.
+
+Both the model's attention (kvjax/attention.py) and every cache layout's read path
+(kvjax/cache/) use these functions, so windows, soft-capping, GQA and masking behave the
+same on dense, ring, pressed, KIVI and paged storage. `dot_attention` is the plain
+reference an accelerator kernel is tested against.
+
+One mask rule for every block: a key at position j is visible to a query at position p
+when it is valid, j <= p, and (no window, or p - j < window, or j < sinks).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG = jnp.finfo(jnp.float32).min  # finite, so a fully masked padding row never makes NaN
+
+
+def attention_mask(q_pos, k_pos, k_valid, window=None, sinks=0):
+    """Visibility [B, 1, T, S] from q_pos [B, T], k_pos and k_valid [B, S] (every kv head sees
+    the same slots), or [B, K, T, S] from per-head k_pos, k_valid [B, K, S] (pressed caches)."""
+    if k_pos.ndim == 2:
+        k_pos, k_valid = k_pos[:, None], k_valid[:, None]
+    qp = q_pos[:, None, :, None]                                  # [B, 1, T, 1]
+    kp = k_pos[:, :, None, :]                                     # [B, K', 1, S]
+    mask = k_valid[:, :, None, :] & (kp <= qp)
+    if window is not None:
+        near = qp - kp < window
+        if sinks:
+            near = near | (kp < sinks)
+        mask = mask & near
+    return mask
+
+
+def f32_dot(spec, a, b):
+    """einsum accumulating and returning float32. XLA's CPU runtime has no bf16 x bf16 -> f32
+    dot, so on CPU half-precision operands are widened first; accelerators read them as
+    stored (the cache stays half-size in memory traffic)."""
+    if jax.default_backend() == "cpu" and (a.dtype.itemsize < 4 or b.dtype.itemsize < 4):
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def scores(q, k, scale: float | None = None, softcap: float | None = None):
+    """q [B, T, N, H], k [B, K, S, H] -> float32 scaled scores [B, K, G, T, S].
+
+    scale: None for 1/sqrt(H); softcap (Gemma 2): scores -> softcap * tanh(scores / softcap),
+    applied after scaling and before the mask, as transformers does. A layer's own values
+    come from `score_args(cfg)`."""
+    B, T, N, H = q.shape
+    K = k.shape[1]
+    qg = q.reshape(B, T, K, N // K, H)
+    s = f32_dot("btkgh,bksh->bkgts", qg, k) * (H ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    return s
+
+
+def score_args(cfg) -> tuple:
+    """(scale, softcap) for `scores`: Gemma 2/3 scale by query_pre_attn_scalar ** -0.5."""
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+    return scale, cfg.attn_softcap
+
+
+def softmax_blocks(blocks, q_dtype, column_sums: bool = False, query_valid=None):
+    """One softmax over several key blocks. blocks: [(scores [B,K,G,T,S_i], mask [B,K',T,S_i]
+    (K' = 1 or K; or [B,K,G',T,S_i] per query head), values [B,K,S_i,H])] -> [B, T, N, H].
+
+    column_sums: also return, per block, the attention each key received summed over the
+    queries (those with query_valid [B, T], when given), float32 [B, N, S_i] (H2O's observed
+    attention)."""
+    masked = [jnp.where(m[:, :, None] if m.ndim == 4 else m, s, NEG) for s, m, _ in blocks]
+    probs = jax.nn.softmax(jnp.concatenate(masked, axis=-1), axis=-1)
+    out, offset, sums = 0.0, 0, []
+    for s, _, v in blocks:
+        p = probs[..., offset:offset + s.shape[-1]]
+        if column_sums:
+            B, K, G = p.shape[:3]
+            counted = p if query_valid is None else jnp.where(query_valid[:, None, None, :, None], p, 0.0)
+            sums.append(counted.sum(axis=3).reshape(B, K * G, -1))
+        out = out + f32_dot("bkgts,bksh->btkgh", p.astype(v.dtype), v)
+        offset += s.shape[-1]
+    B, T, K, G, H = out.shape
+    out = out.reshape(B, T, K * G, H).astype(q_dtype)
+    return (out, sums) if column_sums else out
+
+
+def dot_attention(q, k, v, mask):
+    """Reference grouped-query attention over one block; the oracle for faster kernels.
+
+    q: [B, T, N, H]; k, v: [B, K, S, H]; mask: [B, T, S] or [B, K, T, S] -> [B, T, N, H].
+    """
+    return softmax_blocks([(scores(q, k), mask[:, None] if mask.ndim == 3 else mask, v)], q.dtype)
+
+
+def attend_view(q, kb, vb, positions, ends, window, sinks, score):
+    """Attention over dense views kb, vb [B, K, S, H] whose slot s holds position s, for rows
+    holding their first `ends[b]` tokens; score(q, keys) -> float32 [B, K, G, T, S]."""
+    B, S = kb.shape[0], kb.shape[2]
+    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))
+    valid = k_pos < ends[:, None]
+    mask = attention_mask(positions, k_pos, valid, window, sinks)
+    return softmax_blocks([(score(q, kb), mask, vb)], q.dtype)

@@ -1,0 +1,132 @@
+"""Dense, int8 and ring layouts: where a chunk's tokens go, how a layer is written and read.
+
+Axis letters: B batch, K kv heads, S cache slots, H head dim, T chunk length.
+
+A dense/int8 cache holds position s in slot s; a ring (window and sinks kinds, and the
+ring layers of a hybrid cache) holds position p in slot p mod S (after the sinks) and
+records the position of every slot in `slot_pos`. `chunk_slots` says where each token of a
+chunk goes, `write_layer` scatters a chunk's k/v there, `read_layer` hands attention the
+(dequantised) buffers, and `assemble` builds the cache after the chunk.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .core import KVCache
+
+
+def chunk_slots(cache: KVCache, starts: jax.Array, lengths: jax.Array, T: int) -> jax.Array:
+    """Slot for each token of a right-padded chunk [B, T] appended at `starts`; S = not written.
+
+    Padding is never written. In a ring, a chunk longer than the ring would hit a slot more
+    than once (a scatter with duplicate indices has no defined winner), so only the last
+    ring-size real tokens of the chunk are written: the earlier ones would be overwritten anyway.
+    A hybrid cache gets a pair (slots of its full layers, slots of its ring layers).
+    """
+    if cache.hybrid:
+        full = next((i for i, r in enumerate(cache.rings) if not r), None)
+        return (None if full is None else chunk_slots(cache.layer_view(full), starts, lengths, T),
+                chunk_slots(cache.ring_view(), starts, lengths, T))
+    S, s = cache.max_len, cache.num_sinks
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    pos = starts[:, None] + t                                           # [B, T]
+    end = (starts + lengths)[:, None]
+    keep = t < lengths[:, None]
+    if cache.kind == "window" or (cache.slot_pos is not None and cache.kind != "sinks"):
+        slot = pos % S
+        keep = keep & (pos >= end - S)
+    elif cache.kind == "sinks":
+        ring = S - s
+        slot = jnp.where(pos < s, pos, s + (pos - s) % ring)
+        keep = keep & ((pos < s) | (pos >= end - ring))
+    else:
+        slot = pos
+    return jnp.where(keep, slot, S)
+
+
+def scatter_rows(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """buf [B, K, S, ...] <- new [B, T, K, ...] at slots [B, T] (slot S is dropped).
+
+    vmap over rows (rather than one scatter indexed by (row, slot)) makes the batch a
+    batching dimension of the scatter, so a batch-sharded cache updates shard-locally.
+    """
+    def row(b, n, sl):  # [K, S, ...], [T, K, ...], [T]
+        return b.at[:, sl].set(jnp.swapaxes(n, 0, 1).astype(b.dtype), mode="drop")
+
+    return jax.vmap(row)(buf, new, slots)
+
+
+def quantize_int8(x: jax.Array):
+    """Absmax int8 over the last axis: x [..., H] -> (int8 [..., H], float32 scale [...])."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=-1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(xf / safe[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale
+
+
+def layer_arrays(cache: KVCache, layer: int) -> dict:
+    """One layer's stored arrays: k, v (and int8 scales ks, vs); kivi: kvjax.kivi's names."""
+    if cache.kind == "kivi":
+        return {"k_codes": cache.keys[layer], "v_codes": cache.values[layer], **cache.extras[layer]}
+    arrays = {"k": cache.keys[layer], "v": cache.values[layer]}
+    if cache.kind == "int8":
+        arrays.update(ks=cache.key_scales[layer], vs=cache.value_scales[layer])
+    return arrays
+
+
+def read_layer(kind: str, arrays: dict, dtype):
+    """(keys, values) [B, K, S, H] in `dtype` from one layer's arrays (int8 is dequantised here)."""
+    k, v = arrays["k"], arrays["v"]
+    if kind == "int8":
+        k = (k.astype(jnp.float32) * arrays["ks"][..., None]).astype(dtype)
+        v = (v.astype(jnp.float32) * arrays["vs"][..., None]).astype(dtype)
+    return k, v
+
+
+def write_layer(cache: KVCache, layer: int, k_new, v_new, slots) -> dict:
+    """One layer's arrays after writing a chunk's k/v [B, T, K, H] at `slots` [B, T]."""
+    if cache.kind == "int8":
+        (kq, ks), (vq, vs) = quantize_int8(k_new), quantize_int8(v_new)
+        new = {"k": kq, "v": vq, "ks": ks, "vs": vs}
+    else:
+        new = {"k": k_new, "v": v_new}
+    return {name: scatter_rows(old, new[name], slots) for name, old in layer_arrays(cache, layer).items()}
+
+
+def slot_positions(cache: KVCache, starts, lengths=None, slots=None):
+    """(position held by each slot [B, S], slot valid [B, S]).
+
+    Before a chunk is appended (lengths None), or after it is written at `slots`.
+    """
+    B, S = cache.batch_size, cache.max_len
+    if cache.slot_pos is None:   # dense and int8: slot s holds position s
+        pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))
+        end = starts if lengths is None else starts + lengths
+        return pos, pos < end[:, None]
+    pos = cache.slot_pos
+    if lengths is not None:
+        T = slots.shape[1]
+        chunk = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        pos = jax.vmap(lambda p, sl, n: p.at[sl].set(n, mode="drop"))(pos, slots, chunk)
+    return pos, pos >= 0
+
+
+def assemble(cache: KVCache, layers: list, starts, lengths, slots) -> KVCache:
+    """The cache after a chunk: new per-layer arrays, lengths and slot positions."""
+    if cache.kind == "kivi":
+        rest = tuple({k: v for k, v in l.items() if k not in ("k_codes", "v_codes")} for l in layers)
+        return cache.replace(keys=tuple(l["k_codes"] for l in layers),
+                             values=tuple(l["v_codes"] for l in layers), extras=rest,
+                             lengths=starts + lengths)
+    changes = dict(keys=tuple(l["k"] for l in layers), values=tuple(l["v"] for l in layers),
+                   lengths=starts + lengths)
+    if cache.kind == "int8":
+        changes.update(key_scales=tuple(l["ks"] for l in layers),
+                       value_scales=tuple(l["vs"] for l in layers))
+    if cache.hybrid:
+        changes["slot_pos"] = slot_positions(cache.ring_view(), starts, lengths, slots[1])[0]
+    elif cache.slot_pos is not None:
+        changes["slot_pos"] = slot_positions(cache, starts, lengths, slots)[0]
+    return cache.replace(**changes)
