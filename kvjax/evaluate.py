@@ -20,7 +20,9 @@ from .decode import _decode
 
 
 @partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _stream(cfg, params, tokens, cache):
+def stream_program(cfg, params, tokens, cache):
+    """The jitted scan behind `stream_logits` (no host checks): tokens int32 [B, T] -> (logits
+    [B, T, V], cache); the cache is donated."""
     def step(cache, tok):
         logits, cache = _decode(cfg, params, tok, cache, jnp.ones(tok.shape, bool))
         return cache, logits
@@ -47,7 +49,7 @@ def stream_logits(cfg: ModelConfig, params, tokens, cache: KVCache):
     else:
         validate.check_room(cfg, np.asarray(cache.lengths), full, cache.max_len, "stream_logits",
                             cache.bounded)
-    return _stream(cfg, params, jnp.asarray(tok, jnp.int32), cache)
+    return stream_program(cfg, params, jnp.asarray(tok, jnp.int32), cache)
 
 
 def token_nll(logits, tokens) -> np.ndarray:
