@@ -20,7 +20,8 @@ import numpy as np
 from . import validate
 from .cache import KVCache
 from .config import ModelConfig
-from .decode import _decode_jit, _decode_loop_jit, _knobs, _prefill_jit, live_bucket, live_plan, prefill
+from .decode import decode_loop_program, decode_program, live_bucket, live_plan, prefill, prefill_program
+from .sampling import Knobs
 from .timing import Timing, measure
 
 
@@ -39,7 +40,7 @@ def time_prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, **me
     tok_d, lens_d = jnp.asarray(tok, jnp.int32), jnp.asarray(lens)
 
     def call(state):
-        return _prefill_jit(cfg, params, tok_d, lens_d, _rewound(state[1], zeros), live)
+        return prefill_program(cfg, params, tok_d, lens_d, _rewound(state[1], zeros), live)
 
     (_, cache), t = measure(call, (None, cache), **measure_kw)
     return cache, t
@@ -58,10 +59,10 @@ def time_decode(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, steps
     logits, cache = prefill(cfg, params, tok, lens, cache)
     used = np.asarray(cache.lengths)
     _, segments = live_plan(int(used.max()), int(steps), cache)
-    knobs = _knobs(cfg, tok.shape[0], 0.0, 0, 1.0, None, None, 0)
+    knobs = Knobs.make(cfg.vocab_size, tok.shape[0])
 
     def call(cache):
-        out, _ = _decode_loop_jit(cfg, params, logits, _rewound(cache, used), segments, knobs)
+        out, _ = decode_loop_program(cfg, params, logits, _rewound(cache, used), segments, knobs)
         return out.cache
 
     return measure(call, cache, units=steps, **measure_kw)
@@ -82,6 +83,6 @@ def time_decode_step(cfg: ModelConfig, params, cache: KVCache, at: int, seed: in
     at_rows = np.full((B,), at, np.int32)
 
     def call(cache):
-        return _decode_jit(cfg, params, tok, _rewound(cache, at_rows), None)[1]
+        return decode_program(cfg, params, tok, _rewound(cache, at_rows), None)[1]
 
     return measure(call, cache, **measure_kw)

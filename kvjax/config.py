@@ -30,7 +30,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 ROPE_TYPES = ("llama3", "linear", "longrope")
@@ -113,7 +113,7 @@ class ModelConfig:
         _check_choice("positions", self.positions, ("rotary", "learned"))
         _check_choice("mlp", self.mlp, ("swiglu", "gelu", "geglu"))
         _check_choice("qk_norm", self.qk_norm, (None, "head", "proj"))
-        _check_choice("dtype", self.dtype, _DTYPES)
+        _check_choice("dtype", self.dtype, DTYPES)
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
         if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim

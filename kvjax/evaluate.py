@@ -16,7 +16,7 @@ import numpy as np
 from . import validate
 from .cache import KVCache
 from .config import ModelConfig
-from .decode import _decode
+from .decode import decode_tokens
 
 
 @partial(jax.jit, static_argnums=0, donate_argnums=3)
@@ -24,7 +24,7 @@ def stream_program(cfg, params, tokens, cache):
     """The jitted scan behind `stream_logits` (no host checks): tokens int32 [B, T] -> (logits
     [B, T, V], cache); the cache is donated."""
     def step(cache, tok):
-        logits, cache = _decode(cfg, params, tok, cache, jnp.ones(tok.shape, bool))
+        logits, cache = decode_tokens(cfg, params, tok, cache, jnp.ones(tok.shape, bool))
         return cache, logits
 
     cache, logits = jax.lax.scan(step, cache, tokens.T)        # logits [T, B, V]

@@ -37,14 +37,12 @@ class Block(nn.Module):
     std: float
 
     @nn.compact
-    def __call__(self, x, positions, lengths, cache=None, layer=0, starts=None, slots=None, live=None,
-                 press=None, budget=None):
+    def __call__(self, x, positions, lengths, cache=None, layer=0, write=None):
         c = self.cfg
         pre = c.norm_placement in ("pre", "sandwich")     # norm the sublayer's input
         post = c.norm_placement in ("sandwich", "post")   # norm its output before the residual add
         h, new_layer = Attention(c, self.std, name="attn")(
-            Norm(c, name="attn_norm")(x) if pre else x, positions, lengths, cache, layer, starts,
-            slots, live, press, budget)
+            Norm(c, name="attn_norm")(x) if pre else x, positions, lengths, cache, layer, write)
         x = x + (Norm(c, name="post_attn_norm")(h) if post else h)
         h = MLP(c, self.std, name="mlp")(Norm(c, name="mlp_norm")(x) if pre else x)
         x = x + (Norm(c, name="post_mlp_norm")(h) if post else h)
@@ -56,17 +54,14 @@ class Transformer(nn.Module):
     std: float = 0.02  # init scale only
 
     @nn.compact
-    def __call__(self, tokens, positions, lengths, cache=None, starts=None, slots=None,
-                 logits_at=None, live=None, press=None, budgets=None):
+    def __call__(self, tokens, positions, lengths, cache=None, write=None, logits_at=None):
         """tokens, positions: int32 [B, T]; lengths: int32 [B] real tokens per row.
 
-        cache: None or the KVCache before this chunk; starts: int32 [B] the chunk's first
-        position per row; slots: int32 [B, T] where each token is written (cache path).
+        cache: None or the KVCache before this chunk; write: a kvjax.cache.attend.CacheWrite,
+        what every layer's cache write needs (the chunk's first position per row, where each
+        token goes, the live prefix to read, a press and its budgets).
         logits_at: None for logits at every position [B, T, V], or int32 [B] to compute
         them only at one position per row [B, 1, V] (prefill and decode need no more).
-        live (static int): attention reads only cache slots [0, live) (dense/int8 caches).
-        press (static) and budgets (dict of int32 [L, B, ...]): compact the chunk into a
-        pressed cache (kvjax/press/).
         Returns (logits, list of L per-layer new cache arrays, or None).
         """
         c = self.cfg
@@ -84,9 +79,7 @@ class Transformer(nn.Module):
             x = x + pos_embed(jnp.clip(positions, 0, c.max_position - 1))
         new_layers = []
         for i in range(c.num_layers):  # unrolled: each layer updates its own cache buffer
-            budget = None if budgets is None else {k: v[i] for k, v in budgets.items()}
-            x, new_layer = Block(c, self.std, name=f"layers_{i}")(
-                x, positions, lengths, cache, i, starts, slots, live, press, budget)
+            x, new_layer = Block(c, self.std, name=f"layers_{i}")(x, positions, lengths, cache, i, write)
             new_layers.append(new_layer)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)       # [B, 1, D]

@@ -121,8 +121,7 @@ class Knobs:
     @classmethod
     def make(cls, vocab_size: int, batch_size: int, temperature=0.0, top_k=0, top_p=1.0,
              eos_token_id=None, key=None, pad_token_id: int = 0) -> "Knobs":
-        """Validated knobs for B rows from scalars or per-row [B] values (host arrays: place
-        them with `map` before a sharded call)."""
+        """Validated knobs for B rows from scalars or per-row [B] values, as device arrays."""
         rows = {name: _per_row(name, v, batch_size, dt) for name, v, dt in
                 (("temperature", temperature, np.float32), ("top_k", top_k, np.int32),
                  ("top_p", top_p, np.float32))}
@@ -133,9 +132,9 @@ class Knobs:
                 raise ValueError(f"{name}={v} is outside the vocabulary [0, {vocab_size})")
         # A fixed width (-1 padded) so that one to EOS_WIDTH ids share one compiled program.
         width = max(EOS_WIDTH, -(-len(eos) // EOS_WIDTH) * EOS_WIDTH)
-        return cls(**rows, eos=np.pad(np.asarray(eos, np.int32), (0, width - len(eos)), constant_values=-1),
-                   pad=np.asarray(pad_token_id, np.int32),
-                   key=key if key is not None else jax.random.key(0))
+        eos = np.pad(np.asarray(eos, np.int32), (0, width - len(eos)), constant_values=-1)
+        return cls(**{k: jnp.asarray(v) for k, v in rows.items()}, eos=jnp.asarray(eos),
+                   pad=jnp.asarray(pad_token_id, jnp.int32), key=key if key is not None else jax.random.key(0))
 
     def replace(self, **changes) -> "Knobs":
         return dataclasses.replace(self, **changes)

@@ -48,10 +48,10 @@ ref_logits, ref_cache = kvjax.prefill(cfg, params, prompts[:, :3], np.full(B, 3)
 ref_logits, _ = kvjax.decode_step(cfg, params, np.asarray(ref_logits).argmax(-1), ref_cache)
 
 # Compiled decode step: which collectives produce arrays with a cache-slot (MAX_LEN) axis?
-from kvjax.decode import _mesh_jits  # noqa: E402
+from kvjax.decode import mesh_programs  # noqa: E402
 
 step_tokens = jax.ShapeDtypeStruct((B,), np.int32, sharding=sharding.batch_sharding(mesh, 1))
-hlo = _mesh_jits(cfg, mesh, kind, out.cache.num_sinks, rings=out.cache.rings)["decode"].lower(
+hlo = mesh_programs(cfg, mesh, kind, out.cache.num_sinks, rings=out.cache.rings)["decode"].lower(
     cfg, sp, step_tokens, kvjax.init_cache(cfg, B, MAX_LEN, mesh=mesh, kind=kind)).compile().as_text()
 gathers = []
 for line in hlo.splitlines():

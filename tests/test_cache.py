@@ -50,12 +50,12 @@ def test_configs_are_hashable_values():
 
 
 def test_compiled_decode_step_aliases_the_donated_cache():
-    from kvjax.decode import _decode_jit
+    from kvjax.decode import decode_program
 
     cfg, params = model("llama-tiny")
     B, S = 2, 64
     cache = kvjax.init_cache(cfg, B, S)
-    hlo = _decode_jit.lower(cfg, params, jnp.zeros((B,), jnp.int32), cache).compile().as_text()
+    hlo = decode_program.lower(cfg, params, jnp.zeros((B,), jnp.int32), cache).compile().as_text()
     header = next(line for line in hlo.splitlines() if "input_output_alias" in line)
     aliases = header.split("input_output_alias=")[1].split("entry_computation_layout")[0]
     # Every cache leaf (L keys, L values, lengths) is written back into its own input buffer.

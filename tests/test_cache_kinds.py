@@ -130,11 +130,11 @@ def test_every_kind_handles_ragged_batches(kind, sinks, rng):
 def test_decode_step_updates_every_kind_in_place(kind):
     import re
 
-    from kvjax.decode import _decode_jit
+    from kvjax.decode import decode_program
 
     cfg, params = model("llama-tiny")
     cache = kvjax.init_cache(cfg, 2, 24, kind=kind)
-    hlo = _decode_jit.lower(cfg, params, jnp.zeros((2,), jnp.int32), cache).compile().as_text()
+    hlo = decode_program.lower(cfg, params, jnp.zeros((2,), jnp.int32), cache).compile().as_text()
     K, H = cfg.num_kv_heads, cfg.head_dim
     stored = "|".join(re.escape(s) for s in (f"[2,{K},24,{H}]", f"[2,{K},24]", "[2,24]"))
     copies = [l for l in hlo.splitlines() if re.search(r"= \w+(" + stored + r")\S* copy\(", l)]

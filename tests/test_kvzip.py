@@ -103,11 +103,11 @@ def test_matches_kvpress(models, tok, name, pid):
     if pid == "kvzip_r0.5":        # the prefill's logits are the full context's
         plain, _ = kvjax.prefill(cfg, params, toks, lens, kvjax.init_cache(cfg, 2, n))
         np.testing.assert_allclose(np.asarray(logits), np.asarray(plain), atol=2e-5)
-        from kvjax.press.kvzip import _kvzip_jit   # a new ratio is data, not a new program
-        programs = _kvzip_jit._cache_size()
+        from kvjax.decode.kvzip import kvzip_program   # a new ratio is data, not a new program
+        programs = kvzip_program._cache_size()
         other = press.KVzipPress(**{**info["args"], "compression_ratio": 0.3}, tokenizer=tok)
         kvjax.prefill(cfg, params, toks, lens, kvjax.init_cache(cfg, 2, n), press=other)
-        assert _kvzip_jit._cache_size() == programs
+        assert kvzip_program._cache_size() == programs
     # the answer after the pressed context: kvpress's (question at the uncompressed position n)
     q = np.asarray(ref["question_ids"])[None].repeat(2, 0)
     out = kvjax.generate(cfg, params, q, max_new_tokens=len(ref[f"{pid}/tokens_reference"]), cache=cache)

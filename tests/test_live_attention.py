@@ -10,7 +10,7 @@ import pytest
 
 import kvjax
 from conftest import model
-from kvjax.decode import _decode_jit, _generate_cached, live_bucket, live_plan
+from kvjax.decode import Plan, Segment, decode_program, generate_program, live_bucket, live_plan
 
 
 def test_plan_covers_every_step_with_power_of_two_reads():
@@ -37,10 +37,10 @@ def test_segmented_generate_equals_no_cache(kind, rng):
     lens = np.array([12, 3, 8], np.int32)
     out = kvjax.generate(cfg, params, prompts, lens, max_new_tokens=150, max_len=1024, cache_kind=kind)
     # The same loop reading all 1024 slots at every step (one segment, live = max_len).
-    from kvjax.decode import _knobs
-    knobs = _knobs(cfg, 3, 0.0, 0, 1.0, None, None, 0)
-    full = _generate_cached(cfg, params, jnp.asarray(prompts), jnp.asarray(lens),
-                            kvjax.init_cache(cfg, 3, 1024, kind=kind), (1024, ((150, 1024, False, 1),), None, None), knobs)
+    from kvjax.sampling import Knobs
+    knobs = Knobs.make(cfg.vocab_size, 3)
+    full = generate_program(cfg, params, jnp.asarray(prompts), jnp.asarray(lens),
+                            kvjax.init_cache(cfg, 3, 1024, kind=kind), Plan(1024, (Segment(150, 1024),)), knobs)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(full.tokens))
     if kind == "dense":
         ref = kvjax.generate(cfg, params, prompts, lens, max_new_tokens=150, use_cache=False)
@@ -51,10 +51,10 @@ def test_prompts_within_a_length_band_share_one_program(rng):
     cfg, params = model("llama-tiny")
     prompts = rng.integers(0, cfg.vocab_size, (2, 48), dtype=np.int32)
     kvjax.generate(cfg, params, prompts, [48, 3], max_new_tokens=8, max_len=512)
-    before = _generate_cached._cache_size()
+    before = generate_program._cache_size()
     for lens in ([10, 2], [33, 47], [1, 1]):
         kvjax.generate(cfg, params, prompts, lens, max_new_tokens=8, max_len=512)
-    assert _generate_cached._cache_size() == before
+    assert generate_program._cache_size() == before
 
 
 def test_decode_step_reads_only_the_live_prefix():
@@ -62,10 +62,10 @@ def test_decode_step_reads_only_the_live_prefix():
     cache = kvjax.init_cache(cfg, 2, 4096)
     live = live_bucket(130, 4096)
     assert live == 256
-    hlo = _decode_jit.lower(cfg, params, jnp.zeros((2,), jnp.int32), cache, live).compile().as_text()
+    hlo = decode_program.lower(cfg, params, jnp.zeros((2,), jnp.int32), cache, live).compile().as_text()
     dots = [l for l in hlo.splitlines() if re.search(r"\b(dot|convolution)\(", l)]
     assert dots and all("4096" not in l.split("=")[1].split("(")[0] for l in dots)
     assert any(",256" in l or "256," in l for l in dots)
     # Reading all slots is a different program whose attention spans max_len.
-    hlo_all = _decode_jit.lower(cfg, params, jnp.zeros((2,), jnp.int32), cache, None).compile().as_text()
+    hlo_all = decode_program.lower(cfg, params, jnp.zeros((2,), jnp.int32), cache, None).compile().as_text()
     assert "4096" in "".join(l for l in hlo_all.splitlines() if "dot(" in l or "fusion(" in l)

@@ -72,7 +72,7 @@ def _tokens_agree(mine, ref, margins, tol=1e-3):
 def test_presses_equal_kvpress(ckpt):
     name, cfg, params, z = ckpt
     checked_layers = checked_tokens = 0
-    programs = kvjax.decode._generate_cached._cache_size()
+    programs = kvjax.decode.generate_program._cache_size()
     for pid in fixture_ids(name):
         meta = INDEX["checkpoints"][name]["presses"][pid]
         p = make_press(meta)
@@ -108,7 +108,7 @@ def test_presses_equal_kvpress(ckpt):
     assert checked_layers >= 100 and checked_tokens >= 500       # the comparison really ran
     # one compiled generate for all presses of a layout (per-head slots; AdaKV's pool; per-layer
     # sizes of PyramidKV/ChunkKV change no shape here): the ratio and press never recompile it
-    assert kvjax.decode._generate_cached._cache_size() - programs <= 2
+    assert kvjax.decode.generate_program._cache_size() - programs <= 2
 
 
 @pytest.mark.parametrize("pid, base, interval, target", [
@@ -231,7 +231,7 @@ def test_ratio_changes_do_not_recompile(tiny):
     for r in (0.25, 0.5, 0.6, 0.9):
         _, c = kvjax.prefill(cfg, params, toks, [32, 20], kvjax.init_cache(cfg, 2, 40), press=P.KnormPress(r))
         assert int(np.asarray(c.head_fill[0])[0, 0]) == int(32 * (1 - r))
-        size = kvjax.decode._prefill_jit._cache_size()
+        size = kvjax.decode.prefill_program._cache_size()
         before = size if before is None else before
         assert size == before
 

@@ -92,16 +92,16 @@ def test_same_key_same_tokens_different_key_different_tokens(rng):
 
 
 def test_changing_sampling_parameters_does_not_recompile(rng):
-    from kvjax.decode import _generate_cached
+    from kvjax.decode import generate_program
 
     cfg, params = model("llama-tiny")
     prompts = rng.integers(0, cfg.vocab_size, (2, 6), dtype=np.int32)
     kvjax.generate(cfg, params, prompts, max_new_tokens=5)
-    before = _generate_cached._cache_size()
+    before = generate_program._cache_size()
     for temp, k, p, eos in ((0.7, 0, 1.0, None), (1.3, 20, 0.9, 5), ([0.0, 2.0], [0, 3], [1.0, 0.5], 7)):
         kvjax.generate(cfg, params, prompts, max_new_tokens=5, temperature=temp, top_k=k, top_p=p,
                        eos_token_id=eos, key=jax.random.key(3))
-    assert _generate_cached._cache_size() == before
+    assert generate_program._cache_size() == before
 
 
 def test_eos_stops_rows_independently(rng):

@@ -130,3 +130,33 @@ def assemble(cache: KVCache, layers: list, starts, lengths, slots) -> KVCache:
     elif cache.slot_pos is not None:
         changes["slot_pos"] = slot_positions(cache, starts, lengths, slots)[0]
     return cache.replace(**changes)
+
+
+def attend_blocks(chunk, cache: KVCache, write) -> tuple[list, dict]:
+    """(key blocks, this layer's new arrays) of a dense, int8, ring or hybrid cache.
+
+    Normally: write the chunk first, then read the whole buffer back as one block (the read
+    depends on the write, so XLA updates the donated buffer in place), only its first
+    `write.live` slots when the caller planned that. A ring taking several tokens is the
+    exception: a later token of the chunk may overwrite a slot an earlier query still needs,
+    so the queries see the cache as it was plus the chunk's own keys, and the chunk is
+    written afterwards (XLA copies that layer's buffers once per such chunk; a one-token
+    step never needs it: the slot it overwrites is just outside its query's window).
+    """
+    layer, slots, live = chunk.layer, write.slots, write.live
+    if cache.hybrid:                       # this layer alone: a ring or a full buffer
+        ring = cache.rings[layer] > 0
+        cache, layer, slots = cache.layer_view(layer), 0, slots[1 if ring else 0]
+        live = None if ring else live
+    k, v = chunk.k, chunk.v
+    if cache.slot_pos is not None and k.shape[1] > 1:
+        old = read_layer(cache.kind, layer_arrays(cache, layer), k.dtype)
+        return [(*old, *slot_positions(cache, write.starts)), chunk.own_block()], \
+            write_layer(cache, layer, k, v, slots)
+    new_layer = write_layer(cache, layer, k, v, slots)
+    pos, valid = slot_positions(cache, write.starts, chunk.lengths, slots)
+    view = new_layer
+    if live is not None and live < cache.max_len:   # skip slots no row has reached
+        view = {name: a[:, :, :live] for name, a in new_layer.items()}
+        pos, valid = pos[:, :live], valid[:, :live]
+    return [(*read_layer(cache.kind, view, k.dtype), pos, valid)], new_layer

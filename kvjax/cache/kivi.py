@@ -343,3 +343,15 @@ def read(arrays: dict, lengths, dtype, bits: int, group_size: int, residual_leng
     pos = jnp.concatenate([jnp.broadcast_to(s_idx, (B, S)), q[:, None] + r_idx], axis=1)
     valid = jnp.concatenate([s_idx < q[:, None], res_valid], axis=1)
     return k, v, pos, valid
+
+
+def attend_blocks(arrays: dict, quant: tuple, k, v, starts, lengths, own_block) -> tuple[list, dict]:
+    """(key blocks, new arrays) of one KIVI layer for a chunk's k, v [B, T, K, H].
+
+    One token is written, then read back with the store (as the dense path); a chunk
+    attends over the stored tokens plus its own exact keys and values (`own_block`), then
+    is written (its queries see full precision, as KIVI's prefill does)."""
+    new_layer = write(arrays, k, v, starts, lengths, *quant)
+    if k.shape[1] == 1:
+        return [read(new_layer, starts + lengths, k.dtype, *quant)], new_layer
+    return [read(arrays, starts, k.dtype, *quant), own_block], new_layer

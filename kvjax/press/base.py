@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..cache.pressed import Keep  # noqa: F401  (the decision a press returns; the pressed layout writes it)
 from ..config import ModelConfig
 
 
@@ -48,15 +49,6 @@ class LayerInputs:
         """bool [B, T]: real (non-padding) tokens of the chunk."""
         T = self.k.shape[1]
         return jnp.arange(T, dtype=jnp.int32)[None, :] < self.lengths[:, None]
-
-
-@dataclass(frozen=True)
-class Keep:
-    """A press's decision for one layer's chunk."""
-    mask: jax.Array                 # bool [B, K, T]: token t is kept by kv head k
-    keys: jax.Array | None = None   # [B, T, K, H] keys to store instead of the chunk's (re-rotated)
-    positions: jax.Array | None = None   # int32 [B, K, T] position each kept token takes
-    next_position: jax.Array | None = None   # int32 [B] position of the next token after the chunk
 
 
 def n_kept(n: np.ndarray, ratio: float) -> np.ndarray:

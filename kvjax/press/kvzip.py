@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import InitVar, dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +115,7 @@ class KVzipPress(Press):
     repeat_part_ids: tuple = ()
     tokenizer: InitVar = None
     pooled = True
+    whole_model = True    # kvjax.prefill hands it to kvjax/decode/kvzip.py (model passes of its own)
 
     def __post_init__(self, tokenizer):
         check_ratio(self.compression_ratio)
@@ -167,61 +167,13 @@ class KVzipPress(Press):
         raise ValueError("KVzipPress scores with whole-model reconstruction passes; use it through "
                          "kvjax.prefill(..., press=KVzipPress(...))")
 
-    def prefill(self, cfg, params, tokens: np.ndarray, lens: np.ndarray, cache):
-        """kvjax.prefill's path for this press: host checks, then one jitted program."""
-        from . import host
-        from .. import sharding, validate
-        from ..cache import mesh_of
-
-        where = "prefill (KVzipPress)"
-        host.check_press(self, cfg, cache, mesh_of(cache), "prefill")
-        if mesh_of(cache) is not None:
-            raise ValueError(f"{where}: a cache on a mesh is not supported yet; prefill without a mesh")
-        if cache.hybrid or (sharding.to_host(cache.lengths) > 0).any() or (
-                cache.pressed and any((sharding.to_host(f) > 0).any() for f in cache.head_fill)):
-            raise ValueError(f"{where}: KVzip scores a context reconstructed from an EMPTY cache "
-                             f"(init_cache(..., hybrid=False)); this cache is "
-                             f"{'hybrid' if cache.hybrid else 'not empty'}")
-        p = self.prefix_length
-        if (lens <= p).any():
-            b = int(np.argmax(lens <= p))
-            raise ValueError(f"{where}: row {b} has {int(lens[b])} tokens but the chat template prefix "
-                             f"alone is prefix_length={p}; a context needs content after it")
-        T = tokens.shape[1]
-        plan = _chunk_plan(T, p, self.chunk_size, len(self.repeat_ids), len(self.repeat_part_ids),
-                           len(self.suffix_ids))
-        rep_len = max(w for _, w, _ in plan)
-        validate.check_room(cfg, np.zeros_like(lens), lens + rep_len, 1 << 62, where, bounded=False)
-        K, L = cfg.num_kv_heads, cfg.num_layers
-        pools = np.array([pool_slots(cache, l) for l in range(L)], np.int64)     # pool of each layer
-        n = lens.astype(np.int64)
-        r = self.compression_ratio
-        if self.layerwise:
-            keep = K * n - np.array([int(K * int(x) * r) for x in n], np.int64)
-            if (keep > pools.min()).any():
-                b = int(np.argmax(keep > pools.min()))
-                raise ValueError(f"{where}: row {b} keeps {int(keep[b])} (token, head) pairs per layer but the "
-                                 f"cache pools {int(pools.min())} in layer {int(np.argmin(pools))} (num_kv_heads "
-                                 f"{K} x max_len {int(pools.min()) // K}); use max_len >= {-(-int(keep[b]) // K)}")
-        else:
-            keep = L * K * n - np.array([int(L * K * int(x) * r) for x in n], np.int64)
-            room = np.minimum(pools[:, None], K * n[None, :]).sum(0)
-            if (keep > room).any():
-                b = int(np.argmax(keep > room))
-                raise ValueError(f"{where}: row {b} keeps {int(keep[b])} (token, head) pairs over {L} layers "
-                                 f"but the cache's pools hold {int(room[b])} of them (num_kv_heads {K} x "
-                                 f"max_len {int(pools.max()) // K} per layer); use max_len >= "
-                                 f"{-(-int(keep[b]) // (L * K))}")
-        return _kvzip_jit(cfg, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lens, jnp.int32), cache,
-                          self.static(), jnp.asarray(keep, jnp.int32))
-
 
 def pool_slots(cache, layer: int) -> int:
     """(token, head) pairs layer `layer` of an empty cache can pool: K x slots, or a pool's slots."""
     return cache.layer_slots(layer) * (1 if cache.pooled else cache.keys[layer].shape[1])
 
 
-def _chunk_plan(T: int, prefix: int, chunk: int, n_repeat: int, n_part: int, n_suffix: int):
+def chunk_plan(T: int, prefix: int, chunk: int, n_repeat: int, n_part: int, n_suffix: int):
     """Static reconstruction chunks for a context of width T: (start, reconstruction width,
     chunk width). kvpress: one chunk unless the content is longer than chunk_size."""
     content = T - prefix
@@ -236,7 +188,7 @@ def _chunk_plan(T: int, prefix: int, chunk: int, n_repeat: int, n_part: int, n_s
 
 
 @dataclass(eq=False)
-class _ChunkScorer:
+class ChunkScorer:
     """Scores one reconstruction chunk inside each layer's attention (kvjax.press's per-layer
     hook) and records them; keeps none of the reconstruction tokens. Lives for one trace."""
     press: KVzipPress
@@ -254,7 +206,7 @@ class _ChunkScorer:
         return Keep(jnp.zeros((B, K, R), bool))
 
 
-def _chunk_scores(sc: _ChunkScorer, inp: LayerInputs) -> jax.Array:
+def _chunk_scores(sc: ChunkScorer, inp: LayerInputs) -> jax.Array:
     """float32 [B, K, width]: the chunk's context positions' max attention (kvpress score_kvzip)."""
     kc, vc = sc.ctx[inp.layer]
     B, R, N, H = inp.q_rot.shape
@@ -282,7 +234,7 @@ def _chunk_scores(sc: _ChunkScorer, inp: LayerInputs) -> jax.Array:
     return cols.max(axis=(2, 3))                                                                   # [B, K, w]
 
 
-def _rep_tokens(press: KVzipPress, tokens, lengths, start: int, rep_width: int, width: int, first: bool):
+def rep_tokens(press: KVzipPress, tokens, lengths, start: int, rep_width: int, width: int, first: bool):
     """int32 [B, rep_width] reconstruction tokens of one chunk and their lengths [B]."""
     B, T = tokens.shape
     if first:
@@ -298,66 +250,3 @@ def _rep_tokens(press: KVzipPress, tokens, lengths, start: int, rep_width: int, 
     rep_len = jnp.where(chunk_len > 0, q.shape[1] + suffix.shape[1] + chunk_len, 0)
     assert rep.shape[1] == rep_width
     return rep, rep_len.astype(jnp.int32), chunk_len.astype(jnp.int32)
-
-
-@partial(jax.jit, static_argnums=(0, 5), donate_argnums=(4,))
-def _kvzip_jit(cfg, params, tokens, lengths, cache, press: KVzipPress, keep):
-    from ..cache import as_pooled, assemble_pressed, layer_arrays, read_layer
-    from ..decode import _append
-    from ..model import Transformer
-    from . import pressed_cache
-    from .layer import write_chunk
-
-    B, T = tokens.shape
-    L, K = cfg.num_layers, cfg.num_kv_heads
-    dtype = cache.keys[0].dtype if cache.kind != "int8" else None
-    scratch = pressed_cache(cfg, B, [T] * L, dtype, cache.kind)
-    logits, full = _append(cfg, params, tokens, lengths, scratch)         # keeps every token
-    kv_dtype = jnp.dtype(cfg.dtype)
-    ctx = [read_layer(full.kind, layer_arrays(full, l), kv_dtype) for l in range(L)]
-
-    scores = [jnp.zeros((B, K, T), jnp.float32) for _ in range(L)]
-    plan = _chunk_plan(T, press.prefix_length, press.chunk_size, len(press.repeat_ids),
-                       len(press.repeat_part_ids), len(press.suffix_ids))
-    for i, (start, rep_width, width) in enumerate(plan):
-        rep, rep_len, chunk_len = _rep_tokens(press, tokens, lengths, start, rep_width, width, i == 0)
-        scorer = _ChunkScorer(press, ctx, start, width, chunk_len, min(press.n_sink, start))
-        positions = lengths[:, None] + jnp.arange(rep_width, dtype=jnp.int32)[None, :]
-        Transformer(cfg).apply({"params": params}, rep, positions, rep_len, full, lengths, None,
-                               logits_at=jnp.maximum(rep_len - 1, 0), press=scorer)
-        assert len(scorer.out) == L, "the reconstruction pass did not reach every layer"
-        cols = start + jnp.arange(width)
-        for l in range(L):
-            fresh = (jnp.arange(width)[None, :] < chunk_len[:, None])[:, None, :]              # [B, 1, w]
-            scores[l] = scores[l].at[:, :, cols].set(jnp.where(fresh, scorer.out[l], scores[l][:, :, cols]))
-
-    t = jnp.arange(T)
-    valid = t[None, :] < lengths[:, None]                                                   # [B, T]
-    stacked = jnp.stack(scores)                                                             # [L, B, K, T]
-    top = jnp.max(jnp.where(valid[None, :, None, :], stacked, -jnp.inf), axis=(0, 2, 3))     # [B]
-    sinks = (t[None, :] < press.n_sink) & valid
-    stacked = jnp.where(sinks[None, :, None, :], top[None, :, None, None] + 1.0, stacked)
-    valid_flat = jnp.broadcast_to(valid[:, None, :], (B, K, T)).reshape(B, K * T)
-
-    out = as_pooled(cache)
-    if press.layerwise:
-        masks = [top_per_head(stacked[l].reshape(B, 1, K * T), valid_flat, keep)[:, 0] for l in range(L)]
-    else:
-        # each layer's best `pool` pairs, then the row's best `keep` among those (kvpress's global
-        # selection whenever no layer's share exceeds its pool)
-        capped = [top_per_head(stacked[l].reshape(B, 1, K * T), valid_flat,
-                               jnp.full((B,), out.layer_slots(l), jnp.int32))[:, 0] for l in range(L)]
-        flat = jnp.concatenate([stacked[l].reshape(B, K * T) for l in range(L)], axis=1)[:, None]
-        ok = jnp.concatenate(capped, axis=1)
-        chosen = top_per_head(flat, ok, keep)[:, 0]                                        # [B, L*K*T]
-        masks = [chosen[:, l * K * T:(l + 1) * K * T] for l in range(L)]
-
-    layers, pos, fill = [], [], []
-    positions = jnp.broadcast_to(t[None, :].astype(jnp.int32), (B, T))
-    for l in range(L):
-        k, v = (jnp.swapaxes(a, 1, 2) for a in ctx[l])                                    # [B, T, K, H]
-        arrays = write_chunk(out, l, k, v, positions, Keep(masks[l].reshape(B, K, T)))
-        layers.append(arrays)
-        pos.append(arrays["pos"])
-        fill.append(arrays["fill"])
-    return logits, assemble_pressed(out, layers, pos, fill, lengths)

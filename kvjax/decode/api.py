@@ -1,0 +1,239 @@
+"""The host API: forward, prefill, decode_step, generate.
+
+Axis letters: B batch, T chunk length, S cache slots, V vocab, N new tokens.
+
+Each entry point reads as three stages: validate on the host (validate.py, press/host.py),
+place the inputs (one device, or global arrays split by rows over a mesh), and call one
+jitted program from programs.py with the config static and the cache donated. Sampling
+parameters are traced arrays (sampling.Knobs): changing them never recompiles.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import sharding, validate
+from ..cache import KVCache, init_cache, layout_name, mesh_of
+from ..config import ModelConfig
+from ..press import host
+from ..press.decoding import DecodingPress
+from ..sampling import Knobs
+from . import kvzip, programs
+from .nocache import generate_nocache
+from .plans import Plan, Segment, live_bucket, live_plan, prefill_compresses
+from .programs import GenerateOutput
+
+
+def forward(cfg: ModelConfig, params, tokens, lengths=None) -> jax.Array:
+    """Full causal pass without a cache: tokens [B, S] (right-padded) -> logits float32 [B, S, V].
+
+    Logits at padding positions (t >= lengths[b]) are computed but meaningless.
+    """
+    tok = validate.as_tokens(tokens)
+    lens = validate.as_lengths(lengths, tok)
+    validate.check_token_ids(cfg, tok, lens)
+    validate.check_room(cfg, np.zeros_like(lens), lens, tok.shape[1], "forward")
+    return programs.forward_program(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens))
+
+
+def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=None):
+    """Append a right-padded chunk at each row's current cache length.
+
+    tokens: int [B, T]; lengths: int [B], real tokens of this chunk per row (>= 1).
+    press: a kvjax.press press: the chunk is scored and only what each kv head keeps is
+    written (the cache may be smaller than the chunk). The chunk's own logits are those of
+    the full chunk (it attends to all of itself, as in kvpress); later tokens see what was
+    kept, at the original positions, and continue at the uncompressed length.
+    Returns (logits of each row's last real token, float32 [B, V]; the new cache).
+    The input cache is donated: use the returned one.
+    """
+    tok = validate.as_tokens(tokens)
+    lens = validate.as_lengths(lengths, tok)
+    validate.check_cache(cfg, cache, tok.shape[0])
+    validate.check_token_ids(cfg, tok, lens)
+    mesh = mesh_of(cache)
+    if mesh is not None:
+        sharding.check_mesh(cfg, mesh, tok.shape[0])
+    if getattr(press, "whole_model", False):   # KVzip: its own reconstruction passes
+        return kvzip.prefill(press, cfg, params, tok, lens, cache)
+    used = sharding.to_host(cache.lengths)
+    budgets, live = None, None
+    if press is not None or cache.pressed:
+        if press is not None:
+            host.check_press(press, cfg, cache, mesh, "prefill")
+            budgets = host.prefill_budgets(press, cfg, cache, lens, "prefill")
+            press = press.static()
+        else:
+            host.check_room(cache, lens * host.per_token(cfg, cache), "prefill")
+        validate.check_room(cfg, used, lens, cache.max_len, "prefill", bounded=False)
+    else:
+        validate.check_room(cfg, used, lens, cache.max_len, "prefill", cache.bounded)
+        live = live_bucket(int((used + lens).max()), cache.max_len) if cache.reads_live_prefix else None
+    fn = programs.prefill_program if mesh is None else _mesh_program(cfg, mesh, cache, press, "prefill")
+    return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, live, press,
+              _global_budgets(mesh, budgets))
+
+
+def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = True):
+    """One new token per row: tokens int [B] -> (logits float32 [B, V], new cache).
+
+    Computes Q/K/V for the new token only and attends over the row's cached prefix.
+    `check=False` skips the host checks (token range, free cache slot), which read the
+    tokens and cache lengths back from the device and so wait for the previous step.
+    """
+    live = _check_step(cfg, tokens, cache) if check else None   # None: read every slot
+    mesh = mesh_of(cache)
+    if mesh is None:
+        return programs.decode_program(cfg, params, jnp.asarray(tokens, jnp.int32), cache, live)
+    if not isinstance(tokens, jax.Array) or tokens.is_fully_addressable:
+        (tokens,) = _placed(mesh, np.asarray(tokens, np.int32))
+    return _mesh_program(cfg, mesh, cache, None, "decode")(cfg, params, tokens, cache, live)
+
+
+def _check_step(cfg: ModelConfig, tokens, cache: KVCache) -> int | None:
+    """decode_step's host checks; returns the live prefix the step reads (None: every slot)."""
+    tok = np.asarray(tokens)
+    if tok.ndim != 1:
+        raise ValueError(f"decode_step takes one token per row, shape [B]; got shape {tok.shape}")
+    validate.check_cache(cfg, cache, tok.shape[0])
+    ones = np.ones_like(tok, dtype=np.int32)
+    validate.check_token_ids(cfg, validate.as_tokens(tok[:, None]), ones)
+    used = sharding.to_host(cache.lengths)
+    if cache.pressed:
+        host.check_room(cache, ones * host.per_token(cfg, cache), "decode_step")
+        validate.check_room(cfg, used, ones, cache.max_len, "decode_step", bounded=False)
+        return None
+    validate.check_room(cfg, used, ones, cache.max_len, "decode_step", cache.bounded)
+    return live_bucket(int(used.max()) + 1, cache.max_len) if cache.reads_live_prefix else None
+
+
+def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_new_tokens: int = 32,
+             temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, key=None, max_len=None,
+             cache: KVCache | None = None, use_cache: bool = True, pad_token_id: int = 0,
+             mesh=None, cache_kind: str = "dense", num_sinks: int | None = None,
+             press=None, **cache_options) -> GenerateOutput:
+    """Generate `max_new_tokens` per row after right-padded prompts [B, S].
+
+    temperature/top_k/top_p: scalars or per-row [B] (temperature 0 = greedy). A row that
+    emits an end-of-sequence id stops: its later tokens are `pad_token_id` and its length
+    freezes. `eos_token_id`: None, one id, or a sequence of ids (generation_config.json's
+    list, e.g. Llama 3's <|end_of_text|> and <|eot_id|>); any of them stops a row.
+    `cache`: continue from an existing cache (the prompt is appended after each row's
+    history, e.g. the next turn of a conversation); it is donated. Otherwise a cache of
+    `max_len` slots (default: prompt width + max_new_tokens) is allocated.
+    `use_cache=False` is the honest baseline: every token re-runs the model over its prefix.
+    `mesh`: allocate the new cache sharded on this mesh (a given cache keeps its own layout);
+    rows are split over "data", heads over "model" (see sharding.py).
+    `cache_kind`/`num_sinks`: the kind of a newly allocated cache ("dense", "int8",
+    "window", "sinks"; see kvjax/cache/). window/sinks caches of `max_len` slots generate past
+    max_len by design; dense and int8 raise when prompt + max_new_tokens exceeds it.
+    """
+    tok = validate.as_tokens(prompt_tokens, "prompt_tokens")
+    lens = validate.as_lengths(prompt_lengths, tok, "prompt_lengths")
+    validate.check_token_ids(cfg, tok, lens, "prompt_tokens")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    B, S = tok.shape
+    knobs = Knobs.make(cfg.vocab_size, B, temperature, top_k, top_p, eos_token_id, key, pad_token_id)
+    if not use_cache:
+        if cache is not None:
+            raise ValueError("use_cache=False cannot continue from a cache; pass cache=None")
+        limit = max_len if max_len is not None else S + max_new_tokens
+        validate.check_room(cfg, lens, np.full_like(lens, max_new_tokens), limit, "generate")
+        return generate_nocache(cfg, params, tok, lens, max_new_tokens, knobs)
+    cache = _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
+                            cache_options)
+    mesh = mesh_of(cache)
+    if mesh is not None:
+        sharding.check_mesh(cfg, mesh, B)
+    plan, budgets = _plan(cfg, cache, press, mesh, lens, int(max_new_tokens), S)
+    fn = programs.generate_program if mesh is None else _mesh_program(cfg, mesh, cache, press, "generate")
+    return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan, _place_knobs(mesh, knobs),
+              budgets)
+
+
+def _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
+                    cache_options) -> KVCache:
+    """The cache a generate call runs on: the given one (checked), or a new one."""
+    if cache is None:
+        if mesh is not None:
+            sharding.check_mesh(cfg, mesh, B)
+        if press is not None:   # presses work on max_len slots per layer, not on rings
+            cache_options.setdefault("hybrid", False)
+        cache = init_cache(cfg, B, max_len if max_len is not None else S + max_new_tokens, mesh=mesh,
+                           kind=cache_kind, num_sinks=num_sinks, **cache_options)
+    elif max_len is not None and max_len != cache.max_len:
+        raise ValueError(f"max_len={max_len} disagrees with the given cache's max_len={cache.max_len}")
+    validate.check_cache(cfg, cache, B)
+    return cache
+
+
+def _plan(cfg, cache, press, mesh, lens, N: int, width: int) -> tuple[Plan, object]:
+    """(static plan, placed press budgets or None) for a generate; checks the room first."""
+    used = sharding.to_host(cache.lengths)
+    what = f"generate (prompt + max_new_tokens={N})"
+    if press is None and not cache.pressed:
+        validate.check_room(cfg, used, lens + N, cache.max_len, what, cache.bounded)
+        return Plan(*live_plan(int((used + lens).max()), N, cache)), None
+    plan, budgets = _pressed_plan(cfg, cache, press, mesh, lens, N, width, what)
+    validate.check_room(cfg, used, lens + N, cache.max_len, what, bounded=False)
+    return plan, budgets
+
+
+def _pressed_plan(cfg, cache, press, mesh, lens, N: int, width: int, what: str) -> tuple[Plan, object]:
+    """The plan of a generate that presses its prompt, runs a DecodingPress, or continues a
+    pressed cache; checks the room every layer needs first."""
+    if press is not None:
+        host.check_press(press, cfg, cache, mesh, "generate")
+    if isinstance(press, DecodingPress):
+        _, segments = live_plan(0, N, cache, press, width)
+        host.check_decoding_room(cache, press, lens, segments, prefill_compresses(press, width), what)
+        return Plan(None, segments, None, press), None
+    if press is None:
+        host.check_room(cache, (lens + N) * host.per_token(cfg, cache), what)
+        return Plan(None, (Segment(N),)), None          # a pressed cache reads all its slots
+    budgets = _global_budgets(mesh, host.prefill_budgets(press, cfg, cache, lens, what))
+    kept = press.kept_bound(lens, cfg)
+    host.check_room(cache, np.asarray(kept) + N * host.per_token(cfg, cache), what,
+                    scale=cfg.num_kv_heads if getattr(press, "pooled", False) and not cache.pooled else 1)
+    return Plan(None, (Segment(N),), press.static()), budgets
+
+
+# ----------------------------------------------------------------------------- placement
+
+def _mesh_program(cfg, mesh, cache: KVCache, press, name: str):
+    """The `name` program of `programs.mesh_programs` for this cache's kind and layouts."""
+    layout_in = layout_name(cache)
+    if cache.pooled or getattr(press, "pooled", False):
+        layout_out = "pooled"
+    else:
+        layout_out = "pressed" if (cache.pressed or press is not None) else "plain"
+    return programs.mesh_programs(cfg, mesh, cache.kind, cache.num_sinks, layout_in, layout_out,
+                                  cache.rings)[name]
+
+
+def _global_budgets(mesh, budgets):
+    if budgets is None:
+        return None
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, budgets)
+    return jax.tree.map(lambda a: sharding.to_global(np.asarray(a), sharding.replicated(mesh)), budgets)
+
+
+def _placed(mesh, *host_arrays):
+    """Host inputs as global arrays split by rows over the mesh (or device arrays without one)."""
+    if mesh is None:
+        return tuple(jnp.asarray(a) for a in host_arrays)
+    return tuple(sharding.to_global(a, sharding.batch_sharding(mesh, np.ndim(a))) for a in host_arrays)
+
+
+def _place_knobs(mesh, knobs: Knobs) -> Knobs:
+    """Per-row knobs split by rows over the mesh, the rest replicated (the key: jit replicates it)."""
+    if mesh is None:
+        return knobs
+    temperature, top_k, top_p = _placed(mesh, knobs.temperature, knobs.top_k, knobs.top_p)
+    rep = sharding.replicated(mesh)
+    return knobs.replace(temperature=temperature, top_k=top_k, top_p=top_p,
+                         eos=sharding.to_global(np.asarray(knobs.eos), rep),
+                         pad=sharding.to_global(np.asarray(knobs.pad), rep))

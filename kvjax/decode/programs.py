@@ -1,0 +1,193 @@
+"""The jitted programs every entry point runs: forward, prefill chunk, decode step, decode loop,
+generate, and the no-cache step; plus the same programs with mesh shardings (pjit).
+
+Axis letters: B batch, T chunk length, S cache slots, V vocab, N new tokens.
+
+Traced cores (plain functions, usable inside other jitted code): `append_chunk`,
+`decode_tokens`, `forward_logits`, `decode_loop`, `generate_core`. Jitted programs (config
+and plans static, the cache donated so XLA writes new K/V into its own memory):
+`forward_program`, `prefill_program`, `decode_program`, `decode_loop_program`,
+`generate_program`, `nocache_step_program`, and `mesh_programs(...)` for caches on a mesh.
+Host checks live in api.py; these programs trust their inputs.
+"""
+from __future__ import annotations
+
+from functools import lru_cache, partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .. import sharding
+from ..cache import (KVCache, as_pooled, as_pressed, assemble, assemble_pressed, cache_shardings,
+                     chunk_slots)
+from ..cache.attend import CacheWrite
+from ..config import ModelConfig
+from ..model import Transformer, init_params
+from ..press.decoding import compress_cache
+from ..sampling import Knobs, pick
+from .plans import Plan, prefill_compresses
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array   # int32 [B, N]: new tokens; after a row's EOS, pad_token_id
+    lengths: jax.Array  # int32 [B]: tokens generated per row, EOS included
+    cache: KVCache | None  # prompt + every generated token (None for use_cache=False)
+
+
+# ----------------------------------------------------------------------------- traced cores
+
+def append_chunk(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, live: int | None = None,
+                 press=None, budgets=None):
+    """Append a right-padded chunk [B, T] at each row's cache length; logits of its last real
+    token [B, V] and the new cache.
+
+    live (static): attention reads only slots [0, live); every row's tokens must end there.
+    press (static) / budgets (int32 [L, B, ...]): compact the chunk as it enters (kvjax/press/);
+    a pressed cache keeps per-head slot positions from then on.
+    """
+    T = tokens.shape[1]
+    if press is not None:
+        cache = as_pooled(cache) if getattr(press, "pooled", False) else as_pressed(cache)
+    starts = cache.lengths
+    positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
+    slots = None if cache.pressed else chunk_slots(cache, starts, lengths, T)
+    write = CacheWrite(starts, slots, live, press, budgets)
+    logits, layers = Transformer(cfg).apply({"params": params}, tokens, positions, lengths, cache, write,
+                                            logits_at=jnp.maximum(lengths - 1, 0))
+    if cache.pressed:
+        nxt = layers[0].get("next", starts + lengths)
+        new = assemble_pressed(cache, layers, [l["pos"] for l in layers], [l["fill"] for l in layers], nxt)
+        return logits[:, 0], new
+    return logits[:, 0], assemble(cache, layers, starts, lengths, slots)     # [B, V]
+
+
+def decode_tokens(cfg: ModelConfig, params, tokens, cache: KVCache, active, live=None):
+    """One token per row [B]; rows with active=False write nothing and keep their length."""
+    return append_chunk(cfg, params, tokens[:, None], active.astype(jnp.int32), cache, live)
+
+
+def forward_logits(cfg: ModelConfig, params, tokens, lengths, logits_at=None):
+    """The no-cache pass: tokens [B, T] -> float32 logits [B, T, V] (or [B, 1, V] at logits_at)."""
+    T = tokens.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], tokens.shape)
+    logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions, lengths, logits_at=logits_at)
+    return logits
+
+
+def decode_all(cfg: ModelConfig, params, tokens, cache: KVCache, live=None):
+    """`decode_step`'s program: one token for every row."""
+    return decode_tokens(cfg, params, tokens, cache, jnp.ones(tokens.shape, bool), live)
+
+
+def decode_loop(cfg, params, logits, cache, segments, knobs: Knobs, decoding=None):
+    """Steps of (sample, decode) in `lax.scan`s: the decode program of `generate`.
+
+    segments (static, plans.Segment): one scan per segment, each reading only the cache
+    prefix its tokens can reach (live; None reads every slot); a segment with repeat r > 1
+    is an outer scan of r periods, each `steps` steps followed by a DecodingPress
+    compaction when `compress`. Step i samples token i from the current logits, then decodes
+    it, so the returned cache holds every generated token (ready for the next prefill of a
+    conversation). Returns (GenerateOutput, logits after the last step).
+    """
+    done = jnp.zeros(logits.shape[:1], bool)
+    toks, actives, first = [], [], 0
+    for seg in segments:
+        carry, (tok, active) = _segment(cfg, params, (logits, cache, done), seg, first, knobs, decoding)
+        logits, cache, done = carry
+        toks.append(tok)
+        actives.append(active)
+        first += seg.steps * seg.repeat
+    if not toks:
+        B = logits.shape[0]
+        toks, actives = [jnp.zeros((0, B), jnp.int32)], [jnp.zeros((0, B), bool)]
+    toks, active = jnp.concatenate(toks, 0), jnp.concatenate(actives, 0)
+    return GenerateOutput(toks.T, active.sum(0, dtype=jnp.int32), cache), logits
+
+
+def _segment(cfg, params, carry, seg, first: int, knobs: Knobs, decoding):
+    """One segment's scans: ((logits, cache, done), (tokens [n, B], active [n, B]))."""
+    def step(carry, i):
+        logits, cache, done = carry
+        tok, active, done = pick(logits, i, done, knobs)
+        logits, cache = decode_tokens(cfg, params, tok, cache, active, seg.live)
+        return (logits, cache, done), (tok, active)
+
+    def period(carry, i0):
+        carry, out = jax.lax.scan(step, carry, i0 + jnp.arange(seg.steps, dtype=jnp.int32))
+        if seg.compress:
+            logits, cache, done = carry
+            carry = (logits, compress_cache(cache, decoding), done)
+        return carry, out
+
+    if seg.repeat == 1:
+        return period(carry, jnp.int32(first))
+    carry, (tok, active) = jax.lax.scan(period, carry, first + seg.steps * jnp.arange(seg.repeat, dtype=jnp.int32))
+    return carry, (tok.reshape(-1, tok.shape[-1]), active.reshape(-1, active.shape[-1]))
+
+
+def generate_core(cfg, params, prompts, prompt_lengths, cache, plan: Plan, knobs: Knobs, budgets=None):
+    """Prefill, then the decode loop (`decode_loop`), all in one jit.
+
+    plan (static): see plans.Plan; budgets: the prompt press's host-computed budgets (traced).
+    """
+    if plan.decoding is not None:
+        cache = as_pressed(cache)
+    logits, cache = append_chunk(cfg, params, prompts, prompt_lengths, cache, plan.prefill_live, plan.press,
+                                 budgets)
+    if plan.decoding is not None and prefill_compresses(plan.decoding, prompts.shape[1]):
+        cache = compress_cache(cache, plan.decoding)
+    return decode_loop(cfg, params, logits, cache, plan.segments, knobs, plan.decoding)[0]
+
+
+def nocache_step(cfg, width, params, buf, cur, done, i, knobs: Knobs):
+    """Re-run the model over each row's whole prefix buf[:, :cur] and append one token.
+
+    `width` (static) is the bucketed prefix length: the cost follows the prefix, not the
+    final buffer size, and only one program is compiled per power of two.
+    """
+    logits = forward_logits(cfg, params, buf[:, :width], cur, logits_at=cur - 1)[:, 0]
+    tok, active, done = pick(logits, i, done, knobs)
+    rows = jnp.arange(buf.shape[0])
+    buf = buf.at[rows, cur].set(jnp.where(active, tok, buf[rows, cur]), mode="drop")
+    return buf, cur + active.astype(jnp.int32), done, tok, active
+
+
+# ----------------------------------------------------------------------------- jitted programs
+
+forward_program = jax.jit(forward_logits, static_argnums=0)
+prefill_program = jax.jit(append_chunk, static_argnums=(0, 5, 6), donate_argnums=4)
+decode_program = jax.jit(decode_all, static_argnums=(0, 4), donate_argnums=3)
+generate_program = jax.jit(generate_core, static_argnums=(0, 5), donate_argnums=4)
+# generate's decode loop on its own (benchmarks time it on a cache prefilled outside the timed region)
+decode_loop_program = jax.jit(decode_loop, static_argnums=(0, 4, 6), donate_argnums=3)
+nocache_step_program = jax.jit(nocache_step, static_argnums=(0, 1), donate_argnums=3)
+
+
+@lru_cache(maxsize=None)
+def mesh_programs(cfg: ModelConfig, mesh, kind: str = "dense", num_sinks: int = 0, layout_in: str = "plain",
+                  layout_out: str | None = None, rings: tuple = ()) -> dict:
+    """The prefill, decode and generate programs with explicit in/out shardings (pjit) for
+    caches on `mesh`.
+
+    Pinning the output cache to the input cache's sharding keeps it laid out the same way
+    across steps: batch over data, kv heads over model (kvjax/cache/sharded.py). A press
+    changes the layout (plain -> pressed or pooled): layout_in / layout_out say which; press
+    budgets are replicated.
+    """
+    params_shape = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    ps = sharding.param_shardings(cfg, params_shape, mesh)
+    cs = cache_shardings(cfg, mesh, kind, num_sinks, layout_in, rings)
+    out = cache_shardings(cfg, mesh, kind, num_sinks, layout_out or layout_in, rings)
+    b1, b2 = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
+    rep = sharding.replicated(mesh)
+    knobs = Knobs(temperature=b1, top_k=b1, top_p=b1, eos=rep, pad=rep, key=rep)
+    return {
+        "prefill": jax.jit(append_chunk, static_argnums=(0, 5, 6), donate_argnums=4,
+                           in_shardings=(ps, b2, b1, cs, rep), out_shardings=(b2, out)),
+        "decode": jax.jit(decode_all, static_argnums=(0, 4), donate_argnums=3,
+                          in_shardings=(ps, b1, cs), out_shardings=(b2, cs)),
+        "generate": jax.jit(generate_core, static_argnums=(0, 5), donate_argnums=4,
+                            in_shardings=(ps, b2, b1, cs, knobs, rep),
+                            out_shardings=GenerateOutput(b2, b1, out)),
+    }
