@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..atomic import atomic_write
-from ..config import _DTYPES, ModelConfig
+from ..config import DTYPES, ModelConfig
 from . import gemma, gpt2, llama, olmo2, phi3, qwen3
 from .common import (INDEX_FILE, SINGLE_FILE, CheckpointError, Fields, Tensor, check_params,
                      check_table, folder_of, get_path, open_safetensors, param_shapes, read_json,
@@ -65,8 +65,8 @@ def tensor_table(cfg: ModelConfig, model_type: str) -> list[Tensor]:
 def config_from_hf(hf: dict, dtype: str = "float32", source: str = "config.json"
                    ) -> tuple[ModelConfig, str]:
     """A Hugging Face config.json (as a dict) -> (ModelConfig, model_type)."""
-    if dtype not in _DTYPES:
-        raise CheckpointError(f"dtype={dtype!r} is not one of {list(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
     model_type = hf.get("model_type")
     if model_type not in FAMILY:
         raise CheckpointError(f"{source}: {_unsupported(model_type)}")
