@@ -49,12 +49,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "template (plus the assistant's generation prompt)")
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="a system message placed before the user message (implies --chat)")
-    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, metavar="N",
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64, metavar="N",
                    help="tokens to generate (fewer if the model emits one of its end-of-sequence "
                         "ids); default %(default)s")
     p.add_argument("--temperature", type=_float_range(0.0, math.inf), default=0.0,
                    metavar="T", help="sampling temperature; 0 (the default) means greedy (argmax)")
-    p.add_argument("--top-k", type=_int_at_least(0), default=0, metavar="K",
+    p.add_argument("--top-k", type=int_at_least(0), default=0, metavar="K",
                    help="sample only among the K most likely tokens; 0 (the default) disables")
     p.add_argument("--top-p", type=_float_range(0.0, 1.0, low_open=True), default=1.0,
                    metavar="P", help="sample only from the smallest set of tokens whose "
@@ -81,7 +81,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _int_at_least(low: int):
+def int_at_least(low: int):
+    """An argparse `type`: an integer >= low (shared with `kvjax serve`'s flags)."""
     def parse(text):
         try:
             value = int(text)

@@ -537,7 +537,7 @@ def test_logprob_objects_name_tokens_and_offsets():
     from types import SimpleNamespace
 
     from kvjax.engine.api import TokenLogprob
-    from kvjax.serve.app import _chat_logprobs, _completion_logprobs
+    from kvjax.serve.responses import chat_logprobs as _chat_logprobs, completion_logprobs as _completion_logprobs
     from kvjax.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()

@@ -29,7 +29,7 @@ INSTALL_HINT = ("kvjax serve needs fastapi, uvicorn and prometheus-client: "
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..generate_cli import _int_at_least
+    from ..generate_cli import int_at_least
 
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
@@ -48,18 +48,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; default %(default)s (this machine only: pass 0.0.0.0 "
                         "to accept other machines, ideally with --api-key)")
-    p.add_argument("--port", type=_int_at_least(0), default=8000,
+    p.add_argument("--port", type=int_at_least(0), default=8000,
                    help="TCP port; 0 picks a free one (printed at start); default %(default)s")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and activation dtype; default %(default)s")
-    p.add_argument("--max-slots", type=_int_at_least(1), default=8, metavar="N",
+    p.add_argument("--max-slots", type=int_at_least(1), default=8, metavar="N",
                    help="requests decoded together (engine slots); more wait in a queue; "
                         "default %(default)s")
-    p.add_argument("--max-len", type=_int_at_least(2), default=512, metavar="N",
+    p.add_argument("--max-len", type=int_at_least(2), default=512, metavar="N",
                    help="context of one request: prompt + max_tokens tokens; default %(default)s")
-    p.add_argument("--page-size", type=_int_at_least(1), default=16, metavar="N",
+    p.add_argument("--page-size", type=int_at_least(1), default=16, metavar="N",
                    help="tokens per KV-cache page; default %(default)s")
-    p.add_argument("--num-pages", type=_int_at_least(1), default=None, metavar="N",
+    p.add_argument("--num-pages", type=int_at_least(1), default=None, metavar="N",
                    help="pages in the KV pool; default: enough for max-slots x max-len")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="do not keep and share prompt pages between requests")
@@ -69,7 +69,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, metavar="data=D,model=M",
                    help="run the engine on a device mesh: slots over data, kv heads over model "
                         "(the product must equal the number of devices); default: one device")
-    p.add_argument("--max-request-bytes", type=_int_at_least(1), default=8 * 1024 * 1024,
+    # gate.DEFAULT_MAX_REQUEST_BYTES, spelled out: this module imports nothing of the web stack
+    p.add_argument("--max-request-bytes", type=int_at_least(1), default=8 * 1024 * 1024,
                    metavar="N", help="largest request body accepted (413 above); default %(default)s")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"),
                    default="info", help="uvicorn's log level; default %(default)s")

@@ -14,7 +14,7 @@ import time
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                generate_latest)
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the routes)
 from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -55,6 +55,8 @@ def _number(v) -> bool:
 
 
 class Metrics:
+    """The server's metrics in their own registry; `engine` (optional): read at scrape time."""
+
     def __init__(self, engine=None):
         disable_created_metrics()   # no *_created series next to every counter
         self.registry = r = CollectorRegistry()

@@ -5,7 +5,8 @@ into the OpenAI error body `{"error": {"message", "type", "param", "code"}}`; no
 reaches the engine before the whole request is checked. Unknown fields are ignored (as
 the OpenAI API does: clients send `user`, `stream_options` and the like); known fields of
 the wrong type, out-of-range values and features kvjax does not have (n > 1, penalties,
-tools) are refused with the field's name as `param`.
+tools) are refused with the field's name as `param`. temperature, top_k and top_p go through
+`kvjax.sampling.check_sampling`, the range check `generate` and `Engine` use too.
 
 `prepare_completion` and `prepare_chat` turn a validated body into a `Prepared` request:
 token-id prompts, one `kvjax.SamplingParams`, stop strings and the response options.
@@ -13,13 +14,13 @@ token-id prompts, one `kvjax.SamplingParams`, stop strings and the response opti
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..engine.api import SamplingParams
+from ..sampling import SamplingError, check_sampling
 
 MAX_LOGPROBS = 20      # top alternatives per position (OpenAI allows 5 on completions, 20 on chat)
 MAX_STOP = 16          # stop strings per request
@@ -176,28 +177,32 @@ class Prepared:
     include_usage: bool = False
 
 
-def _finite(value, name, low=None, high=None, low_open=False):
-    if value is None:
-        return None
-    if not math.isfinite(value):
-        raise invalid(f"{name} must be a finite number, got {value}", name)
-    if low is not None and (value <= low if low_open else value < low):
-        raise invalid(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value:g}", name)
-    if high is not None and value > high:
-        raise invalid(f"{name} must be <= {high:g}, got {value:g}", name)
-    return value
-
-
 def check_model(req, limits: Limits):
     if req.model is not None and req.model != limits.model_id:
         raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                        f"{limits.model_id!r}", "invalid_request_error", "model", "model_not_found")
 
 
-def _common(req: _Sampling, limits: Limits) -> tuple[dict, tuple]:
-    """The fields every endpoint shares -> (SamplingParams keyword arguments, stop strings).
+def _sampling_knobs(req: _Sampling) -> dict:
+    """temperature, top_k, top_p as SamplingParams takes them, checked by the one range
+    check every entry point shares (`kvjax.sampling.check_sampling`).
 
-    temperature defaults to 1 as in the OpenAI API (pass 0 for greedy decoding)."""
+    The OpenAI defaults first: temperature 1 (pass 0 for greedy decoding), top_p 1, no
+    top-k; top_k -1 (vLLM's spelling) disables top-k as 0 does. JSON's NaN and Infinity
+    parse as floats; check_sampling refuses them (temperature and top_p must be finite)."""
+    knobs = dict(temperature=1.0 if req.temperature is None else req.temperature,
+                 top_k=0 if req.top_k in (None, -1) else req.top_k,
+                 top_p=1.0 if req.top_p is None else req.top_p)
+    try:
+        check_sampling(**knobs)
+    except SamplingError as e:
+        hint = "; -1 also disables it" if e.param == "top_k" else ""
+        raise invalid(f"{e}{hint}", e.param) from None
+    return knobs
+
+
+def _common(req: _Sampling, limits: Limits) -> tuple[dict, tuple]:
+    """The fields every endpoint shares -> (SamplingParams keyword arguments, stop strings)."""
     check_model(req, limits)
     if req.n is not None and req.n != 1:
         raise invalid(f"n must be 1 (one choice per prompt), got {req.n}", "n")
@@ -207,11 +212,7 @@ def _common(req: _Sampling, limits: Limits) -> tuple[dict, tuple]:
             raise invalid(f"{name} is not supported by kvjax serve (only 0), got {value}", name)
     if req.logit_bias:
         raise invalid("logit_bias is not supported by kvjax serve", "logit_bias")
-    temperature = _finite(req.temperature, "temperature", 0.0)
-    top_p = _finite(req.top_p, "top_p", 0.0, 1.0, low_open=True)
-    top_k = req.top_k
-    if top_k is not None and top_k < -1:
-        raise invalid(f"top_k must be >= 0 (0 or -1 disables it), got {top_k}", "top_k")
+    knobs = _sampling_knobs(req)
     if req.seed is not None and not 0 <= req.seed < 2**63:
         raise invalid(f"seed must be in [0, 2**63), got {req.seed}", "seed")
     stop = req.stop
@@ -220,10 +221,7 @@ def _common(req: _Sampling, limits: Limits) -> tuple[dict, tuple]:
         raise invalid(f"stop takes at most {MAX_STOP} strings, got {len(stop)}", "stop")
     if any(s == "" for s in stop):
         raise invalid("stop strings must not be empty", "stop")
-    return dict(temperature=1.0 if temperature is None else temperature,
-                top_p=1.0 if top_p is None else top_p,
-                top_k=0 if top_k in (None, -1) else top_k,
-                seed=req.seed, stop_token_ids=tuple(limits.eos_ids)), stop
+    return dict(**knobs, seed=req.seed, stop_token_ids=tuple(limits.eos_ids)), stop
 
 
 def _check_ids(ids: list, limits: Limits, param: str):

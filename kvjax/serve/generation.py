@@ -1,0 +1,211 @@
+"""The server's side of the engine: what every route needs, and one prompt in flight.
+
+`ServerState` holds the engine, the tokenizer, the limits and the metrics; `create_app`
+builds one per app and the routes receive it by dependency injection.
+
+`Generation` submits one prompt (`Engine.submit` returns a handle at once; its own checks
+raise ValueError, the caller's 400) and starts a small thread that iterates the handle's
+blocking token iterator and hands each token to the event loop
+(`loop.call_soon_threadsafe`). The event loop never blocks on the engine; the engine
+batches every request in flight (continuous batching), whatever the HTTP concurrency.
+Tokens become text through `TextStream`; a stop string cancels the request in the engine.
+
+`submit_all` and `run_all` do the same for every prompt of a request: all are submitted
+or none is, and a client that goes away cancels them all.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from . import protocol as P
+from .metrics import Metrics, RequestTimer
+from .textstream import TextStream
+
+
+class ServerState:
+    """What every route needs: the engine, the tokenizer, the limits, the metrics."""
+
+    def __init__(self, engine, tokenizer, model_id: str, context: int, vocab_size: int,
+                 eos_ids=()):
+        self.engine = engine
+        self.tok = tokenizer
+        self.limits = P.Limits(model_id=model_id, context=int(context), vocab_size=int(vocab_size),
+                               eos_ids=tuple(int(e) for e in eos_ids))
+        self.metrics = Metrics(engine)
+        self.created = int(time.time())
+
+
+class Generation:
+    """One prompt in the engine, seen from the event loop.
+
+    `run()` is an async iterator of (text_delta, new_token_ids) as tokens arrive; once it
+    ends, `finish_reason`, `tokens`, `completion` are set. `cancel()` (a disconnected
+    client, a stop string) removes the request from the engine.
+    """
+
+    def __init__(self, state: ServerState, prompt_ids, sampling, stop=(), logprobs=None):
+        self.state = state
+        self.prompt_ids = list(prompt_ids)
+        self.want_logprobs = logprobs is not None
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.text = TextStream(state.tok, stop, skip_ids=state.limits.eos_ids)
+        self.tokens: list[int] = []
+        self.finish_reason = None
+        self.completion = None
+        self.handle = state.engine.submit(self.prompt_ids, sampling)  # ValueError: caller's 400
+        self.timer = RequestTimer(state.metrics)
+        self.closed = False
+        threading.Thread(target=self._pump, daemon=True,
+                         name=f"kvjax-serve-req-{getattr(self.handle, 'request_id', '?')}").start()
+
+    def _pump(self):  # runs in its own thread: the handle's iterator blocks
+        try:
+            for tok in self.handle:
+                self._put(("token", int(tok)))
+            self._put(("done", self.handle.result()))
+        except BaseException as e:  # noqa: BLE001  (handed to the event loop, raised there)
+            self._put(("error", e))
+
+    def _put(self, item):
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
+            pass
+
+    async def run(self):
+        try:
+            while True:
+                new, done = await self._next_burst()
+                self.tokens += new
+                self.timer.tokens_arrived(len(new))
+                delta = self.text.push(new)
+                if self.text.stopped:           # a stop string: the answer ends here
+                    self.handle.cancel()
+                    self.finish_reason = "stop"
+                    done = await self._wait_done() if done is None else done
+                    self._close(done)
+                    yield delta, new
+                    return
+                if done is not None:
+                    delta += self.text.finish()
+                    # "stop" (a stop token), "length", or "abort" (the engine was closed undrained)
+                    self.finish_reason = done.finish_reason
+                    self._close(done)
+                    yield delta, new
+                    return
+                if delta or new:
+                    yield delta, new
+        finally:
+            self.abandon()                      # cancelled (client gone) or an error
+
+    async def _next_burst(self):
+        """(new token ids, the Completion or None): everything queued, waiting for one item."""
+        items = [await self.queue.get()]
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        new, done = [], None
+        for kind, value in items:
+            if kind == "token":
+                new.append(value)
+            elif kind == "done":
+                done = value
+            else:
+                raise value
+        return new, done
+
+    async def _wait_done(self):
+        while True:
+            kind, value = await self.queue.get()
+            if kind == "done":
+                return value
+            if kind == "error":
+                return None
+
+    def _close(self, completion, reason=None):
+        self.closed = True
+        self.completion = completion
+        cached = int(getattr(completion, "cached_tokens", 0) or 0) if completion else 0
+        self.timer.finish(reason or self.finish_reason, len(self.prompt_ids), cached)
+
+    def cancel(self):
+        self.handle.cancel()
+
+    def abandon(self):
+        """Nobody will read the rest (the response ended or never started): stop the request."""
+        if not self.closed:
+            self.handle.cancel()
+            self._close(None, "abort")
+
+    # logprobs, as the engine recorded them
+    def token_logprobs(self, start: int, end: int) -> list:
+        if not self.want_logprobs:
+            return []
+        src = self.completion.logprobs if self.completion is not None and \
+            self.completion.logprobs is not None else self.handle.logprobs
+        return list(src[start:end]) if src is not None else []
+
+    def prompt_logprobs(self) -> list:
+        pl = getattr(self.completion, "prompt_logprobs", None)
+        return list(pl) if pl is not None else [None] * len(self.prompt_ids)
+
+    @property
+    def cached_tokens(self) -> int:
+        return int(getattr(self.completion, "cached_tokens", 0) or 0)
+
+
+def submit_all(state: ServerState, prepared: P.Prepared) -> list[Generation]:
+    """Submit every prompt; if the engine refuses one, withdraw those already submitted."""
+    gens = []
+    try:
+        for ids, sp in zip(prepared.prompts, prepared.sampling):
+            gens.append(Generation(state, ids, sp, prepared.stop, prepared.logprobs))
+    except ValueError as e:
+        for g in gens:
+            g.abandon()
+        param = "prompt" if len(prepared.prompts) == 1 else f"prompt.{len(gens)}"
+        raise P.invalid(f"the engine refused the request: {e}", param) from None
+    except RuntimeError as e:   # a closed engine
+        for g in gens:
+            g.abandon()
+        raise P.APIError(503, f"the engine is not accepting requests: {e}", "server_error") from None
+    return gens
+
+
+async def run_all(request, gens: list[Generation]):
+    """Run generations to the end (-> the list of them); if the client disconnects first,
+    cancel them all (-> None). `request`: the Starlette request, watched for the disconnect."""
+    work = asyncio.ensure_future(asyncio.gather(*(_consume(g) for g in gens)))
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            try:
+                await work
+            except (asyncio.CancelledError, Exception):
+                pass
+        if work.cancelled() or work.exception() is not None:
+            for g in gens:              # one failed or the client left: stop the others too
+                if not g.closed:
+                    g.cancel()
+    if work.cancelled():
+        return None
+    return work.result()
+
+
+async def _consume(gen: Generation):
+    async for _ in gen.run():
+        pass
+    return gen
+
+
+async def _until_disconnected(request):
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
