@@ -17,6 +17,7 @@ from . import validate
 from .cache import KVCache
 from .config import ModelConfig
 from .decode import decode_tokens
+from .press import host
 
 
 @partial(jax.jit, static_argnums=0, donate_argnums=3)
@@ -43,7 +44,6 @@ def stream_logits(cfg: ModelConfig, params, tokens, cache: KVCache):
     full = np.full((tok.shape[0],), tok.shape[1], np.int32)
     validate.check_token_ids(cfg, tok, full)
     if cache.pressed:                      # slots, not positions, are what runs out
-        from .press import host
         host.check_room(cache, full * host.per_token(cfg, cache), "stream_logits")
         validate.check_room(cfg, np.asarray(cache.lengths), full, cache.max_len, "stream_logits", False)
     else:

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .atomic import atomic_write
-from .cache import KVCache
+from .cache import KVCache, cache_shardings, layout_name as sharding_layout
 from .config import ModelConfig
+from .sharding import check_mesh, to_host
 
 FORMAT = "kvjax-cache-v1"
 
@@ -57,7 +58,6 @@ def save_cache(path, cache: KVCache, cfg: ModelConfig | None = None) -> Path:
 
     Arrays are gathered to the host first, so a sharded cache saves the same way.
     """
-    from .sharding import to_host
 
     path = Path(path)
     arrays, dtypes = {}, {}
@@ -121,8 +121,6 @@ def load_cache(path, cfg: ModelConfig | None = None, kind: str | None = None, me
                     kind=meta["kind"], num_sinks=meta["num_sinks"], quant=tuple(meta.get("quant", ())),
                     rings=tuple(meta.get("rings", ())))
     if mesh is not None:
-        from .cache import cache_shardings, layout_name as sharding_layout
-        from .sharding import check_mesh
         if cfg is None:
             raise ValueError("load_cache(..., mesh=...) needs the model config to lay the cache out")
         check_mesh(cfg, mesh, cache.batch_size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cache import KVCache
 from .config import ModelConfig
 
 
@@ -69,8 +70,6 @@ def check_room(cfg: ModelConfig, used: np.ndarray, adding: np.ndarray, max_len: 
 
 def check_cache(cfg: ModelConfig, cache, batch_size: int):
     """The cache must belong to this model shape and batch."""
-    from .cache import KVCache  # local: cache imports nothing from here, keep it that way
-
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache must be a kvjax.KVCache, got {type(cache).__name__}")
     if any(getattr(x, "is_deleted", lambda: False)() for x in (cache.lengths, *cache.keys)):

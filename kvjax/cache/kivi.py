@@ -252,6 +252,17 @@ def _layer_dims(arrays: dict, bits: int):
     return B, K, S, HP * (8 // bits)
 
 
+def _check_chunk(arrays: dict, k_new, v_new, bits: int, group_size: int, residual_length: int) -> tuple:
+    """(B, K, S, H) of a layer, after checking its settings and the chunk's shapes."""
+    B, K, S, H = _layer_dims(arrays, bits)
+    check_config(S, H, bits, group_size, residual_length)
+    T = k_new.shape[1]
+    if k_new.shape != (B, T, K, H) or v_new.shape != (B, T, K, H):
+        raise ValueError(f"KIVI write: k_new {k_new.shape} and v_new {v_new.shape} must both be "
+                         f"[B, T, K, H] = [{B}, T, {K}, {H}]")
+    return B, K, S, H
+
+
 def write(arrays: dict, k_new, v_new, starts, lengths, bits: int, group_size: int,
           residual_length: int) -> dict:
     """One layer's arrays after appending a right-padded chunk.
@@ -261,12 +272,8 @@ def write(arrays: dict, k_new, v_new, starts, lengths, bits: int, group_size: in
     Afterwards positions [0, Q) of each row are quantised and [Q, starts + lengths) are in
     the residual, Q = quantized_tokens(starts + lengths, R).
     """
-    B, K, S, H = _layer_dims(arrays, bits)
-    check_config(S, H, bits, group_size, residual_length)
+    B, K, S, H = _check_chunk(arrays, k_new, v_new, bits, group_size, residual_length)
     T = k_new.shape[1]
-    if k_new.shape != (B, T, K, H) or v_new.shape != (B, T, K, H):
-        raise ValueError(f"KIVI write: k_new {k_new.shape} and v_new {v_new.shape} must both be "
-                         f"[B, T, K, H] = [{B}, T, {K}, {H}]")
     if T == 0:
         return dict(arrays)
     R, G = residual_length, group_size

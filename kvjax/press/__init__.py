@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ..cache import KVCache, init_cache as _init_cache
+from ..cache import KVCache, cache_bytes as dense_bytes, init_cache as dense_cache
 from ..config import ModelConfig
 from .base import Keep, LayerInputs, Press, ScorerPress, n_kept
 from .decoding import DecodingPress, compress_cache
@@ -72,14 +72,13 @@ def init_cache(cfg: ModelConfig, batch_size: int, context_len: int, press: Press
         raise ValueError(f"room must be an int >= 0, got {room!r}")
     if getattr(press, "pooled", False):     # AdaKV pools an empty per-head cache of n_kept + room
         per_head = -(-max(layer_budgets(press, cfg, context_len)) // cfg.num_kv_heads)
-        return _init_cache(cfg, batch_size, per_head + room, dtype=dtype, kind=kind, hybrid=False)
+        return dense_cache(cfg, batch_size, per_head + room, dtype=dtype, kind=kind, hybrid=False)
     sizes = [b + room for b in layer_budgets(press, cfg, context_len)]
     return pressed_cache(cfg, batch_size, sizes, dtype, kind)
 
 
 def cache_bytes(cfg: ModelConfig, batch_size: int, layer_slots, dtype=None, kind: str = "dense") -> int:
     """Exact bytes of `pressed_cache(cfg, batch_size, layer_slots, ...)`, without allocating."""
-    from ..cache import cache_bytes as dense_bytes
     one = cfg.replace(num_layers=1, layer_types=None)          # a pressed layer is never a ring
     per_layer = [(dense_bytes(one, batch_size, int(s), dtype, kind, hybrid=False) - 4 * batch_size
                   + batch_size * cfg.num_kv_heads * 4 * (int(s) + 1)) for s in layer_slots]
@@ -90,7 +89,7 @@ def pressed_cache(cfg: ModelConfig, batch_size: int, layer_slots, dtype=None, ki
     """An empty pressed cache with `layer_slots[l]` slots in layer l."""
     if len(layer_slots) != cfg.num_layers or any(int(s) < 1 for s in layer_slots):
         raise ValueError(f"layer_slots must give {cfg.num_layers} positive slot counts, got {list(layer_slots)}")
-    per = [_init_cache(cfg, batch_size, int(s), dtype=dtype, kind=kind, hybrid=False) for s in layer_slots]
+    per = [dense_cache(cfg, batch_size, int(s), dtype=dtype, kind=kind, hybrid=False) for s in layer_slots]
     B, K = batch_size, cfg.num_kv_heads
     pick = lambda name: tuple(getattr(c, name)[i] for i, c in enumerate(per))  # noqa: E731
     return per[0].replace(

@@ -9,14 +9,14 @@ import numpy as np
 
 from ..cache import KVCache
 from ..config import ModelConfig
+from ..sharding import to_host
 from .base import Press
+from .decoding import DecodingPress
 
 PRESSABLE_KINDS = ("dense", "int8")
 
 
 def check_press(press, cfg: ModelConfig, cache: KVCache, mesh, where: str) -> None:
-    from .decoding import DecodingPress
-
     if not isinstance(press, Press):
         raise ValueError(f"{where}: press must be a kvjax.press press (e.g. SnapKVPress), got "
                          f"{type(press).__name__}")
@@ -40,7 +40,6 @@ def check_press(press, cfg: ModelConfig, cache: KVCache, mesh, where: str) -> No
 
 def fills(cache: KVCache) -> np.ndarray:
     """int [L, B]: slots used per layer and row (the fullest kv head)."""
-    from ..sharding import to_host
 
     if cache.pooled:
         return np.stack([to_host(f).sum(axis=1) for f in cache.head_fill])
