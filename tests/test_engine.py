@@ -88,7 +88,7 @@ def check_drained(eng):
 
 def test_reference_paged_attention_equals_dense(rng):
     """write_pages + attend_pages on a random page table == dot attention on the dense K/V."""
-    from kvjax.attention import attention_mask, dot_attention, scores
+    from kvjax.attention_math import attention_mask, dot_attention, scores
     B, T, N, K, H, Z, W, P = 3, 5, 4, 2, 8, 4, 6, 40
     S = W * Z
     starts = np.array([0, 7, 17], np.int32)

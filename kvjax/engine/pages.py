@@ -1,5 +1,8 @@
 """The page allocator and the prefix cache (host side; the pools themselves live on device).
 
+Plain Python, no JAX (scheduler.py and the host-only tests load it without JAX). Pages are
+ints in [0, num_pages); Z (page_size) tokens per page.
+
 A page is in one of three states:
   free     on the free list, holds nothing anyone will read;
   in use   reference count >= 1: in the page table of that many running requests;

@@ -12,9 +12,14 @@ Sampling: each row draws with its own key, fold_in(key(seed), token index), thro
 `kvjax.sampling.sample`, so a request's tokens do not depend on what else is in flight.
 When every row is greedy the draw is skipped at run time (one argmax, as `generate`).
 Log-probabilities are compiled in only when a row asks for them (static flags).
+
+Compilations: each program's body counts its traces (`trace_count`, per thread). jit traces
+a program once for every new combination of shapes and static arguments, and each trace is
+compiled, so the count of new traces around a call is the count of programs it compiled.
 """
 from __future__ import annotations
 
+import threading
 from functools import partial
 
 import jax
@@ -22,9 +27,22 @@ import jax.numpy as jnp
 
 from ..model import Transformer
 from ..sampling import greedy, sample
+from ..cache.attend import CacheWrite
 from ..cache.paged import gather_views, paged_cache
 
 LOGPROBS_MAX = 20   # most alternatives a request may ask for (OpenAI's limit)
+
+_traces = threading.local()   # jit traces on the calling thread: an engine's loop counts its own
+
+
+def trace_count() -> int:
+    """How many times this thread has traced (so compiled) prefill_chunk or decode_steps."""
+    return getattr(_traces, "n", 0)
+
+
+def _traced():
+    """Called in a program's body, so it runs once per trace (not once per call)."""
+    _traces.n = trace_count() + 1
 
 
 def _pin(pools, sharding):
@@ -39,7 +57,7 @@ def _forward(cfg, params, keys, values, tokens, lengths, starts, page_table, log
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     cache = paged_cache(keys, values, starts, page_table, views)
     logits, layers = Transformer(cfg).apply({"params": params}, tokens, positions, lengths, cache,
-                                            starts, None, logits_at=logits_at)
+                                            CacheWrite(starts), logits_at=logits_at)
     new_views = tuple(l["view"] for l in layers) if views else ()
     return logits, tuple(l["k"] for l in layers), tuple(l["v"] for l in layers), new_views
 
@@ -78,6 +96,7 @@ def prefill_chunk(cfg, params, keys, values, tokens, lengths, starts, page_table
     mesh, kept. The sampled token is meaningful only for rows whose
     chunk ends their prompt. Returns (outputs dict, key pools, value pools).
     """
+    _traced()
     V = cfg.vocab_size
     last = jnp.maximum(lengths - 1, 0)
     logits, keys, values, _ = _forward(cfg, params, keys, values, tokens, lengths, starts, page_table,
@@ -109,6 +128,7 @@ def decode_steps(cfg, params, keys, values, state, page_table, steps: int, logpr
     None, the final tok/lens/n/active (a next call can continue from them), key pools,
     value pools).
     """
+    _traced()
     samp = {k: state[k] for k in ("temperature", "top_k", "top_p", "seed")}
     V = cfg.vocab_size
 
