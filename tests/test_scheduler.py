@@ -216,7 +216,8 @@ def test_scheduler_and_pages_import_no_jax():
     module may appear; and, read with `ast`, no module they reach imports jax or flax."""
     code = textwrap.dedent(f"""
         import json, sys, types
-        for name, path in (("kvjax", {str(ROOT / "kvjax")!r}), ("kvjax.engine", {str(ROOT / "kvjax" / "engine")!r})):
+        for name, path in (("kvjax", {str(ROOT / "kvjax")!r}),
+                           ("kvjax.engine", {str(ROOT / "kvjax" / "engine")!r})):
             m = types.ModuleType(name); m.__path__ = [path]; sys.modules[name] = m
         import importlib
         for mod in sys.argv[1:]:

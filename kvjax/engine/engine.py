@@ -22,6 +22,10 @@ gives for its prompt alone; a sampled one draws with fold_in(key(seed), token in
 
 Thread safety: submit/cancel/stats may be called from any thread; only the loop thread
 touches the scheduler and the device pools.
+
+No arrays are built here: the steps' axis letters (B rows, T chunk, W pages per row) are
+those of scheduler.py, the pools' (L layers, P pages, K kv heads, Z page size, H head dim)
+those of runner.py.
 """
 from __future__ import annotations
 
@@ -315,8 +319,9 @@ class Engine:
             handles.pop(completion.request_id)._finish(completion)
 
 
+# stats()'s counters, in its order (the scheduler's and the runner's, interleaved as they always were)
 _COUNTERS = ("prompt_tokens", "prefill_tokens_computed", "generated_tokens", "preemptions", "prefix_hits",
-             "cached_tokens", "compilations", "prefill_calls", "decode_calls", "finished", "aborted")  # stats() order
+             "cached_tokens", "compilations", "prefill_calls", "decode_calls", "finished", "aborted")
 
 
 def _check_config(cfg: ModelConfig, max_slots, max_len, page_size, decode_steps, prefill_chunk):

@@ -1,10 +1,11 @@
 """The engine's two compiled programs: a prefill chunk and k decode steps, over paged pools.
 
 Axis letters: B rows of this call, T chunk width, W pages per row, V vocab, L layers,
-X top log-probabilities returned (LOGPROBS_MAX).
+X top log-probabilities returned (LOGPROBS_MAX), E stop ids per row.
 
 Both run the model's one forward path (`Transformer`) with a KVCache of kind "paged"
-(paged.py) and take the pools donated, so XLA writes new K/V into the pool's own memory.
+(kvjax/cache/paged.py) and take the pools donated, so XLA writes new K/V into the pool's
+own memory.
 Rows are requests, not fixed slots: the host picks which requests run, so a call's batch
 is only as wide as the work (bucketed to powers of two to bound compilations).
 
@@ -122,7 +123,7 @@ def decode_steps(cfg, params, keys, values, state, page_table, steps: int, logpr
 
     state: tok [B] (the last sampled token, not yet in the cache), lens [B] (tokens in the
     cache), n [B] (tokens generated so far), active [B], max_n [B] (generation cap),
-    stops [B, Z] (stop token ids, -1 padded) and the per-row sampling settings. A step feeds
+    stops [B, E] (stop token ids, -1 padded) and the per-row sampling settings. A step feeds
     tok, samples token n and stops the row on a stop token or at max_n; a stopped row writes
     nothing more. Returns (tokens [steps, B], emitted [steps, B] bool, logprob outputs or
     None, the final tok/lens/n/active (a next call can continue from them), key pools,

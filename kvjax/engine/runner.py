@@ -1,7 +1,7 @@
 """The engine's model runner: a scheduler step (scheduler.py) in, device calls, sampled tokens out.
 
-Axis letters: B rows of a call, T chunk width, W pages per row, L layers, X top
-log-probabilities returned.
+Axis letters: B rows of a call, T chunk width, W pages per row, L layers, P pages in the
+pool, K kv heads, Z tokens per page, H head dim, X top log-probabilities returned.
 
 It owns what lives on the device: the parameters, the paged key/value pools (L arrays
 [P, K, Z, H] each, donated to every call) and their placement on a mesh, and it counts the

@@ -3,7 +3,8 @@ computes. Host only (NumPy, no JAX): tests drive it with made-up requests and fa
 tokens, in milliseconds.
 
 Axis letters of a step's arrays: B rows of the call (requests, bucketed to powers of two),
-T prefill chunk width, W pages per row (the attention view), Z stop ids per row.
+T prefill chunk width, W pages per row (the attention view), E stop ids per row; Z is
+page_size (tokens per page).
 
 The seam is vLLM v1's: the scheduler decides, the runner (runner.py) executes, and the
 sampled tokens come back. One iteration of `Engine`'s loop:
@@ -116,14 +117,14 @@ class PrefillStep:
 @dataclass(frozen=True, eq=False)
 class DecodeStep:
     """One call of `steps` decode steps. `state` (a fresh call): tok, lens, n, max_n int32 [B],
-    active bool [B], stops int32 [B, Z] (-1 padded) and the sampling arrays [B]; None: the
+    active bool [B], stops int32 [B, E] (-1 padded) and the sampling arrays [B]; None: the
     call continues on the device from the call before it (chained, see `chain_decode`)."""
     seqs: tuple
     table: np.ndarray        # int32 [B, W]
     state: dict | None
     steps: int
     logprobs: bool
-    stop_width: int          # Z
+    stop_width: int          # E
     lens_start: tuple        # per row: tokens written when this call starts
     n_start: tuple           # per row: tokens generated when this call starts
 
@@ -377,8 +378,8 @@ class Scheduler:
 
     def _can_chain(self, step: DecodeStep, arrivals: bool) -> bool:
         k = step.steps
-        if any(s.phase is not Phase.DECODE for s in self.running) or any(s not in self.running for s in step.seqs) \
-                or len(step.seqs) != len(self.running):
+        if len(step.seqs) != len(self.running) or any(s not in self.running for s in step.seqs) \
+                or any(s.phase is not Phase.DECODE for s in self.running):
             return False
         if arrivals or (self.waiting and len(self.running) < self.max_slots):
             return False
@@ -408,7 +409,7 @@ class Scheduler:
                 continue                       # nothing new, or finished (or aborted) meanwhile
             req = s.req
             new = toks[:counts[b], b].tolist()   # a row emits until it stops: a prefix of the steps
-            new = new[:min(len(new), req.max_n - len(req.generated))]
+            new = new[:req.max_n - len(req.generated)]
             if req.stops:                        # cut after the first stop token
                 stop = next((i for i, t in enumerate(new) if t in req.stops), None)
                 new = new if stop is None else new[:stop + 1]
