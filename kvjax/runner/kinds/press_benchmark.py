@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,9 @@ import numpy as np
 import kvjax
 from kvjax import data
 from kvjax import press as P
+from kvjax.cache import cut_slots, drop_newest, empty_rows
+from kvjax.evaluate import stream_program
+from kvjax.press import host
 from kvjax.timing import measure
 
 from .. import plots
@@ -199,9 +202,6 @@ def validate(run_cfg) -> None:
             raise ConfigError(f"press_benchmark.timing_ratios: {r} is not one of ratios {list(c.ratios)}")
     if c.ppl_prefix >= c.seq_len:
         raise ConfigError(f"press_benchmark.ppl_prefix: {c.ppl_prefix} must be below seq_len={c.seq_len}")
-    if c.kernel_size % 2 == 0:
-        raise ConfigError(f"press_benchmark.kernel_size: {c.kernel_size} must be odd (kvpress pools "
-                          f"with an odd kernel)")
     if c.kivi_residual_length % c.kivi_group_size:
         raise ConfigError(f"press_benchmark.kivi_residual_length: {c.kivi_residual_length} must be a "
                           f"multiple of kivi_group_size={c.kivi_group_size}")
@@ -221,19 +221,11 @@ def validate(run_cfg) -> None:
                               f"{c.ppl_prefix} (the press scores the prefix with it)")
 
 
-# ----------------------------------------------------------------------------- cache helpers
-
-def _pooled(cache) -> bool:
-    return bool(getattr(cache, "pooled", False))
-
+# ----------------------------------------------------------------------------- caches
 
 def _press_pools(press) -> bool:
+    """A pooling press (AdaKV) turns an empty dense cache into one pool of K x its slots."""
     return bool(getattr(press, "pooled", False))
-
-
-def _per_token(cfg, press) -> int:
-    """Slots one token takes per layer in the press's cache layout (a pool: one per kv head)."""
-    return cfg.num_kv_heads if _press_pools(press) else 1
 
 
 def _run_cache(cfg, B: int, slots: int, press):
@@ -244,83 +236,9 @@ def _run_cache(cfg, B: int, slots: int, press):
     return P.pressed_cache(cfg, B, [slots] * cfg.num_layers)
 
 
-def _fill_used(cache) -> np.ndarray:
-    """int [L]: the most slots any row uses in each layer (a pool: the sum over heads)."""
-    if _pooled(cache):
-        return np.array([int(np.asarray(f).sum(1).max()) for f in cache.head_fill])
-    if cache.pressed:
-        return np.array([int(np.asarray(f).max()) for f in cache.head_fill])
-    return np.full(len(cache.keys), int(np.asarray(cache.lengths).max()))
-
-
-def _slots(cache) -> np.ndarray:
-    return np.array([cache.layer_slots(layer) for layer in range(len(cache.keys))])
-
-
-def _cut(cache, sizes):
-    """The cache with layer l cut to its first sizes[l] slots (dense, int8, pressed or pooled:
-    kept slots are packed at the front, so nothing held is lost)."""
-    used = _fill_used(cache)
-    if (used > np.asarray(sizes)).any():
-        raise ValueError(f"cannot cut a cache using {used.tolist()} slots to {list(sizes)}")
-    s = [int(x) for x in sizes]
-    ch = dict(keys=tuple(k[:, :, :n] for k, n in zip(cache.keys, s)),
-              values=tuple(v[:, :, :n] for v, n in zip(cache.values, s)))
-    if cache.kind == "int8":
-        ch["key_scales"] = tuple(a[:, :, :n] for a, n in zip(cache.key_scales, s))
-        ch["value_scales"] = tuple(a[:, :, :n] for a, n in zip(cache.value_scales, s))
-    if cache.pressed:
-        ch["head_pos"] = tuple(a[:, :, :n] for a, n in zip(cache.head_pos, s))
-        ch["head_fill"] = tuple(jnp.array(f) for f in cache.head_fill)
-    if _pooled(cache):
-        ch["head_owner"] = tuple(a[:, :n] for a, n in zip(cache.head_owner, s))
-    return cache.replace(lengths=jnp.array(cache.lengths), **ch)
-
-
 def _drop_newest(cache):
-    """A pressed cache without each row's newest token (position lengths - 1) in any head:
-    the slot it took (the last used one: kept slots are in position order) is freed."""
-    last = cache.lengths - 1
-    pos, fill, owner = [], [], []
-    for layer, hp in enumerate(cache.head_pos):
-        f = cache.head_fill[layer]
-        if _pooled(cache):
-            hit = hp[:, 0, :] == last[:, None]                                     # [B, P]
-            own = cache.head_owner[layer]
-            heads = jnp.arange(f.shape[1], dtype=jnp.int32)[None, :, None]
-            fill.append((f - (hit[:, None, :] & (own[:, None, :] == heads)).sum(-1)).astype(jnp.int32))
-            pos.append(jnp.where(hit[:, None, :], -1, hp))
-            owner.append(jnp.where(hit, -1, own))
-        else:
-            hit = hp == last[:, None, None]                                        # [B, K, S]
-            fill.append((f - hit.sum(-1)).astype(jnp.int32))
-            pos.append(jnp.where(hit, -1, hp))
-    ch = dict(lengths=last.astype(jnp.int32), head_pos=tuple(pos), head_fill=tuple(fill))
-    if _pooled(cache):
-        ch["head_owner"] = tuple(owner)
-    return cache.replace(**ch)
-
-
-def _emptied(cache):
-    """The same buffers as an empty cache (fresh small arrays; for timing a prefill again)."""
-    B = cache.batch_size
-    ch = dict(lengths=jnp.zeros((B,), jnp.int32))
-    if cache.pressed:
-        ch["head_pos"] = tuple(jnp.full(a.shape, -1, jnp.int32) for a in cache.head_pos)
-        ch["head_fill"] = tuple(jnp.zeros(a.shape, jnp.int32) for a in cache.head_fill)
-    if _pooled(cache):
-        ch["head_owner"] = tuple(jnp.full(a.shape, -1, jnp.int32) for a in cache.head_owner)
-    if cache.slot_pos is not None:
-        ch["slot_pos"] = jnp.full(cache.slot_pos.shape, -1, jnp.int32)
-    return cache.replace(**ch)
-
-
-def _rewound(cache, lengths: np.ndarray, fills):
-    """Lengths (and per-head fills) set back to the given host values (fresh arrays)."""
-    ch = dict(lengths=jnp.asarray(lengths, jnp.int32))
-    if fills is not None:
-        ch["head_fill"] = tuple(jnp.asarray(f, jnp.int32) for f in fills)
-    return cache.replace(**ch)
+    """The query-aware protocol's cache: each row's newest token (the query's last) taken back."""
+    return drop_newest(cache, 1)
 
 
 def _kivi_slots(tokens: int, R: int) -> int:
@@ -357,104 +275,132 @@ class Setting:
     run_slots: int = 0    # slots per layer of every press's run cache
 
 
-def _budgets(press, cfg, n: int) -> list[int]:
-    """Slots each layer needs for the pressed context (a pool: for all its heads)."""
-    return [int(x) for x in press.kept_bound(np.array([n]), cfg)[:, 0]]
+@dataclass
+class Recall:
+    """The recall sequences: prompts (<bos> + pairs + query), answers, and the distances covered."""
+    task: data.RecallTask
+    batch: data.RecallBatch
+    prompts: np.ndarray   # int [B, W]
+    answers: np.ndarray   # int [B, V]
+    distances: list
+    q_len: int            # query tokens: '?' + the key
+
+
+@dataclass
+class Results:
+    """One row per (method name, ratio), and the errors of the parts that raised."""
+    rows: dict = field(default_factory=dict)      # (method name, ratio) -> row dict
+    errors: list = field(default_factory=list)    # (method, ratio, part, message)
+
+    def row(self, m: Method, ratio) -> dict:
+        key = (m.name, ratio)
+        if key not in self.rows:
+            self.rows[key] = {"method": m.name, "family": m.family, "ratio": ratio}
+        return self.rows[key]
+
+    def attempt(self, m: Method, ratio, part: str, fn):
+        """fn(), or None after recording its error: a press that cannot run here is not fatal."""
+        try:
+            return fn()
+        except Exception as e:
+            msg = f"{type(e).__name__}: {e}"
+            self.errors.append((m.name, ratio, part, msg))
+            self.row(m, ratio).setdefault("errors", []).append(f"{part}: {msg}")
+            return None
+
+
+def _recall_workload(ctx, c: Config) -> tuple[Setting, Recall]:
+    rcfg, rparams, rfolder = _load(c.recall_model)
+    task = _recall_task(rfolder)
+    distances = task.distances()
+    B = c.recall_rows * len(distances)
+    batch = data.recall_batch(task, np.random.default_rng(ctx.seed), B,
+                              distance=np.resize(np.array(distances), B))
+    prompts, answers = data.recall_prompts(batch)                                   # [B, W], [B, V]
+    q_len = 1 + task.key_len
+    n_ctx = prompts.shape[1] - q_len
+    return (Setting(rcfg, rparams, n_ctx, q_len + task.value_len, B),
+            Recall(task, batch, prompts, answers, distances, q_len))
+
+
+def _text_workload(c: Config) -> tuple[Setting, np.ndarray, np.ndarray]:
+    """(setting, the held-out token stream, its windows int [B, seq_len + 1])."""
+    tcfg, tparams, _ = _load(c.text_model)
+    held = data.text_stream("heldout")
+    windows = data.text_eval_windows(held, c.seq_len, c.ppl_windows)
+    return Setting(tcfg, tparams, c.ppl_prefix, c.seq_len - c.ppl_prefix, windows.shape[0]), held, windows
+
+
+def _note_workload(ctx, c: Config, rec: Setting, rw: Recall, txt: Setting) -> None:
+    rcfg, tcfg, distances = rec.cfg, txt.cfg, rw.distances
+    ctx.note(f"Recall model: {c.recall_model} ({rcfg.num_layers} layers, {rcfg.num_kv_heads} kv heads, "
+             f"head_dim {rcfg.head_dim}); {rec.B} sequences ({c.recall_rows} per distance, "
+             f"{len(distances)} distances {distances[0]}..{distances[-1]}), context {rec.n} tokens "
+             f"(<bos> + {rw.task.num_pairs} pairs), query {rw.q_len} tokens, answer {rw.task.value_len}. "
+             f"Text model: {c.text_model} ({tcfg.num_layers} layers, {tcfg.num_kv_heads} kv heads, "
+             f"head_dim {tcfg.head_dim}); {txt.B} held-out windows of {c.seq_len} tokens: the first "
+             f"{c.ppl_prefix} pressed, the next {txt.room} scored.")
+
+
+def _size_run_caches(rec: Setting, rw: Recall, txt: Setting, presses: dict) -> None:
+    """One slot count per model for every press and ratio (the ratio is data, not a new program):
+    the largest budget (per kv head for a pooling press) plus the room after the context."""
+    for s, ns in ((rec, (rec.n, rec.n + rw.q_len)), (txt, (txt.n,))):
+        need = [max(P.layer_budgets(p, s.cfg, n)) // (s.cfg.num_kv_heads if _press_pools(p) else 1)
+                for p in presses.values() for n in ns]
+        s.run_slots = max(need, default=1) + s.room
+
+
+def _measure_methods(ctx, c: Config, ms, presses, rec, rw, txt, windows, res: Results) -> dict:
+    """Recall and text measurements of every method at every ratio; returns dense's bytes per
+    token and perplexity (the reference of the memory saved)."""
+    dense = {}
+    with ctx.progress(sum(len(m.ratios) for m in ms), "methods") as advance:
+        for m in ms:
+            for ratio in m.ratios:
+                advance(note=f"{m.name} {'' if ratio is None else ratio}")
+                row = res.row(m, ratio)
+                p = presses.get((m.name, ratio))
+                timed = ratio in c.timing_ratios or ratio is None and bool(c.timing_ratios)
+                res.attempt(m, ratio, "recall", lambda: _recall(c, rec, rw, m, ratio, p, row))
+                res.attempt(m, ratio, "text", lambda: _text(c, txt, m, ratio, p, windows, row, timed))
+                if m.family == "dense":
+                    dense = {"recall": row.get("recall_bytes_per_token"),
+                             "text": row.get("text_bytes_per_token"), "ppl": row.get("ppl")}
+    return dense
+
+
+def _memory_saved(rows: dict, dense: dict) -> None:
+    """Memory saved against dense per model, and the ratio axis of the ratio-free baselines."""
+    for (name, ratio), row in rows.items():
+        for model in ("recall", "text"):
+            bpt, ref = row.get(f"{model}_bytes_per_token"), dense.get(model)
+            row[f"mem_saved_{model}"] = (1 - bpt / ref) if bpt and ref else None
+        if row["family"] == "dense":
+            row["ratio"] = 0.0
+        elif ratio is None:
+            row["ratio"] = row["mem_saved_recall"]
+        if row.get("ppl") and dense.get("ppl"):
+            row["ppl_vs_dense"] = row["ppl"] / dense["ppl"] - 1
 
 
 # ----------------------------------------------------------------------------- the run
 
 def run(ctx, c: Config) -> dict:
     ms = methods(c)
-    errors = []                                   # (method, ratio, part, message)
-    rows = {}                                     # (method name, ratio) -> row dict
-
-    def row_for(m: Method, ratio):
-        key = (m.name, ratio)
-        if key not in rows:
-            rows[key] = {"method": m.name, "family": m.family, "ratio": ratio}
-        return rows[key]
-
-    def attempt(m, ratio, part, fn):
-        try:
-            return fn()
-        except Exception as e:                    # a press that cannot run here: recorded, not fatal
-            msg = f"{type(e).__name__}: {e}"
-            errors.append((m.name, ratio, part, msg))
-            row_for(m, ratio).setdefault("errors", []).append(f"{part}: {msg}")
-            return None
-
-    # ---- recall model
-    rcfg, rparams, rfolder = _load(c.recall_model)
-    task = _recall_task(rfolder)
-    distances = task.distances()
-    B_r = c.recall_rows * len(distances)
-    batch = data.recall_batch(task, np.random.default_rng(ctx.seed), B_r,
-                              distance=np.resize(np.array(distances), B_r))
-    prompts, answers = data.recall_prompts(batch)                                   # [B, W], [B, V]
-    q_len = 1 + task.key_len
-    n_ctx = prompts.shape[1] - q_len
-    V = task.value_len
-    rec = Setting(rcfg, rparams, n_ctx, q_len + V, B_r)
-    # ---- text model
-    tcfg, tparams, _ = _load(c.text_model)
-    held = data.text_stream("heldout")
-    windows = data.text_eval_windows(held, c.seq_len, c.ppl_windows)               # [B, seq_len + 1]
-    txt = Setting(tcfg, tparams, c.ppl_prefix, c.seq_len - c.ppl_prefix, windows.shape[0])
-
-    ctx.note(f"Recall model: {c.recall_model} ({rcfg.num_layers} layers, {rcfg.num_kv_heads} kv heads, "
-             f"head_dim {rcfg.head_dim}); {B_r} sequences ({c.recall_rows} per distance, "
-             f"{len(distances)} distances {distances[0]}..{distances[-1]}), context {n_ctx} tokens "
-             f"(<bos> + {task.num_pairs} pairs), query {q_len} tokens, answer {V}. Text model: "
-             f"{c.text_model} ({tcfg.num_layers} layers, {tcfg.num_kv_heads} kv heads, head_dim "
-             f"{tcfg.head_dim}); {txt.B} held-out windows of {c.seq_len} tokens: the first "
-             f"{c.ppl_prefix} pressed, the next {txt.room} scored.")
-
-    # One slot count per model for every press and ratio (the ratio is data, not a new program).
-    presses = {}                                  # (name, ratio) -> press
-    for m in ms:
-        if m.family == "press":
-            for r in m.ratios:
-                presses[(m.name, r)] = make_press(m.name, r, c, ctx.seed)
-    for s, ns in ((rec, (n_ctx, n_ctx + q_len)), (txt, (txt.n,))):
-        need = [max(_budgets(p, s.cfg, n)) // _per_token(s.cfg, p) for p in presses.values() for n in ns]
-        s.run_slots = max(need, default=1) + s.room
-
-    dense_bpt = {}
-    with ctx.progress(sum(len(m.ratios) for m in ms), "methods") as advance:
-        for m in ms:
-            for ratio in m.ratios:
-                advance(note=f"{m.name} {'' if ratio is None else ratio}")
-                row = row_for(m, ratio)
-                p = presses.get((m.name, ratio))
-                attempt(m, ratio, "recall", lambda: _recall(c, rec, m, ratio, p, prompts, answers,
-                                                            batch, distances, row))
-                attempt(m, ratio, "text", lambda: _text(c, txt, m, ratio, p, windows, row,
-                                                        ratio in c.timing_ratios or ratio is None
-                                                        and bool(c.timing_ratios)))
-                if m.family == "dense":
-                    dense_bpt = {"recall": row.get("recall_bytes_per_token"),
-                                 "text": row.get("text_bytes_per_token"), "ppl": row.get("ppl")}
-
-    # memory saved and the ratio axis of the ratio-free baselines
-    for (name, ratio), row in rows.items():
-        for model in ("recall", "text"):
-            bpt, ref = row.get(f"{model}_bytes_per_token"), dense_bpt.get(model)
-            row[f"mem_saved_{model}"] = (1 - bpt / ref) if bpt and ref else None
-        if row["family"] == "dense":
-            row["ratio"] = 0.0
-        elif ratio is None:
-            row["ratio"] = row["mem_saved_recall"]
-        if row.get("ppl") and dense_bpt.get("ppl"):
-            row["ppl_vs_dense"] = row["ppl"] / dense_bpt["ppl"] - 1
-    for row in rows.values():
+    res = Results()
+    rec, rw = _recall_workload(ctx, c)
+    txt, held, windows = _text_workload(c)
+    _note_workload(ctx, c, rec, rw, txt)
+    presses = {(m.name, r): make_press(m.name, r, c, ctx.seed)
+               for m in ms if m.family == "press" for r in m.ratios}
+    _size_run_caches(rec, rw, txt, presses)
+    dense = _measure_methods(ctx, c, ms, presses, rec, rw, txt, windows, res)
+    _memory_saved(res.rows, dense)
+    for row in res.rows.values():
         ctx.log(row)
-
-    # ---- DecodingPress: a long generation in constant memory
-    decoding = _decoding(ctx, c, tcfg, tparams, held)
-
-    # ---- tables, plots, headline
-    return _report(ctx, c, ms, rows, errors, decoding)
+    decoding = _decoding(ctx, c, txt.cfg, txt.params, held)     # a long generation in constant memory
+    return _report(ctx, c, ms, res.rows, res.errors, decoding)
 
 
 # ----------------------------------------------------------------------------- recall
@@ -490,12 +436,12 @@ def _context_bytes(cfg, B, m: Method, c: Config, ratio, n: int, run_cache, press
     compressed n-token context: the run's cache cut to what the method keeps (presses, dense,
     int8), or one allocated at that size (KIVI, rings)."""
     if m.family == "press":
-        sizes = _budgets(press, cfg, n)
-        cut = _cut(run_cache, sizes)
-        predicted = None if _pooled(cut) else P.cache_bytes(cfg, B, sizes)
+        sizes = P.layer_budgets(press, cfg, n)
+        cut = cut_slots(run_cache, sizes)
+        predicted = None if cut.pooled else P.cache_bytes(cfg, B, sizes)
         return cut.nbytes, predicted, sizes
     if m.family in ("dense", "int8"):
-        cut = _cut(run_cache, [n] * cfg.num_layers)
+        cut = cut_slots(run_cache, [n] * cfg.num_layers)
         return cut.nbytes, kvjax.cache_bytes(cfg, B, n, kind=m.family), [n] * cfg.num_layers
     if m.family in ("kivi2", "kivi4"):
         R = c.kivi_residual_length
@@ -509,19 +455,20 @@ def _context_bytes(cfg, B, m: Method, c: Config, ratio, n: int, run_cache, press
     return alloc.nbytes, kvjax.cache_bytes(cfg, B, kept, kind=m.family, num_sinks=sinks), [kept] * cfg.num_layers
 
 
-def _recall(c, s: Setting, m: Method, ratio, press, prompts, answers, batch, distances, row):
+def _recall(c, s: Setting, rw: Recall, m: Method, ratio, press, row):
     cfg, params, B, n = s.cfg, s.params, s.B, s.n
+    prompts, answers = rw.prompts, rw.answers
     W = prompts.shape[1]
     q_len = W - n
     V = answers.shape[1]
-    dist = batch.distances[:, 0]
+    dist = rw.batch.distances[:, 0]
     last = np.zeros((B, q_len), np.int32)
     last[:, 0] = prompts[:, -1]                                   # the query's last token, re-read
 
     def score(pred, key):
         hit = (pred == answers).all(-1)
         row[key] = float(hit.mean())
-        row[f"{key}_by_distance"] = [float(hit[dist == d].mean()) for d in distances]
+        row[f"{key}_by_distance"] = [float(hit[dist == d].mean()) for d in rw.distances]
 
     # query-agnostic: the context alone is pressed; the query comes after
     if m.family == "press":
@@ -550,8 +497,6 @@ def _recall(c, s: Setting, m: Method, ratio, press, prompts, answers, batch, dis
 # ----------------------------------------------------------------------------- text: perplexity, time
 
 def _text(c, s: Setting, m: Method, ratio, press, windows, row, timed: bool):
-    from kvjax.evaluate import _stream
-
     cfg, params, B, n = s.cfg, s.params, s.B, s.n
     prefix = windows[:, :n]
     rest = windows[:, n:c.seq_len]                                 # read through the cache
@@ -565,45 +510,56 @@ def _text(c, s: Setting, m: Method, ratio, press, windows, row, timed: bool):
     nbytes, predicted, sizes = _context_bytes(cfg, B, m, c, ratio, n, cache, press)
     row.update(text_cache_bytes=nbytes, text_cache_bytes_predicted=predicted, text_slots=sizes,
                text_batch=B, text_context=n, text_bytes_per_token=nbytes / (B * n))
-
-    if timed:                                                      # one decode step, compressed prefix + 1
-        step_cache = _decode_cache(cfg, B, m, c, ratio, n, cache, press)
-        fills = [np.asarray(f) for f in step_cache.head_fill] if step_cache.pressed else None
-        tok = jnp.asarray(rest[:, 0], jnp.int32)
-
-        def step(st):
-            return kvjax.decode_step(cfg, params, tok, _rewound(st, lens, fills), check=False)[1]
-
-        _, t = measure(step, step_cache, repeats=c.repeats, min_seconds=c.min_seconds)
-        row.update(t.fields("decode"))
-        row["decode_slots"] = [int(x) for x in _slots(step_cache)]
+    if timed:
+        row.update(_time_decode(c, s, m, ratio, press, cache, rest[:, 0]))
 
     # the scored rest: every token read through the compressed cache
-    per = _per_token(cfg, press) if press is not None else 1
-    if m.family not in ("window", "sinks") and (_fill_used(cache) + per * rest.shape[1] > _slots(cache)).any():
+    adding = host.per_token(cfg, cache) * rest.shape[1]
+    if m.family not in ("window", "sinks") and (host.fills(cache).max(1) + adding > host.slots(cache)).any():
         raise ValueError(f"{m.name}: no room to read {rest.shape[1]} tokens after the prefix")
-    logits, cache = _stream(cfg, params, jnp.asarray(rest, jnp.int32), cache)
+    logits, cache = stream_program(cfg, params, jnp.asarray(rest, jnp.int32), cache)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1)[..., 0])
     row.update(nll=float(nll.mean()), ppl=float(np.exp(nll.mean())))
+    if timed:
+        row.update(_time_prefill(c, s, press, prefix, lens, cache))
 
-    if timed:                                                      # the prefill (with the press)
-        def fill(st):
-            return kvjax.prefill(cfg, params, prefix, lens, _emptied(st), press=press)[1]
 
-        _, t = measure(fill, cache, repeats=c.repeats, min_seconds=c.min_seconds)
-        row.update(t.fields("prefill"))
+def _time_decode(c, s: Setting, m: Method, ratio, press, cache, tok) -> dict:
+    """Timing fields of one decode step on a cache of the compressed prefix + 1 slot, and its
+    slots per layer. Each timed call steps and then drops the token again."""
+    cfg, params = s.cfg, s.params
+    step_cache = _decode_cache(cfg, s.B, m, c, ratio, s.n, cache, press)
+    slots = [int(x) for x in host.slots(step_cache)]
+    tok = jnp.asarray(tok, jnp.int32)
+
+    def step(st):
+        st = kvjax.decode_step(cfg, params, tok, st, check=False)[1]
+        return drop_newest(st, 1, check=False)
+
+    _, t = measure(step, step_cache, repeats=c.repeats, min_seconds=c.min_seconds)
+    return {**t.fields("decode"), "decode_slots": slots}
+
+
+def _time_prefill(c, s: Setting, press, prefix, lens, cache) -> dict:
+    """Timing fields of the prefix's prefill with the press, into the run's cache emptied each call."""
+    def fill(st):
+        return kvjax.prefill(s.cfg, s.params, prefix, lens, empty_rows(st, check=False), press=press)[1]
+
+    _, t = measure(fill, cache, repeats=c.repeats, min_seconds=c.min_seconds)
+    return t.fields("prefill")
 
 
 def _decode_cache(cfg, B, m: Method, c: Config, ratio, n: int, cache, press):
-    """A cache holding the compressed n-token prefix plus one free slot (per kv head in a pool)."""
+    """A cache of new arrays (it is donated while `cache` goes on) holding the compressed n-token
+    prefix plus one free slot (per kv head in a pool). KIVI and rings: an empty cache allocated
+    at that size; a step's cost depends neither on the values held nor on the position."""
     if m.family == "press":
-        return _cut(cache, [b + _per_token(cfg, press) for b in _budgets(press, cfg, n)])
+        per = host.per_token(cfg, cache)
+        return cut_slots(cache, [b + per for b in P.layer_budgets(press, cfg, n)])
     if m.family in ("dense", "int8"):
-        return _cut(cache, [n + 1] * cfg.num_layers)
-    # KIVI and rings: allocated at the size; a step's cost does not depend on the values held
-    fresh = _baseline_cache(cfg, B, m, c, n + 1, ratio, n)
-    return _rewound(fresh, np.full(B, n), None)
+        return cut_slots(cache, [n + 1] * cfg.num_layers)
+    return _baseline_cache(cfg, B, m, c, n + 1, ratio, n)
 
 
 # ----------------------------------------------------------------------------- DecodingPress
@@ -645,30 +601,54 @@ def _cell(v, digits=2):
 
 
 def _report(ctx, c: Config, ms, rows, errors, decoding) -> dict:
-    ratios = list(c.ratios)
     dense = next((r for r in rows.values() if r["family"] == "dense"), {})
-    # leaderboard table: one row per method, one column per ratio
+    _leaderboard_table(ctx, c, ms, rows)
+    _memory_table(ctx, ms, rows)
+    headline = _best_table(ctx, c, rows)
+    _decoding_table(ctx, c, decoding)
+    bytes_exact = _protocol_note(ctx, rows)
+    if errors:
+        ctx.table("Errors (a method that raised; its other measurements still ran)",
+                  ["method", "ratio", "part", "error"], [list(e) for e in errors])
+    else:
+        ctx.note("Every method ran at every ratio without an error.")
+
+    _plot(ctx, c, ms, rows, dense)
+    _plot_decoding(ctx, c, decoding)
+    pts = decoding["points"]
+    headline.update({
+        "ok": bool(decoding["flat"] and decoding["bounded"] and bytes_exact),
+        "dense_recall_agnostic": dense.get("recall_agnostic"), "dense_ppl": dense.get("ppl"),
+        "decoding_bytes": pts[-1]["cache_bytes"], "decoding_dense_bytes": pts[-1]["dense_bytes"],
+        "decoding_flat": decoding["flat"], "bytes_exact": bytes_exact, "errors": len(errors),
+        "methods": len(ms), "rows": len(rows)})
+    return headline
+
+
+def _scores(row) -> str:
+    return (f"{_cell(row.get('recall_agnostic'))} / {_cell(row.get('recall_aware'))} / "
+            f"{_cell(row.get('ppl'), 3)}")
+
+
+def _leaderboard_table(ctx, c: Config, ms, rows) -> None:
+    """One row per method, one column per ratio (a ratio-free baseline repeats its one cell)."""
+    ratios = list(c.ratios)
     lb_rows = []
     for m in ms:
-        if m.ratios == (None,):                   # ratio-free: one measurement, shown in every column
+        if m.ratios == (None,):
             row = rows.get((m.name, None), {})
-            cell = (f"{_cell(row.get('recall_agnostic'))} / {_cell(row.get('recall_aware'))} / "
-                    f"{_cell(row.get('ppl'), 3)}")
             label = m.name if m.family == "dense" else (
                 f"{m.name} (saves {100 * (row.get('mem_saved_recall') or 0):.0f}% / "
                 f"{100 * (row.get('mem_saved_text') or 0):.0f}%)")
-            lb_rows.append([label] + [cell] * len(ratios))
-            continue
-        cells = []
-        for r in ratios:
-            row = rows.get((m.name, r), {})
-            cells.append(f"{_cell(row.get('recall_agnostic'))} / {_cell(row.get('recall_aware'))} / "
-                         f"{_cell(row.get('ppl'), 3)}")
-        lb_rows.append([m.name] + cells)
+            lb_rows.append([label] + [_scores(row)] * len(ratios))
+        else:
+            lb_rows.append([m.name] + [_scores(rows.get((m.name, r), {})) for r in ratios])
     ctx.table("Recall query-agnostic / recall query-aware / held-out perplexity, by compression ratio "
               "(ratio-free baselines repeated across; their memory saving, recall / text model, in brackets)",
               ["method"] + [f"ratio {r}" for r in ratios], lb_rows)
 
+
+def _memory_table(ctx, ms, rows) -> None:
     mem_rows = []
     for m in ms:
         for r in m.ratios:
@@ -684,19 +664,22 @@ def _report(ctx, c: Config, ms, rows, errors, decoding) -> dict:
               ["method", "ratio", "bytes/token recall", "bytes/token text", "saved (text)", "prefill ms",
                "decode ms", "timing valid"], mem_rows)
 
-    # best method per ratio (presses and rings)
+
+def _best(rows_at_ratio, key, lower=False):
+    """(method, value) of the best row at one ratio by `key`, or (None, None)."""
+    ok = [x for x in rows_at_ratio if x.get(key) is not None]
+    if not ok:
+        return None, None
+    x = (min if lower else max)(ok, key=lambda x: x[key])
+    return x["method"], x[key]
+
+
+def _best_table(ctx, c: Config, rows) -> dict:
+    """Best method per ratio (presses and rings); returns the headline's best_* entries."""
     best_rows, headline = [], {}
-    for r in ratios:
+    for r in c.ratios:
         cand = [row for (name, rr), row in rows.items() if rr == r]
-
-        def best(key, lower=False):
-            ok = [x for x in cand if x.get(key) is not None]
-            if not ok:
-                return None, None
-            x = (min if lower else max)(ok, key=lambda x: x[key])
-            return x["method"], x[key]
-
-        a, aware, ppl = best("recall_agnostic"), best("recall_aware"), best("ppl", lower=True)
+        a, aware, ppl = _best(cand, "recall_agnostic"), _best(cand, "recall_aware"), _best(cand, "ppl", lower=True)
         best_rows.append([r, f"{a[0]} ({_cell(a[1])})", f"{aware[0]} ({_cell(aware[1])})",
                           f"{ppl[0]} ({_cell(ppl[1], 3)})"])
         headline[f"best_query_agnostic_{r}"] = a[0]
@@ -704,7 +687,10 @@ def _report(ctx, c: Config, ms, rows, errors, decoding) -> dict:
         headline[f"best_ppl_{r}"] = ppl[0]
     ctx.table("Best method per compression ratio",
               ["ratio", "recall query-agnostic", "recall query-aware", "perplexity"], best_rows)
+    return headline
 
+
+def _decoding_table(ctx, c: Config, decoding) -> None:
     pts = decoding["points"]
     ctx.table(f"DecodingPress(KnormPress, compression_interval={c.decoding_interval}, target_size="
               f"{c.decoding_target}) on the text model: memory after each generate call",
@@ -719,6 +705,9 @@ def _report(ctx, c: Config, ms, rows, errors, decoding) -> dict:
              f"while a dense cache would need {pts[-1]['dense_bytes']:,} bytes by the end. Each call "
              f"ends on a compaction, so the fill read after a call is the target.")
 
+
+def _protocol_note(ctx, rows) -> bool:
+    """The protocol note; returns whether measured bytes equal the predicted for every method."""
     bytes_exact = all(row.get(f"{mod}_cache_bytes") == row.get(f"{mod}_cache_bytes_predicted")
                       for row in rows.values() for mod in ("recall", "text")
                       if row.get(f"{mod}_cache_bytes_predicted") is not None)
@@ -733,21 +722,7 @@ def _report(ctx, c: Config, ms, rows, errors, decoding) -> dict:
              f"the pooled AdaKV layout, which has no predictor: {'yes' if bytes_exact else 'NO'}. "
              "Decode time: one step on a cache of the compressed prefix + 1 slot (KIVI and rings: "
              "an allocated cache of that size; the cost does not depend on the values).")
-    if errors:
-        ctx.table("Errors (a method that raised; its other measurements still ran)",
-                  ["method", "ratio", "part", "error"], [list(e) for e in errors])
-    else:
-        ctx.note("Every method ran at every ratio without an error.")
-
-    _plot(ctx, c, ms, rows, dense)
-    _plot_decoding(ctx, c, decoding)
-    headline.update({
-        "ok": bool(decoding["flat"] and decoding["bounded"] and bytes_exact),
-        "dense_recall_agnostic": dense.get("recall_agnostic"), "dense_ppl": dense.get("ppl"),
-        "decoding_bytes": pts[-1]["cache_bytes"], "decoding_dense_bytes": pts[-1]["dense_bytes"],
-        "decoding_flat": decoding["flat"], "bytes_exact": bytes_exact, "errors": len(errors),
-        "methods": len(ms), "rows": len(rows)})
-    return headline
+    return bytes_exact
 
 
 def _style(i):
