@@ -177,43 +177,11 @@ def recall_batch(task: RecallTask, rng: np.random.Generator, batch_size: int, nu
     int [B] from `task.distances()`: each row's query is for the pair at that distance.
     num_pairs: fewer pairs than `task.num_pairs` (shorter sequences, e.g. a curriculum).
     """
-    P, K, V, n = task.pair_len, task.key_len, task.value_len, task.num_pairs
-    if num_pairs is not None:
-        if not isinstance(num_pairs, (int, np.integer)) or not 1 <= num_pairs <= n:
-            raise ValueError(f"num_pairs must be in [1, task.num_pairs={n}], got {num_pairs!r}")
-        n = int(num_pairs)
-    if not isinstance(num_queries, (int, np.integer)) or num_queries < 1 or (
-            num_queries > n and not repeat_queries):
-        raise ValueError(f"num_queries must be in [1, num_pairs={n}] (any >= 1 with "
-                         f"repeat_queries=True), got {num_queries!r}")
-    B, M = batch_size, int(num_queries)
-    if distance is not None:
-        if M != 1:
-            raise ValueError(f"distance control needs num_queries=1, got {M}")
-        d = np.broadcast_to(np.asarray(distance), (B,))
-        back = (d - 1) // P
-        if not np.issubdtype(d.dtype, np.integer) or ((d - 1) % P != 0).any() or (back < 1).any() \
-                or (back > n).any():
-            ok = [b * P + 1 for b in range(1, n + 1)]
-            raise ValueError(f"distance {distance!r} is not one of the distances of {n} pairs: "
-                             f"{ok[:3]}...{ok[-1]} (i * {P} + 1 for i in 1..{n})")
-        queried = (n - back)[:, None]                                        # [B, 1] pair index
-    elif repeat_queries:
-        queried = rng.integers(0, n, size=(B, M))                             # [B, M]
-    else:
-        queried = np.argsort(rng.random((B, n)), axis=1)[:, :M]              # [B, M] distinct pairs
-
-    key_ids, val_ids = _ids(task.key_chars), _ids(task.value_chars)
-    nk = len(key_ids)
-    # Distinct keys per row: sample key indices (base-nk numbers) without replacement.
-    key_space = nk ** K
-    if key_space <= 1 << 20:
-        codes = np.argsort(rng.random((B, key_space)), axis=1)[:, :n]
-    else:
-        codes = np.stack([rng.choice(key_space, n, replace=False) for _ in range(B)])
-    digits = (codes[:, :, None] // nk ** np.arange(K - 1, -1, -1)[None, None, :]) % nk
-    keys = key_ids[digits]                                                    # [B, n, K]
-    values = val_ids[rng.integers(0, len(val_ids), size=(B, n, V))]           # [B, n, V]
+    P, K, V = task.pair_len, task.key_len, task.value_len
+    n, M = _pair_and_query_counts(task, num_pairs, num_queries, repeat_queries)
+    B = batch_size
+    queried = _queried_pairs(rng, B, n, M, P, distance, repeat_queries)   # [B, M] pair index
+    keys, values = _draw_pairs(task, rng, B, n)                           # [B, n, K], [B, n, V]
 
     semi = np.full((B, max(n, M), 1), ord(";"), np.int32)
     echo = [keys] if task.echo_key else []
@@ -233,6 +201,57 @@ def recall_batch(task: RecallTask, rng: np.random.Generator, batch_size: int, nu
         mask[rows, answer_starts + j] = True
     return RecallBatch(tokens.astype(np.int32), mask, answer_starts.astype(np.int32),
                        qv.astype(np.int32), (answer_starts - pair_value_pos).astype(np.int32))
+
+
+def _pair_and_query_counts(task: RecallTask, num_pairs, num_queries, repeat_queries: bool) -> tuple[int, int]:
+    """(pairs n, queries M) after checking them against the task."""
+    n = task.num_pairs
+    if num_pairs is not None:
+        if not isinstance(num_pairs, (int, np.integer)) or not 1 <= num_pairs <= n:
+            raise ValueError(f"num_pairs must be in [1, task.num_pairs={n}], got {num_pairs!r}")
+        n = int(num_pairs)
+    if not isinstance(num_queries, (int, np.integer)) or num_queries < 1 or (
+            num_queries > n and not repeat_queries):
+        raise ValueError(f"num_queries must be in [1, num_pairs={n}] (any >= 1 with "
+                         f"repeat_queries=True), got {num_queries!r}")
+    return n, int(num_queries)
+
+
+def _queried_pairs(rng: np.random.Generator, B: int, n: int, M: int, P: int, distance,
+                   repeat_queries: bool) -> np.ndarray:
+    """int [B, M]: the pair each query asks for (at the given distance, with replacement, or
+    M distinct pairs at random)."""
+    if distance is not None:
+        if M != 1:
+            raise ValueError(f"distance control needs num_queries=1, got {M}")
+        d = np.broadcast_to(np.asarray(distance), (B,))
+        back = (d - 1) // P
+        if not np.issubdtype(d.dtype, np.integer) or ((d - 1) % P != 0).any() or (back < 1).any() \
+                or (back > n).any():
+            ok = [b * P + 1 for b in range(1, n + 1)]
+            raise ValueError(f"distance {distance!r} is not one of the distances of {n} pairs: "
+                             f"{ok[:3]}...{ok[-1]} (i * {P} + 1 for i in 1..{n})")
+        return (n - back)[:, None]                                            # [B, 1]
+    if repeat_queries:
+        return rng.integers(0, n, size=(B, M))
+    return np.argsort(rng.random((B, n)), axis=1)[:, :M]                      # distinct pairs
+
+
+def _draw_pairs(task: RecallTask, rng: np.random.Generator, B: int, n: int):
+    """(keys int [B, n, K], values int [B, n, V]) token ids; keys are distinct within a row."""
+    K, V = task.key_len, task.value_len
+    key_ids, val_ids = _ids(task.key_chars), _ids(task.value_chars)
+    nk = len(key_ids)
+    # Distinct keys per row: sample key indices (base-nk numbers) without replacement.
+    key_space = nk ** K
+    if key_space <= 1 << 20:
+        codes = np.argsort(rng.random((B, key_space)), axis=1)[:, :n]
+    else:
+        codes = np.stack([rng.choice(key_space, n, replace=False) for _ in range(B)])
+    digits = (codes[:, :, None] // nk ** np.arange(K - 1, -1, -1)[None, None, :]) % nk
+    keys = key_ids[digits]                                                    # [B, n, K]
+    values = val_ids[rng.integers(0, len(val_ids), size=(B, n, V))]           # [B, n, V]
+    return keys, values
 
 
 def recall_predictions(logits: np.ndarray, batch: RecallBatch) -> np.ndarray:

@@ -457,7 +457,35 @@ def train(config: TrainConfig, out_dir: str | os.PathLike,
     cfg = config.model_config("float32")  # master weights and compute in float32
     opt, schedule = make_optimizer(config)
     task = _Task(config)
+    state = _initial_state(config, cfg, opt, out_dir)
+    start = int(state["step"])
 
+    train_step, eval_step = make_train_step(cfg, opt), make_eval_step(cfg)
+    t0 = time.perf_counter()
+    state, history, last_eval = _train_loop(config, state, task, (train_step, eval_step), schedule,
+                                            out_dir, report, t0)
+    if start >= config.num_steps or not last_eval:
+        last_eval = task.evaluate(eval_step, state["params"])
+    summary = {
+        "task": config.task, "steps": config.num_steps, "resumed_from_step": start,
+        "params": param_count(state["params"]),
+        "tokens_seen": config.num_steps * config.batch_size * config.seq_len,
+        "wall_s_this_run": time.perf_counter() - t0,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        **last_eval,
+        "python": sys.version.split()[0], "jax": jax.__version__,
+        "backend": jax.default_backend(),
+    }
+    if config.task == "recall":
+        summary["accuracy_by_distance"] = {str(d): a for d, a in
+                                           task.accuracy_by_distance(eval_step, state["params"]).items()}
+    summary["checkpoint"] = str(save_checkpoint(config, state, out_dir, extra=summary))
+    return summary
+
+
+def _initial_state(config: TrainConfig, cfg, opt, out_dir: Path) -> dict:
+    """{"params", "opt_state", "step"}: fresh (or from `init_from`), or restored from the latest
+    checkpoint in out_dir (else in `resume_from`)."""
     ckpt = latest_checkpoint(out_dir)
     if ckpt is None and config.resume_from:
         ckpt = latest_checkpoint(config.resume_from)
@@ -469,14 +497,19 @@ def train(config: TrainConfig, out_dir: str | os.PathLike,
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
     if ckpt is not None:
         state = jax.device_put(_restore(config, jax.device_get(state), ckpt))
-    start = int(state["step"])
+    return state
 
-    train_step, eval_step = make_train_step(cfg, opt), make_eval_step(cfg)
+
+def _train_loop(config: TrainConfig, state: dict, task, steps, schedule, out_dir: Path, report,
+                t0: float) -> tuple[dict, list, dict]:
+    """The steps from state["step"] to num_steps, logging, evaluating and checkpointing on their
+    schedules. steps: (train_step, eval_step). Returns (state, logged records, last evaluation)."""
+    train_step, eval_step = steps
     tokens_per_step = config.batch_size * config.seq_len
     history, last_eval = [], {}
-    t0 = t_log = time.perf_counter()
+    t_log = t0
     steps_since_log = 0
-    for step in range(start, config.num_steps):
+    for step in range(int(state["step"]), config.num_steps):
         tokens, weights = task.train_batch(step)
         state, metrics = train_step(state, jnp.asarray(tokens), jnp.asarray(weights))
         steps_since_log += 1
@@ -499,21 +532,4 @@ def train(config: TrainConfig, out_dir: str | os.PathLike,
             steps_since_log, t_log = 0, time.perf_counter()
         if done % config.checkpoint_every == 0 and done < config.num_steps:
             save_checkpoint(config, state, out_dir)
-
-    if start >= config.num_steps or not last_eval:
-        last_eval = task.evaluate(eval_step, state["params"])
-    summary = {
-        "task": config.task, "steps": config.num_steps, "resumed_from_step": start,
-        "params": param_count(state["params"]),
-        "tokens_seen": config.num_steps * tokens_per_step,
-        "wall_s_this_run": time.perf_counter() - t0,
-        "final_train_loss": history[-1]["loss"] if history else None,
-        **last_eval,
-        "python": sys.version.split()[0], "jax": jax.__version__,
-        "backend": jax.default_backend(),
-    }
-    if config.task == "recall":
-        summary["accuracy_by_distance"] = {str(d): a for d, a in
-                                           task.accuracy_by_distance(eval_step, state["params"]).items()}
-    summary["checkpoint"] = str(save_checkpoint(config, state, out_dir, extra=summary))
-    return summary
+    return state, history, last_eval

@@ -213,20 +213,36 @@ def save_hf(cfg: ModelConfig, params, path, *, tokenizer=None, model_type: str |
     `max_shard_bytes`: split into model-0000i-of-0000n.safetensors plus an index.
     Earlier model*.safetensors / index files in the folder are replaced.
     """
-    from safetensors.numpy import save_file
-
     model_type = model_type or hf_model_type(cfg)
     hf_cfg = config_to_hf(cfg, model_type)
     table = tensor_table(cfg, model_type)
     shapes = param_shapes(cfg)
     check_table(table, shapes)
     check_params(params, shapes)
+    special = _special_ids(cfg, tokenizer, bos_token_id, eos_token_id, pad_token_id)
+    hf_cfg.update({k: (v[0] if isinstance(v, list) else v) for k, v in special.items()})
+
+    target = jnp.dtype(cfg.dtype)
+    tensors = {t.hf: np.ascontiguousarray(
+        t.to_hf([np.asarray(get_path(params, p)).astype(target) for p in t.kv])) for t in table}
+    folder = Path(path)
+    _write_weights(folder, tensors, max_shard_bytes)
+    write_json(folder / "config.json", hf_cfg)
+    if special:
+        write_json(folder / "generation_config.json", {**special, "_from_model_config": True})
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    return folder
+
+
+def _special_ids(cfg: ModelConfig, tokenizer, bos_token_id, eos_token_id, pad_token_id) -> dict:
+    """{bos/eos/pad_token_id: id} of the ids known (the tokenizer's by default); eos may be a
+    list of several ids. CheckpointError for an empty eos list or an id outside the vocabulary."""
     if tokenizer is not None:
         bos_token_id = tokenizer.bos_id if bos_token_id is None else bos_token_id
         if eos_token_id is None:
             eos_token_id = list(tokenizer.eos_ids) if len(tokenizer.eos_ids) > 1 else tokenizer.eos_id
         pad_token_id = tokenizer.pad_id if pad_token_id is None else pad_token_id
-    eos_list = None
     if eos_token_id is not None and not isinstance(eos_token_id, (int, np.integer)):
         eos_list = [int(e) for e in eos_token_id]
         if not eos_list:
@@ -238,15 +254,14 @@ def save_hf(cfg: ModelConfig, params, path, *, tokenizer=None, model_type: str |
         for one in (v if isinstance(v, list) else [v]):
             if not 0 <= int(one) < cfg.vocab_size:
                 raise CheckpointError(f"{k}={one} is outside the vocabulary [0, {cfg.vocab_size})")
-    special = {k: (v if isinstance(v, list) else int(v)) for k, v in special.items()}
-    hf_cfg.update({k: (v[0] if isinstance(v, list) else v) for k, v in special.items()})
+    return {k: (v if isinstance(v, list) else int(v)) for k, v in special.items()}
 
-    target = jnp.dtype(cfg.dtype)
-    tensors = {t.hf: np.ascontiguousarray(
-        t.to_hf([np.asarray(get_path(params, p)).astype(target) for p in t.kv])) for t in table}
+
+def _write_weights(folder: Path, tensors: dict, max_shard_bytes: int | None) -> None:
+    """The tensors as model.safetensors, or as shards plus an index; earlier weight files go."""
+    from safetensors.numpy import save_file
+
     shards = shard(tensors, max_shard_bytes)
-
-    folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     for old in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
         if old.is_file():
@@ -254,18 +269,12 @@ def save_hf(cfg: ModelConfig, params, path, *, tokenizer=None, model_type: str |
     meta = {"format": "pt"}  # transformers refuses safetensors files without it
     if len(shards) == 1:
         atomic_write(folder / SINGLE_FILE, lambda p: save_file(shards[0], str(p), metadata=meta))
-    else:
-        weight_map = {}
-        for i, s in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write(folder / name, lambda p, s=s: save_file(s, str(p), metadata=meta))
-            weight_map.update({n: name for n in s})
-        index = {"metadata": {"total_size": sum(int(x.nbytes) for x in tensors.values())},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        write_json(folder / INDEX_FILE, index)
-    write_json(folder / "config.json", hf_cfg)
-    if special:
-        write_json(folder / "generation_config.json", {**special, "_from_model_config": True})
-    if tokenizer is not None:
-        tokenizer.save(folder)
-    return folder
+        return
+    weight_map = {}
+    for i, s in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        atomic_write(folder / name, lambda p, s=s: save_file(s, str(p), metadata=meta))
+        weight_map.update({n: name for n in s})
+    index = {"metadata": {"total_size": sum(int(x.nbytes) for x in tensors.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    write_json(folder / INDEX_FILE, index)

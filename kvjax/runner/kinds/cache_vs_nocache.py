@@ -86,14 +86,20 @@ def run(ctx, c: Config) -> dict:
     cfg = model_config("cache_vs_nocache", c, ctx.dtype)
     params = random_params(cfg, ctx.seed, std=0.2)
     B = c.batch_size
-    kw = dict(min_seconds=c.min_seconds)
     ctx.note(f"Model: {cfg.name} shape (d_model={cfg.d_model}, layers={cfg.num_layers}, "
              f"heads={cfg.num_heads}, kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}), "
              f"random weights (std 0.2), {cfg.dtype}, batch {B}. Times are medians of calibrated "
              f"measurements of >= {c.min_seconds} s after a compile call; "
              f"attention scores are per row, per head, per layer.")
+    step_rows = _per_token_sweep(ctx, c, cfg, params)
+    gen_rows = _generate_sweep(ctx, c, cfg, params)
+    _plot(ctx, cfg, B, step_rows, gen_rows)
+    return _headline(ctx, cfg, B, step_rows, gen_rows)
 
-    # --- 1. per-token latency at length n
+
+def _per_token_sweep(ctx, c: Config, cfg, params) -> list[dict]:
+    """1. Per-token latency at length n: one cached decode step against one full pass."""
+    B, kw = c.batch_size, dict(min_seconds=c.min_seconds)
     step_rows = []
     for n in ctx.track(c.seq_lens, "per-token latency, n ="):
         cache, cached = time_decode_step(cfg, params, kvjax.init_cache(cfg, B, n), n - 1, ctx.seed + n,
@@ -116,10 +122,13 @@ def run(ctx, c: Config) -> dict:
               [[r["seq_len"], r["cached_ms"], r["nocache_ms"], r["ratio"], r["scores_cached_needed"],
                 r["scores_nocache_needed"], r["scores_cached_computed"], r["scores_nocache_computed"]]
                for r in step_rows])
+    return step_rows
 
-    # --- 2. total generation time
+
+def _generate_sweep(ctx, c: Config, cfg, params) -> list[dict]:
+    """2. Total generation time with and without the cache; the greedy tokens must match."""
+    B, P, kw = c.batch_size, c.prompt_len, dict(min_seconds=c.min_seconds)
     gen_rows = []
-    P = c.prompt_len
     prompt = random_tokens(cfg, ctx.seed, (B, P))
     for n in ctx.track(c.generate_lens, "full generation, n ="):
         new = n - P
@@ -150,8 +159,11 @@ def run(ctx, c: Config) -> dict:
                   [[r["seq_len"], r["cached_s"], r["nocache_s"], r["speedup"], r["cached_tok_s"],
                     r["nocache_tok_s"], r["scores_cached_needed"], r["scores_nocache_needed"],
                     r["tokens_match"]] for r in gen_rows])
+    return gen_rows
 
-    _plot(ctx, cfg, B, step_rows, gen_rows)
+
+def _headline(ctx, cfg, B: int, step_rows, gen_rows) -> dict:
+    """The summary (growth from the shortest to the longest n, tokens identical) and its notes."""
     first, last = step_rows[0], step_rows[-1]
     headline = {
         "model": cfg.name, "batch_size": B,

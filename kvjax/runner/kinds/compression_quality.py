@@ -83,7 +83,26 @@ def _score(cfg, params, tokens, kind, slots, sinks):
 
 def run(ctx, c: Config) -> dict:
     headline = {}
-    # ---- text model: memory, perplexity, long stream
+    ppl_rows, stream_curves = _text(ctx, c)
+    for r in ppl_rows:
+        headline[f"ppl_{r['cache'].replace(' ', '_')}"] = r["ppl"]
+
+    # ---- recall model: accuracy by distance
+    acc, distances = {}, []
+    if c.recall_model:
+        distances = _recall(ctx, c, acc)
+    else:
+        ctx.note("Recall measurement skipped (recall_model is empty).")
+
+    _plot(ctx, c, acc, distances, stream_curves, ppl_rows)
+    for label, accs in acc.items():
+        headline[f"recall_{label.replace(' ', '_')}"] = float(np.mean(accs))
+    return headline
+
+
+def _text(ctx, c: Config) -> tuple[list[dict], dict]:
+    """Text model: memory and held-out perplexity per cache, and NLL along a long stream.
+    Returns (one row per cache, {cache label: mean NLL per stream block})."""
     cfg, params, _ = load_model(c.text_model)
     held = data.text_stream("heldout")
     windows = data.text_eval_windows(held, c.seq_len - 1, c.ppl_windows)       # [n, seq_len]
@@ -113,17 +132,10 @@ def run(ctx, c: Config) -> dict:
               ["cache", "slots", "bytes/token", "cache bytes @ seq_len", "ppl", "bits/byte", "vs dense"],
               [[r["cache"], r["slots"], r["bytes_per_token"], r["cache_bytes_at_seq_len"], r["ppl"],
                 r["bits_per_byte"], f"{100 * (r['ppl'] / dense_ppl - 1):+.2f}%"] for r in ppl_rows])
-    for r in ppl_rows:
-        headline[f"ppl_{r['cache'].replace(' ', '_')}"] = r["ppl"]
+    return ppl_rows, stream_curves
 
-    # ---- recall model: accuracy by distance
-    acc, distances = {}, []
-    if c.recall_model:
-        distances = _recall(ctx, c, acc)
-    else:
-        ctx.note("Recall measurement skipped (recall_model is empty).")
 
-    # ---- plots
+def _plot(ctx, c: Config, acc: dict, distances, stream_curves: dict, ppl_rows) -> None:
     fig, axes = plots.figure(ncols=3, width=5.0)
     if acc:
         plots.lines(axes[0], distances, acc, xlabel="pair-to-query distance (tokens)",
@@ -142,9 +154,6 @@ def run(ctx, c: Config) -> dict:
     axes[2].set_title("Memory vs quality", fontsize=10)
     axes[2].grid(True, alpha=0.3)
     ctx.save_figure(fig, "compression_quality.png")
-    for label, accs in acc.items():
-        headline[f"recall_{label.replace(' ', '_')}"] = float(np.mean(accs))
-    return headline
 
 
 def _recall(ctx, c: Config, acc: dict) -> list[int]:

@@ -130,60 +130,11 @@ def run(ctx, c: Config) -> dict:
     for preset in c.presets:
         cfg = kvjax.ModelConfig.preset(preset).replace(dtype=ctx.dtype, **c.model)
         params = kvjax.init_params(cfg, jax.random.key(ctx.seed))
-        pbytes = kvjax.param_bytes(params)
-        hf = hf_model_like(cfg) if c.hf else None
-        combos = [(B, C) for B in c.batch_sizes for C in c.contexts]
-        with ctx.progress(len(combos), preset) as advance:
-            for B, C in combos:
-                advance(note=f"B={B} C={C}")
-                if over_budget():
-                    skipped.append(f"{preset} B={B} C={C}")
-                    continue
-                if C + c.new_tokens > cfg.max_position and cfg.positions == "learned":
-                    continue
-                if not _fits(cfg, B, C + c.new_tokens, pbytes, ctx.device):
-                    ctx.note(f"skipped {preset} B={B} C={C}: weights + cache exceed device memory")
-                    continue
-                step, pre = _kvjax_timings(cfg, params, B, C, c.new_tokens, c, ctx.seed + B + C)
-                live_kv = kvjax.cache_bytes(cfg, B, C + (c.new_tokens + 1) // 2) - 4 * B
-                row = {"preset": preset, "batch": B, "context": C, **step.fields("step"),
-                       "tok_s": B / step.median_s, **pre.fields("prefill"),
-                       "param_bytes": pbytes, "live_kv_bytes": live_kv, "mbu": None}
-                if not on_cpu:
-                    row["mbu"] = (pbytes + live_kv) / step.median_s / 1e9 / bw
-                    if row["mbu"] > 1.0:
-                        step.invalidate(f"MBU {100 * row['mbu']:.0f}% exceeds 100% of the measured bandwidth")
-                row["valid"] = step.valid and pre.valid
-                row["invalid_reason"] = "; ".join(r for r in (step.reason, pre.reason) if r) or None
-                if hf is not None and B <= c.hf_max_batch:
-                    for name, impl in (("hf_default", None), ("hf_static", "static")):
-                        t = hf_step_timing(hf, cfg.vocab_size, B, C, c.new_tokens, impl, seed=ctx.seed,
-                                           repeats=c.repeats, min_seconds=c.min_seconds)
-                        row.update(t.fields(name))
-                        row[f"speedup_vs_{name}"] = (t.median_s / step.median_s
-                                                     if t.valid and row["valid"] else None)
-                ctx.log(row)
-                rows.append(row)
-
-        # Length awareness: same live tokens, short vs long allocation.
+        rows += _grid(ctx, c, preset, cfg, params, bw, over_budget, skipped)
         if over_budget():
             skipped.append(f"{preset} length check")
             continue
-        short, _ = _kvjax_timings(cfg, params, 1, c.short_live, c.new_tokens, c, ctx.seed, c.short_max_len)
-        if _fits(cfg, 1, c.long_max_len, pbytes, ctx.device):
-            long, _ = _kvjax_timings(cfg, params, 1, c.short_live, c.new_tokens, c, ctx.seed, c.long_max_len)
-            valid = short.valid and long.valid
-            ctx.log({"preset": preset, "length_check": True, "short_max_len": c.short_max_len,
-                     "long_max_len": c.long_max_len, "live": c.short_live,
-                     **short.fields("short_step"), **long.fields("long_step"), "valid": valid})
-            if valid:
-                ratio = long.median_s / short.median_s
-                ctx.note(f"{preset}: {c.short_live} live tokens, step {1e3 * short.median_s:.3f} ms at "
-                         f"max_len {c.short_max_len} vs {1e3 * long.median_s:.3f} ms at max_len "
-                         f"{c.long_max_len} ({100 * (ratio - 1):+.1f}%)")
-                headline[f"{preset}_long_vs_short"] = ratio
-            else:
-                ctx.note(f"{preset}: length check INVALID ({short.reason or long.reason})")
+        _length_check(ctx, c, preset, cfg, params, headline)
 
     if skipped:
         ctx.note(f"Time budget of {c.time_budget_s:.0f} s reached: not measured: {', '.join(skipped)}")
@@ -192,6 +143,72 @@ def run(ctx, c: Config) -> dict:
         raise RuntimeError("decode_bench measured nothing: every combination was skipped")
     _report(ctx, c, rows, headline)
     return headline
+
+
+def _grid(ctx, c: Config, preset: str, cfg, params, bw: float, over_budget, skipped: list) -> list[dict]:
+    """One row per (batch, context) of this preset that fits and the time budget allows."""
+    pbytes = kvjax.param_bytes(params)
+    hf = hf_model_like(cfg) if c.hf else None
+    combos = [(B, C) for B in c.batch_sizes for C in c.contexts]
+    rows = []
+    with ctx.progress(len(combos), preset) as advance:
+        for B, C in combos:
+            advance(note=f"B={B} C={C}")
+            if over_budget():
+                skipped.append(f"{preset} B={B} C={C}")
+                continue
+            if C + c.new_tokens > cfg.max_position and cfg.positions == "learned":
+                continue
+            if not _fits(cfg, B, C + c.new_tokens, pbytes, ctx.device):
+                ctx.note(f"skipped {preset} B={B} C={C}: weights + cache exceed device memory")
+                continue
+            row = _grid_row(ctx, c, preset, cfg, params, pbytes, hf, B, C, bw)
+            ctx.log(row)
+            rows.append(row)
+    return rows
+
+
+def _grid_row(ctx, c: Config, preset, cfg, params, pbytes: int, hf, B: int, C: int, bw: float) -> dict:
+    """kvjax's decode step and prefill at batch B and context C (and Hugging Face's, if asked)."""
+    step, pre = _kvjax_timings(cfg, params, B, C, c.new_tokens, c, ctx.seed + B + C)
+    live_kv = kvjax.cache_bytes(cfg, B, C + (c.new_tokens + 1) // 2) - 4 * B
+    row = {"preset": preset, "batch": B, "context": C, **step.fields("step"),
+           "tok_s": B / step.median_s, **pre.fields("prefill"),
+           "param_bytes": pbytes, "live_kv_bytes": live_kv, "mbu": None}
+    if ctx.device.platform != "cpu":
+        row["mbu"] = (pbytes + live_kv) / step.median_s / 1e9 / bw
+        if row["mbu"] > 1.0:
+            step.invalidate(f"MBU {100 * row['mbu']:.0f}% exceeds 100% of the measured bandwidth")
+    row["valid"] = step.valid and pre.valid
+    row["invalid_reason"] = "; ".join(r for r in (step.reason, pre.reason) if r) or None
+    if hf is not None and B <= c.hf_max_batch:
+        for name, impl in (("hf_default", None), ("hf_static", "static")):
+            t = hf_step_timing(hf, cfg.vocab_size, B, C, c.new_tokens, impl, seed=ctx.seed,
+                               repeats=c.repeats, min_seconds=c.min_seconds)
+            row.update(t.fields(name))
+            row[f"speedup_vs_{name}"] = (t.median_s / step.median_s
+                                         if t.valid and row["valid"] else None)
+    return row
+
+
+def _length_check(ctx, c: Config, preset: str, cfg, params, headline: dict) -> None:
+    """Length awareness: the same live tokens in a short and a long allocation."""
+    short, _ = _kvjax_timings(cfg, params, 1, c.short_live, c.new_tokens, c, ctx.seed, c.short_max_len)
+    if not _fits(cfg, 1, c.long_max_len, kvjax.param_bytes(params), ctx.device):
+        return
+    long, _ = _kvjax_timings(cfg, params, 1, c.short_live, c.new_tokens, c, ctx.seed, c.long_max_len)
+    valid = short.valid and long.valid
+    ctx.log({"preset": preset, "length_check": True, "short_max_len": c.short_max_len,
+             "long_max_len": c.long_max_len, "live": c.short_live,
+             **short.fields("short_step"), **long.fields("long_step"), "valid": valid})
+    if valid:
+        ratio = long.median_s / short.median_s
+        ctx.note(f"{preset}: {c.short_live} live tokens, step {1e3 * short.median_s:.3f} ms at "
+                 f"max_len {c.short_max_len} vs {1e3 * long.median_s:.3f} ms at max_len "
+                 f"{c.long_max_len} ({100 * (ratio - 1):+.1f}%)")
+        headline[f"{preset}_long_vs_short"] = ratio
+    else:
+        ctx.note(f"{preset}: length check INVALID ({short.reason or long.reason})")
 
 
 def _report(ctx, c: Config, rows: list[dict], headline: dict) -> None:

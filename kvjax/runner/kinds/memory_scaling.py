@@ -142,7 +142,29 @@ def run(ctx, c: Config) -> dict:
              f"per row: " + ", ".join(f"{layout(base.num_heads, k)} {per_token[k]:,}" for k in c.kv_heads)
              + f". Caches up to {c.alloc_limit_mib:g} MiB are allocated on {ctx.device.platform} "
                f"and compared with kvjax.cache_bytes.")
+    rows = _sweeps(ctx, c, base, cfgs)
+    stats_seen = any(r["device_stats"] != "unavailable" for r in rows)
+    budgets, fit = _budget_tables(ctx, c, base, cfgs)
+    _plot(ctx, base, c, rows, fit, budgets[0][0])
+    hybrid = _hybrid(ctx, c)
+    rows += hybrid
+    allocated = [r for r in rows if r["match"] is not None]
+    return {"hybrid_vs_full": {f"{r['preset']} S={r['context_len']}": r["full_over_hybrid"] for r in hybrid},
+            "shape": base.name, "allocated_points": len(allocated),
+            "predicted_equals_allocated": all(r["match"] for r in allocated) if allocated else None,
+            "ok": all(r["match"] for r in allocated),
+            "bytes_per_token_per_row": {layout(base.num_heads, k): per_token[k] for k in c.kv_heads},
+            "max_context_at_budget": {f"{layout(base.num_heads, k)} B={b}": fit[(budgets[0][0], k, b)]
+                                      for k in c.kv_heads for b in c.batch_sizes},
+            "device_memory_stats": "available" if stats_seen else "unavailable"}
 
+
+def _mib(x):
+    return None if x is None else x / MIB
+
+
+def _sweeps(ctx, c: Config, base, cfgs: dict) -> list[dict]:
+    """Predicted against allocated bytes over context lengths and batch sizes, with their tables."""
     points = [("context", k, c.base_batch, n) for k in c.kv_heads for n in c.context_lens]
     points += [("batch", k, b, c.base_context) for k in c.kv_heads for b in c.batch_sizes]
     rows = []
@@ -150,24 +172,22 @@ def run(ctx, c: Config) -> dict:
         for sweep, k, b, n in points:
             rows.append(_measure(ctx, cfgs[k], c, b, n, sweep))
             advance(note=f"{layout(base.num_heads, k)} B={b} S={n}")
-    stats_seen = any(r["device_stats"] != "unavailable" for r in rows)
-
-    def mib(x):
-        return None if x is None else x / MIB
-
     for sweep, title in (("context", f"KV cache vs context length (batch {c.base_batch})"),
                          ("batch", f"KV cache vs batch size (context {c.base_context})")):
         sel = [r for r in rows if r["sweep"] == sweep]
         ctx.table(title, ["layout", "kv heads", "batch", "context", "predicted MiB",
                           "allocated MiB", "equal", "device +MiB"],
                   [[r["layout"], r["kv_heads"], r["batch_size"], r["context_len"],
-                    mib(r["predicted_bytes"]), mib(r["allocated_bytes"]), r["match"],
-                    mib(r["device_delta_bytes"])] for r in sel])
-    if not stats_seen:
+                    _mib(r["predicted_bytes"]), _mib(r["allocated_bytes"]), r["match"],
+                    _mib(r["device_delta_bytes"])] for r in sel])
+    if not any(r["device_stats"] != "unavailable" for r in rows):
         ctx.note(f"Device memory statistics: unavailable ({ctx.device.platform} reports none), "
                  f"so 'device +MiB' is empty; allocated bytes are KVCache.nbytes of the real arrays.")
+    return rows
 
-    # --- the longest context that fits each budget
+
+def _budget_tables(ctx, c: Config, base, cfgs: dict) -> tuple[list, dict]:
+    """The longest context that fits each budget: ([(label, bytes)], {(label, kv heads, batch): n})."""
     budgets = [(f"{c.budget_gib:g} GiB budget", int(c.budget_gib * GIB))]
     limit = (memory_stats(ctx.device) or {}).get("bytes_limit")
     if limit:
@@ -195,19 +215,7 @@ def run(ctx, c: Config) -> dict:
                                          for k in c.kv_heads)
                  + f". Positions beyond the model's max_position={base.max_position} would also "
                    "need a longer-context model; the table counts memory only.")
-
-    _plot(ctx, base, c, rows, fit, budgets[0][0])
-    hybrid = _hybrid(ctx, c)
-    rows += hybrid
-    allocated = [r for r in rows if r["match"] is not None]
-    return {"hybrid_vs_full": {f"{r['preset']} S={r['context_len']}": r["full_over_hybrid"] for r in hybrid},
-            "shape": base.name, "allocated_points": len(allocated),
-            "predicted_equals_allocated": all(r["match"] for r in allocated) if allocated else None,
-            "ok": all(r["match"] for r in allocated),
-            "bytes_per_token_per_row": {layout(base.num_heads, k): per_token[k] for k in c.kv_heads},
-            "max_context_at_budget": {f"{layout(base.num_heads, k)} B={b}": fit[(budgets[0][0], k, b)]
-                                      for k in c.kv_heads for b in c.batch_sizes},
-            "device_memory_stats": "available" if stats_seen else "unavailable"}
+    return budgets, fit
 
 
 def _plot(ctx, base, c: Config, rows, fit, budget_label):

@@ -85,16 +85,8 @@ def load_model(c: Config, dtype: str, seed: int):
 
 def run(ctx, c: Config) -> dict:
     cfg, params, tok = load_model(c, ctx.dtype, ctx.seed)
-    ids = [tok.encode(p) for p in c.prompts]
-    B, S, N = len(ids), max(len(x) for x in ids), c.max_new_tokens
-    pad = tok.pad_id if tok.pad_id is not None else 0
-    tokens = np.full((B, S), pad, np.int32)
-    for b, x in enumerate(ids):
-        tokens[b, :len(x)] = x
-    lengths = np.array([len(x) for x in ids], np.int32)
-    if cfg.positions == "learned" and S + N > cfg.max_position:
-        raise ConfigError(f"quickstart.max_new_tokens: the longest prompt ({S} tokens) + {N} exceeds "
-                          f"the model's max_position={cfg.max_position}")
+    tokens, lengths, pad = _prompt_batch(c, cfg, tok)
+    B, N = tokens.shape[0], c.max_new_tokens
     eos = tok.eos_id if c.stop_at_eos else None
     ctx.note(f"Model: {c.model} ({c.source}; {kvjax.param_count(params):,} parameters, "
              f"{cfg.num_layers} layers, {cfg.num_heads} heads / {cfg.num_kv_heads} kv heads, {cfg.dtype}). "
@@ -110,43 +102,15 @@ def run(ctx, c: Config) -> dict:
         out, t = measure(lambda _, g=gen(use_cache): g(), repeats=c.repeats, min_seconds=c.min_seconds)
         results[label] = (out, t)
     (out_c, t_c), (out_n, t_n) = results["with cache"], results["without cache"]
-    toks_c, toks_n = np.asarray(out_c.tokens), np.asarray(out_n.tokens)
-    lens_c, lens_n = np.asarray(out_c.lengths), np.asarray(out_n.lengths)
-    identical = bool(np.array_equal(toks_c, toks_n) and np.array_equal(lens_c, lens_n))
-    generated = int(lens_c.sum())
-
-    for b, prompt in enumerate(c.prompts):
-        text = tok.decode(toks_c[b, :lens_c[b]].tolist())
-        ctx.note(f"[{b}] {prompt!r} -> {text!r}")
-        ctx.log({"row": b, "prompt": prompt, "prompt_tokens": int(lengths[b]),
-                 "generated_tokens": int(lens_c[b]), "text": text,
-                 "identical": bool(np.array_equal(toks_c[b], toks_n[b]) and lens_c[b] == lens_n[b])})
-
+    identical = _log_outputs(ctx, c, tok, lengths, out_c, out_n)
+    generated = int(np.asarray(out_c.lengths).sum())
     tps_c, tps_n = generated / t_c.median_s, generated / t_n.median_s
     timing_ok = t_c.valid and t_n.valid
     speedup = t_n.median_s / t_c.median_s if timing_ok else None
     cache = out_c.cache
     predicted = kvjax.cache_bytes(cfg, B, cache.max_len, cache.dtype)
-    for label, t, tps in (("with cache", t_c, tps_c), ("without cache", t_n, tps_n)):
-        ctx.log({"path": label, "first_call_s": t.first_s, "median_s": t.median_s, "min_s": t.min_s,
-                 "spread_s": t.spread_s, "calls": t.calls, "compiles": t.compiles,
-                 "tokens": generated, "tokens_per_s": tps, "valid": t.valid, "invalid_reason": t.reason or None})
-    ctx.table("Generation with and without the KV cache",
-              ["path", "first call s (compile + run)", "median s", "tokens", "tokens/s"],
-              [["with cache", t_c.first_s, t_c.median_s, generated, tps_c],
-               ["without cache", t_n.first_s, t_n.median_s, generated, tps_n]])
-    per_token = kvjax.cache_bytes(cfg, 1, 2, cache.dtype) - kvjax.cache_bytes(cfg, 1, 1, cache.dtype)
-    if timing_ok:
-        ctx.note(f"Tokens identical: {'yes' if identical else 'NO'}. Speedup from the cache: {speedup:.2f}x "
-                 f"({tps_c:,.0f} vs {tps_n:,.0f} tokens/s; first calls, compile included, shown apart).")
-    else:
-        ctx.note(f"Tokens identical: {'yes' if identical else 'NO'}. Timing INVALID, no speedup given: "
-                 f"{'; '.join(r for r in (t_c.reason, t_n.reason) if r)}")
-    ctx.note(f"KV cache: {cache.nbytes:,} bytes allocated ({cache.nbytes / 2**20:.2f} MiB; "
-             f"kvjax.cache_bytes predicts {predicted:,}) for batch {B} x {cache.max_len} slots, "
-             f"{per_token:,} bytes per cached token per row, {cache.dtype}.")
-    if not identical:
-        ctx.note("CHECK FAILED: the cached and uncached paths produced different tokens.")
+    _timing_report(ctx, t_c, t_n, generated, tps_c, tps_n)
+    _notes(ctx, cfg, cache, B, predicted, identical, speedup, (t_c, t_n), (tps_c, tps_n))
 
     fig, axes = plots.figure()
     plots.bars(axes[0], ["with cache", "without cache"], [tps_c, tps_n], ylabel="tokens/s (median)",
@@ -158,3 +122,59 @@ def run(ctx, c: Config) -> dict:
             "nocache_tokens_per_s": tps_n, "speedup": speedup,
             "cached_first_call_s": t_c.first_s, "nocache_first_call_s": t_n.first_s,
             "kv_cache_bytes": cache.nbytes, "kv_cache_bytes_predicted": predicted}
+
+
+def _prompt_batch(c: Config, cfg, tok):
+    """(tokens int32 [B, S] right-padded, lengths int32 [B], pad id) of the prompts."""
+    ids = [tok.encode(p) for p in c.prompts]
+    B, S, N = len(ids), max(len(x) for x in ids), c.max_new_tokens
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    tokens = np.full((B, S), pad, np.int32)
+    for b, x in enumerate(ids):
+        tokens[b, :len(x)] = x
+    lengths = np.array([len(x) for x in ids], np.int32)
+    if cfg.positions == "learned" and S + N > cfg.max_position:
+        raise ConfigError(f"quickstart.max_new_tokens: the longest prompt ({S} tokens) + {N} exceeds "
+                          f"the model's max_position={cfg.max_position}")
+    return tokens, lengths, pad
+
+
+def _log_outputs(ctx, c: Config, tok, lengths, out_c, out_n) -> bool:
+    """One note and one row per prompt; returns whether both paths gave the same tokens."""
+    toks_c, toks_n = np.asarray(out_c.tokens), np.asarray(out_n.tokens)
+    lens_c, lens_n = np.asarray(out_c.lengths), np.asarray(out_n.lengths)
+    for b, prompt in enumerate(c.prompts):
+        text = tok.decode(toks_c[b, :lens_c[b]].tolist())
+        ctx.note(f"[{b}] {prompt!r} -> {text!r}")
+        ctx.log({"row": b, "prompt": prompt, "prompt_tokens": int(lengths[b]),
+                 "generated_tokens": int(lens_c[b]), "text": text,
+                 "identical": bool(np.array_equal(toks_c[b], toks_n[b]) and lens_c[b] == lens_n[b])})
+    return bool(np.array_equal(toks_c, toks_n) and np.array_equal(lens_c, lens_n))
+
+
+def _timing_report(ctx, t_c, t_n, generated: int, tps_c: float, tps_n: float) -> None:
+    for label, t, tps in (("with cache", t_c, tps_c), ("without cache", t_n, tps_n)):
+        ctx.log({"path": label, "first_call_s": t.first_s, "median_s": t.median_s, "min_s": t.min_s,
+                 "spread_s": t.spread_s, "calls": t.calls, "compiles": t.compiles,
+                 "tokens": generated, "tokens_per_s": tps, "valid": t.valid, "invalid_reason": t.reason or None})
+    ctx.table("Generation with and without the KV cache",
+              ["path", "first call s (compile + run)", "median s", "tokens", "tokens/s"],
+              [["with cache", t_c.first_s, t_c.median_s, generated, tps_c],
+               ["without cache", t_n.first_s, t_n.median_s, generated, tps_n]])
+
+
+def _notes(ctx, cfg, cache, B: int, predicted: int, identical: bool, speedup, timings, tps) -> None:
+    """Tokens identical and the speedup (or why the timing is invalid), and the cache's bytes."""
+    (t_c, t_n), (tps_c, tps_n) = timings, tps
+    per_token = kvjax.cache_bytes(cfg, 1, 2, cache.dtype) - kvjax.cache_bytes(cfg, 1, 1, cache.dtype)
+    if speedup is not None:
+        ctx.note(f"Tokens identical: {'yes' if identical else 'NO'}. Speedup from the cache: {speedup:.2f}x "
+                 f"({tps_c:,.0f} vs {tps_n:,.0f} tokens/s; first calls, compile included, shown apart).")
+    else:
+        ctx.note(f"Tokens identical: {'yes' if identical else 'NO'}. Timing INVALID, no speedup given: "
+                 f"{'; '.join(r for r in (t_c.reason, t_n.reason) if r)}")
+    ctx.note(f"KV cache: {cache.nbytes:,} bytes allocated ({cache.nbytes / 2**20:.2f} MiB; "
+             f"kvjax.cache_bytes predicts {predicted:,}) for batch {B} x {cache.max_len} slots, "
+             f"{per_token:,} bytes per cached token per row, {cache.dtype}.")
+    if not identical:
+        ctx.note("CHECK FAILED: the cached and uncached paths produced different tokens.")

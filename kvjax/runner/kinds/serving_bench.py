@@ -244,33 +244,43 @@ def run(ctx, c: Config) -> dict:
              f"{c.max_slots} slots, max_len {max_len}, pages of {c.page_size}, {c.decode_steps} decode steps per "
              f"round trip, prefill chunks of {c.prefill_chunk}; static batches of {c.static_batch}. Medians of "
              f"{c.repeats} timed runs after one untimed warm-up run per system.")
-    results = {}
-    for w in ctx.track(workloads(c, min(cfg.vocab_size, 256), ctx.seed), "scenario"):
-        # warm-up until a run compiles nothing new (online arrivals may meet new shapes)
-        warm_compiles = 0
-        for _ in range(3):
-            warm_engine, engine_tokens = run_engine(cfg, params, engine_settings(c, w), w, max_len)
-            warm_compiles += warm_engine["engine_compilations"]
-            if warm_engine["timed_compiles"] == 0:
-                break
-        _, static_tokens = run_static(cfg, params, c, w)
-        same = sum(a == b for a, b in zip(engine_tokens, static_tokens))
-        per = {}
-        for system in ("engine", "static"):
-            rows = []
-            for r in range(c.repeats):
-                row = (run_engine(cfg, params, engine_settings(c, w), w, max_len) if system == "engine"
-                       else run_static(cfg, params, c, w))[0]
-                row.update(scenario=w.name, system=system, repeat=r)
-                ctx.log(row)
-                rows.append(row)
-            per[system] = _median_row(rows)
-        per["engine"]["warmup_compilations"] = warm_compiles
-        per["engine"]["same_tokens"] = same
-        per["engine"]["max_slots"] = engine_settings(c, w).max_slots
-        per["engine"]["pool_pages"] = per["engine"]["pages_total"]
-        results[w.name] = per
+    results = {w.name: _scenario(ctx, cfg, params, c, w, max_len)
+               for w in ctx.track(workloads(c, min(cfg.vocab_size, 256), ctx.seed), "scenario")}
+    _table(ctx, results, kv_bytes_per_token)
+    summary = _summary(ctx, c, results)
+    _plot(ctx, results, kv_bytes_per_token)
+    return summary
 
+
+def _scenario(ctx, cfg, params, c: Config, w: Workload, max_len: int) -> dict:
+    """{"engine": median row, "static": median row} of one workload after the warm-up runs."""
+    # warm-up until a run compiles nothing new (online arrivals may meet new shapes)
+    warm_compiles = 0
+    for _ in range(3):
+        warm_engine, engine_tokens = run_engine(cfg, params, engine_settings(c, w), w, max_len)
+        warm_compiles += warm_engine["engine_compilations"]
+        if warm_engine["timed_compiles"] == 0:
+            break
+    _, static_tokens = run_static(cfg, params, c, w)
+    same = sum(a == b for a, b in zip(engine_tokens, static_tokens))
+    per = {}
+    for system in ("engine", "static"):
+        rows = []
+        for r in range(c.repeats):
+            row = (run_engine(cfg, params, engine_settings(c, w), w, max_len) if system == "engine"
+                   else run_static(cfg, params, c, w))[0]
+            row.update(scenario=w.name, system=system, repeat=r)
+            ctx.log(row)
+            rows.append(row)
+        per[system] = _median_row(rows)
+    per["engine"]["warmup_compilations"] = warm_compiles
+    per["engine"]["same_tokens"] = same
+    per["engine"]["max_slots"] = engine_settings(c, w).max_slots
+    per["engine"]["pool_pages"] = per["engine"]["pages_total"]
+    return per
+
+
+def _table(ctx, results: dict, kv_bytes_per_token: int) -> None:
     table = []
     for name, per in results.items():
         for system in ("engine", "static"):
@@ -281,6 +291,10 @@ def run(ctx, c: Config) -> dict:
     ctx.table("Engine vs static batches (medians)",
               ["scenario", "system", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
                "peak KV MiB", "prompt computed", "prefix hit", "timed compiles"], table)
+
+
+def _summary(ctx, c: Config, results: dict) -> dict:
+    """The headline per scenario (engine against static), with one note each."""
     summary = {"model": c.model, "requests": c.requests}
     for name, per in results.items():
         e, s = per["engine"], per["static"]
@@ -300,7 +314,10 @@ def run(ctx, c: Config) -> dict:
                  f"{e['timed_compiles']} in timed runs.")
     summary["compilations"] = sum(per["engine"]["warmup_compilations"] for per in results.values())
     summary["timed_compiles"] = sum(per[s]["timed_compiles"] for per in results.values() for s in per)
+    return summary
 
+
+def _plot(ctx, results: dict, kv_bytes_per_token: int) -> None:
     names = list(results)
     fig, axes = plots.figure(ncols=3, width=4.4)
     x = np.arange(len(names))
@@ -318,4 +335,3 @@ def run(ctx, c: Config) -> dict:
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     ctx.save_figure(fig, "serving_bench.png")
-    return summary
