@@ -1,4 +1,4 @@
-"""The package's shape: no import circles and no private names across module lines.
+"""The package's shape: no import circles, no private names across module lines, short functions.
 
 Oracle: the import statements themselves, read with `ast` from every module of kvjax/
 (module-level and function-local alike: a local import hides a circle, it does not remove
@@ -111,6 +111,21 @@ def test_the_checks_can_fail():
     assert _cycles({"a": {"b"}, "b": set()}) == []
     edges, _ = _graph()
     assert {"kvjax.cache", "kvjax.cache.attend"} <= edges["kvjax.decode.programs"]   # the graph sees real imports
+
+
+MAX_FUNCTION_LINES = 60   # a function a reader can hold at once; split longer ones into named steps
+
+
+def test_functions_are_short():
+    """No function or method in kvjax/ runs past MAX_FUNCTION_LINES lines (decorators excluded)."""
+    long = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name} ({n} lines)")
+    assert long == []
 
 
 def test_layers_point_down():

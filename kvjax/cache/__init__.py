@@ -16,4 +16,4 @@ from .dense import (assemble, chunk_slots, layer_arrays, quantize_int8, read_lay
                     slot_positions, write_layer)
 from .pressed import (as_pooled, as_pressed, assemble_pressed, gather_layer_heads, write_layer_heads)
 from .sharded import cache_shardings, init_sharded_cache, layout_name, mesh_of
-from .surgery import cut_slots, drop_newest, empty_rows, truncate
+from .surgery import cut_slots, drop_newest, empty_rows, truncate, used_slots

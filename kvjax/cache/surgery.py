@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..sharding import to_host
 from .core import PAGED, KVCache
 
 
@@ -175,7 +176,7 @@ def _first(a, n: int, axis: int):
 # ----------------------------------------------------------------------------- host checks
 
 def _host_lengths(cache: KVCache) -> np.ndarray:
-    return np.asarray(jax.device_get(cache.lengths)).astype(np.int64)
+    return to_host(cache.lengths).astype(np.int64)
 
 
 def _host_rows(x, B: int, what: str, name: str) -> np.ndarray:
@@ -242,13 +243,15 @@ def _check_kivi(cache: KVCache, held: np.ndarray, n: np.ndarray, what: str) -> N
                          f"keep {Q[b]}..{held[b]} tokens, or a multiple of {R})")
 
 
-def _used_slots(cache: KVCache) -> np.ndarray:
-    """int [L, B]: slots each row uses per layer (pressed: its fullest head; a pool: all heads)."""
+def used_slots(cache: KVCache) -> np.ndarray:
+    """int [L, B] on the host: slots each row uses per layer (pressed: its fullest kv head; a
+    pool: all of its heads; otherwise the row's length)."""
     if cache.pooled:
-        return np.stack([np.asarray(jax.device_get(f)).sum(1) for f in cache.head_fill])
+        return np.stack([to_host(f).sum(axis=1) for f in cache.head_fill])
     if cache.pressed:
-        return np.stack([np.asarray(jax.device_get(f)).max(1) for f in cache.head_fill])
-    return np.broadcast_to(_host_lengths(cache), (len(cache.keys), cache.batch_size))
+        return np.stack([to_host(f).max(axis=1) for f in cache.head_fill])
+    used = to_host(cache.lengths)
+    return np.broadcast_to(used, (len(cache.keys), used.shape[0]))
 
 
 def _check_cut(cache: KVCache, sizes: list) -> None:
@@ -262,7 +265,7 @@ def _check_cut(cache: KVCache, sizes: list) -> None:
     if len(sizes) != len(have) or any(not 1 <= s <= h for s, h in zip(sizes, have)):
         raise ValueError(f"cut_slots: layer_slots must give {len(have)} slot counts, each from 1 to "
                          f"the layer's slots {have}; got {sizes}")
-    used = _used_slots(cache)
+    used = used_slots(cache)
     for layer, b in np.argwhere(used > np.asarray(sizes)[:, None]):
         raise ValueError(f"cut_slots: row {b} uses {used[layer, b]} slots of layer {layer}; it cannot "
                          f"be cut to {sizes[layer]} slots")

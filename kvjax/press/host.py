@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..cache import KVCache
+from ..cache import KVCache, used_slots
 from ..config import ModelConfig
 from ..sharding import to_host
 from .base import Press
@@ -38,15 +38,7 @@ def check_press(press, cfg: ModelConfig, cache: KVCache, mesh, where: str) -> No
     press.check_model(cfg)
 
 
-def fills(cache: KVCache) -> np.ndarray:
-    """int [L, B]: slots used per layer and row (the fullest kv head)."""
-
-    if cache.pooled:
-        return np.stack([to_host(f).sum(axis=1) for f in cache.head_fill])
-    if cache.pressed:
-        return np.stack([to_host(f).max(axis=1) for f in cache.head_fill])
-    used = to_host(cache.lengths)
-    return np.broadcast_to(used, (len(cache.keys), used.shape[0]))
+fills = used_slots   # int [L, B]: slots used per layer and row (the fullest kv head)
 
 
 def slots(cache: KVCache) -> np.ndarray:
