@@ -9,7 +9,6 @@ import numpy as np
 
 from ..cache import KVCache, used_slots
 from ..config import ModelConfig
-from ..sharding import to_host
 from .base import Press
 from .decoding import DecodingPress
 
