@@ -57,7 +57,7 @@ by each slot, -1: empty; kept slots are packed at the front in position order) a
 longer a slot count. Layers may have different slot counts S_l (PyramidKV budgets).
 
 The cache is data: functions take one and return a new one. At the jit boundary it is
-donated, so XLA writes the new token's K/V into the same memory (see decode.py).
+donated, so XLA writes the new token's K/V into the same memory (see kvjax/decode/programs.py).
 """
 from __future__ import annotations
 

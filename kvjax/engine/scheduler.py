@@ -43,7 +43,7 @@ from .api import Completion, SamplingParams, TokenLogprob
 from .pages import PagePool
 
 MIN_CHUNK = 16          # narrowest prefill chunk compiled
-MIN_VIEW_TOKENS = 128   # narrowest attention view (in tokens) compiled, as decode.py's MIN_LIVE
+MIN_VIEW_TOKENS = 128   # narrowest attention view (in tokens) compiled, as kvjax.decode's MIN_LIVE
 
 
 def chunk_bucket(n: int) -> int:

@@ -10,9 +10,9 @@
 Modules: base.py (inputs, budgets, top-k per head), norms.py (Knorm, KeyDiff, StreamingLLM,
 Random), window.py (SnapKV, PyramidKV, TOVA, ObservedAttention), expected.py
 (ExpectedAttention), wrappers.py (AdaKV, CriticalKV, ChunkKV, KeyRerotation), decoding.py
-(DecodingPress and whole-cache compaction), kvzip.py (KVzip: scoring by context
-reconstruction, whole-model passes of its own), layer.py (the one compaction of a chunk into the
-cache), host.py (checks before anything runs).
+(DecodingPress and whole-cache compaction), kvzip.py (KVzip's settings and scorer; its
+whole-model passes run in kvjax/decode/kvzip.py), host.py (checks and budgets before anything
+runs). A press returns a `Keep` per layer; the pressed layout (kvjax/cache/pressed.py) writes it.
 """
 from __future__ import annotations
 

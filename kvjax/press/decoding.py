@@ -9,7 +9,7 @@ chunk is at least `target_size` long), the whole cache of every layer is cut to
 and the count restarts. Here the base press scores the cached keys/values themselves
 (`score_cache`), so it must be one that needs no queries: Knorm, KeyDiff, StreamingLLM,
 Random. The steps at which compression happens are fixed by the interval, so `generate`
-plans them statically: a scan of decode steps, a compaction, and so on (see decode.py).
+plans them statically: a scan of decode steps, a compaction, and so on (see kvjax/decode/plans.py).
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ class AdaKVPress(Wrapper, Press):
     layer's budget for sure; the rest goes to the best scores across all heads of the layer.
 
     kvpress only masks the dropped keys (the cache keeps every token); here the kept tokens go
-    into a pooled cache (see cache.py): the layer's K heads share one pool of slots, each slot
+    into a pooled cache (see kvjax/cache/core.py): the layer's K heads share one pool of slots, each slot
     tagged with its head, so uneven budgets cost exactly the layer's K * n_kept slots.
     """
     press: ScorerPress = None
