@@ -85,13 +85,18 @@ def read_layer(kind: str, arrays: dict, dtype):
     return k, v
 
 
+def stored(kind: str, k_new, v_new) -> dict:
+    """What a chunk's k/v [B, T, K, H] become in a layer's arrays: k, v (int8: codes, plus
+    their scales ks, vs)."""
+    if kind == "int8":
+        (kq, ks), (vq, vs) = quantize_int8(k_new), quantize_int8(v_new)
+        return {"k": kq, "v": vq, "ks": ks, "vs": vs}
+    return {"k": k_new, "v": v_new}
+
+
 def write_layer(cache: KVCache, layer: int, k_new, v_new, slots) -> dict:
     """One layer's arrays after writing a chunk's k/v [B, T, K, H] at `slots` [B, T]."""
-    if cache.kind == "int8":
-        (kq, ks), (vq, vs) = quantize_int8(k_new), quantize_int8(v_new)
-        new = {"k": kq, "v": vq, "ks": ks, "vs": vs}
-    else:
-        new = {"k": k_new, "v": v_new}
+    new = stored(cache.kind, k_new, v_new)
     return {name: scatter_rows(old, new[name], slots) for name, old in layer_arrays(cache, layer).items()}
 
 

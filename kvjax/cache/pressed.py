@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ..attention_math import attention_mask, softmax_blocks
 from .core import KVCache
-from .dense import layer_arrays, quantize_int8, read_layer
+from .dense import layer_arrays, read_layer, stored
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,7 @@ def _scatter_heads(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Arra
 
 def write_layer_heads(cache: KVCache, layer: int, k_new, v_new, slots) -> dict:
     """One layer's arrays after writing k/v [B, T, K, H] at per-head `slots` [B, K, T]."""
-    if cache.kind == "int8":
-        (kq, ks), (vq, vs) = quantize_int8(k_new), quantize_int8(v_new)
-        new = {"k": kq, "v": vq, "ks": ks, "vs": vs}
-    else:
-        new = {"k": k_new, "v": v_new}
+    new = stored(cache.kind, k_new, v_new)
     return {name: _scatter_heads(old, new[name], slots) for name, old in layer_arrays(cache, layer).items()}
 
 
