@@ -8,6 +8,7 @@ from .sharding import init_distributed, make_mesh, shard_params
 from .persist import load_cache, save_cache
 from .hf import CheckpointError, load_hf, save_hf
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from .models import load_model
 from .engine import Completion, Engine, RequestHandle, SamplingParams, TokenLogprob
 
 __version__ = "0.1.0"
@@ -18,5 +19,5 @@ __all__ = [
     "init_params", "param_bytes", "param_count", "filter_logits", "greedy", "sample",
     "init_distributed", "make_mesh", "shard_params", "load_cache", "save_cache",
     "CheckpointError", "load_hf", "save_hf", "ByteTokenizer", "HFTokenizer", "Tokenizer",
-    "load_tokenizer", "Engine", "RequestHandle", "SamplingParams", "TokenLogprob", "Completion",
+    "load_tokenizer", "load_model", "Engine", "RequestHandle", "SamplingParams", "TokenLogprob", "Completion",
 ]

