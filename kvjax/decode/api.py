@@ -37,7 +37,12 @@ def forward(cfg: ModelConfig, params, tokens, lengths=None) -> jax.Array:
     return programs.forward_program(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens))
 
 
-def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=None):
+# Prompts wider than this are prefilled in chunks of this width (see `prefill`).
+PREFILL_CHUNK = 1024
+
+
+def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=None,
+            prefill_chunk: int | None = PREFILL_CHUNK):
     """Append a right-padded chunk at each row's current cache length.
 
     tokens: int [B, T]; lengths: int [B], real tokens of this chunk per row (>= 1).
@@ -45,11 +50,18 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
     written (the cache may be smaller than the chunk). The chunk's own logits are those of
     the full chunk (it attends to all of itself, as in kvpress); later tokens see what was
     kept, at the original positions, and continue at the uncompressed length.
+    prefill_chunk (default PREFILL_CHUNK = 1024; None or 0: one call): when T is wider, each
+    row's tokens [i*C, (i+1)*C) are appended by the i-th call of one compiled program of
+    width C, so attention scores take memory linear in the prompt, not quadratic. Results
+    equal one call's (logits within float32 rounding: the softmax sums run over other
+    widths). Presses (kvpress scores the whole context at once), pressed caches and KIVI
+    (one call's queries see the whole prompt unquantised) always take one call.
     Returns (logits of each row's last real token, float32 [B, V]; the new cache).
     The input cache is donated: use the returned one.
     """
     tok = validate.as_tokens(tokens)
     lens = validate.as_lengths(lengths, tok)
+    C = _chunk_width(prefill_chunk)
     validate.check_cache(cfg, cache, tok.shape[0])
     validate.check_token_ids(cfg, tok, lens)
     mesh = mesh_of(cache)
@@ -57,6 +69,15 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
         sharding.check_mesh(cfg, mesh, tok.shape[0])
     if getattr(press, "whole_model", False):   # KVzip: its own reconstruction passes
         return kvzip.prefill(press, cfg, params, tok, lens, cache)
+    if _chunks(C, tok.shape[1], cache, press):
+        used = sharding.to_host(cache.lengths)
+        validate.check_room(cfg, used, lens, cache.max_len, "prefill", cache.bounded)
+        return _prefill_chunks(cfg, params, tok, lens, cache, C, used)
+    return _prefill_once(cfg, params, tok, lens, cache, press, mesh)
+
+
+def _prefill_once(cfg, params, tok, lens, cache: KVCache, press, mesh):
+    """One prefill program over the whole (checked) chunk."""
     used = sharding.to_host(cache.lengths)
     budgets, live = None, None
     if press is not None or cache.pressed:
@@ -73,6 +94,45 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, press=Non
     fn = programs.prefill_program if mesh is None else _mesh_program(cfg, mesh, cache, press, "prefill")
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, live, press,
               _global_budgets(mesh, budgets))
+
+
+def _chunk_width(prefill_chunk) -> int:
+    """prefill_chunk as a width (0: one call); a clear error for anything else."""
+    if prefill_chunk is None:
+        return 0
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk must be None, 0 (one call) or a positive int, got {prefill_chunk!r}")
+    return int(prefill_chunk)
+
+
+def _chunks(C: int, width: int, cache: KVCache, press) -> bool:
+    """Whether a prompt this wide is prefilled in chunks of width C."""
+    return 0 < C < width and press is None and not cache.pressed and cache.kind != "kivi"
+
+
+def _prefill_chunks(cfg, params, tok, lens, cache: KVCache, C: int, used: np.ndarray):
+    """Prefill checked prompts [B, T] in chunks of width C: row b's chunk i is its tokens
+    [i*C, (i+1)*C) (zero of them once its prompt has ended: such a row writes nothing and
+    keeps its length). Every chunk is padded to width C, so one program serves them all; each
+    row's logits are those of the chunk holding its last real token. used: the cache lengths
+    before (host), so no chunk waits for the previous one to pick its live prefix."""
+    mesh = mesh_of(cache)
+    B, T = tok.shape
+    n = -(-T // C)
+    padded = np.zeros((B, n * C), np.int32)
+    padded[:, :T] = tok
+    logits = None
+    fn = programs.prefill_program if mesh is None else _mesh_program(cfg, mesh, cache, None, "prefill")
+    for i in range(n):
+        part = np.clip(lens - i * C, 0, C).astype(np.int32)
+        if not part.any():
+            break
+        live = live_bucket(int((used + part).max()), cache.max_len) if cache.reads_live_prefix else None
+        chunk, part_d, has = _placed(mesh, padded[:, i * C:(i + 1) * C], part, part > 0)
+        out, cache = fn(cfg, params, chunk, part_d, cache, live, None, None)
+        used = used + part
+        logits = out if logits is None else jnp.where(has[:, None], out, logits)
+    return logits, cache
 
 
 def decode_step(cfg: ModelConfig, params, tokens, cache: KVCache, check: bool = True):
@@ -112,7 +172,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
              temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, key=None, max_len=None,
              cache: KVCache | None = None, use_cache: bool = True, pad_token_id: int = 0,
              mesh=None, cache_kind: str = "dense", num_sinks: int | None = None,
-             press=None, **cache_options) -> GenerateOutput:
+             press=None, prefill_chunk: int | None = PREFILL_CHUNK, **cache_options) -> GenerateOutput:
     """Generate `max_new_tokens` per row after right-padded prompts [B, S].
 
     temperature/top_k/top_p: scalars or per-row [B] (temperature 0 = greedy). A row that
@@ -128,6 +188,10 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     `cache_kind`/`num_sinks`: the kind of a newly allocated cache ("dense", "int8",
     "window", "sinks"; see kvjax/cache/). window/sinks caches of `max_len` slots generate past
     max_len by design; dense and int8 raise when prompt + max_new_tokens exceeds it.
+    `prefill_chunk`: a prompt wider than this is prefilled in chunks as `prefill` does (all
+    but each row's last chunk on the host, then the last chunk and the whole decode loop in
+    one program); None or 0: the prompt in one call. Presses, KIVI and pressed caches always
+    prefill in one call.
     """
     tok = validate.as_tokens(prompt_tokens, "prompt_tokens")
     lens = validate.as_lengths(prompt_lengths, tok, "prompt_lengths")
@@ -135,6 +199,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     B, S = tok.shape
+    C = _chunk_width(prefill_chunk)
     knobs = Knobs.make(cfg.vocab_size, B, temperature, top_k, top_p, eos_token_id, key, pad_token_id)
     if not use_cache:
         if cache is not None:
@@ -147,10 +212,27 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     mesh = mesh_of(cache)
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, B)
+    if _chunks(C, S, cache, press):
+        tok, lens, cache = _prefill_head(cfg, params, tok, lens, cache, C, int(max_new_tokens))
+        S = tok.shape[1]
     plan, budgets = _plan(cfg, cache, press, mesh, lens, int(max_new_tokens), S)
     fn = programs.generate_program if mesh is None else _mesh_program(cfg, mesh, cache, press, "generate")
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan, _place_knobs(mesh, knobs),
               budgets)
+
+
+def _prefill_head(cfg, params, tok, lens, cache: KVCache, C: int, N: int):
+    """Prefill every chunk of width C but each row's last (the one holding its last prompt
+    token) on the host; returns (that last chunk [B, C], its lengths (>= 1), the cache)."""
+    used = sharding.to_host(cache.lengths)
+    validate.check_room(cfg, used, lens + N, cache.max_len, f"generate (prompt + max_new_tokens={N})",
+                        cache.bounded)
+    head = (C * ((lens - 1) // C)).astype(np.int32)       # row b's tokens before its last chunk
+    if head.max() > 0:
+        _, cache = _prefill_chunks(cfg, params, tok[:, :int(head.max())], head, cache, C, used)
+    cols = np.minimum(head[:, None] + np.arange(C)[None, :], tok.shape[1] - 1)
+    tail = np.take_along_axis(tok, cols, axis=1)
+    return tail, (lens - head).astype(np.int32), cache
 
 
 def _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
