@@ -166,3 +166,14 @@ def test_bad_prefill_chunk(llama, prompts, bad):
         kvjax.prefill(cfg, params, prompts, LENS, kvjax.init_cache(cfg, B, 96), prefill_chunk=bad)
     with pytest.raises(ValueError, match="prefill_chunk"):
         kvjax.generate(cfg, params, prompts, LENS, max_new_tokens=2, prefill_chunk=bad)
+
+
+def test_generate_continuing_a_conversation(llama, prompts):
+    cfg, params = llama
+    outs = []
+    for c in (None, 8):
+        cache = kvjax.init_cache(cfg, B, 64)
+        _, cache = kvjax.prefill(cfg, params, prompts[:, :9], np.array([9, 2, 5], np.int32), cache)
+        outs.append(kvjax.generate(cfg, params, prompts, LENS, max_new_tokens=4, cache=cache, prefill_chunk=c))
+    np.testing.assert_array_equal(np.asarray(outs[1].tokens), np.asarray(outs[0].tokens))
+    _assert_same_cache(outs[0].cache, outs[1].cache)
