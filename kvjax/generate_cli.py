@@ -126,22 +126,18 @@ def _bundled():
 def resolve_model(spec: str, dtype: str):
     """--model value -> (cfg, params, tokenizer). The one place that knows where models come from.
 
-    A bundled model's name (kvjax.bundled.bundled_names(), e.g. "text") or a checkpoint folder.
+    Whatever kvjax.load_model takes: a bundled model's name (e.g. "text"), a packaged model's
+    name (kvjax.models.PACKAGED, e.g. "smollm2-135m-instruct"), a .gguf file or a checkpoint folder.
     """
-    from .bundled import bundled_names, model_folder
-    from .hf import load_hf
-    from .tokenizer import load_tokenizer
+    from .models import PACKAGED, load_model
 
-    path = model_folder(spec) if spec in bundled_names() else Path(spec).expanduser()
-    if not path.exists():
+    if spec not in PACKAGED and spec not in _bundled() and not Path(spec).expanduser().exists():
         raise UserError(f"--model {spec}: no such checkpoint folder, and not a bundled model "
-                        f"(bundled: {', '.join(bundled_names()) or 'none'})")
+                        f"(bundled: {', '.join(_bundled()) or 'none'})")
     try:
-        cfg, params = load_hf(path, dtype=dtype)
-        tokenizer = load_tokenizer(path)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        return load_model(spec, dtype=dtype)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # CheckpointError is a ValueError
         raise UserError(f"--model {spec}: {e}") from None
-    return cfg, params, tokenizer
 
 
 def run(args) -> int:

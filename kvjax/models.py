@@ -112,9 +112,6 @@ def load_model(name_or_path, dtype: str = "float32"):
         known = sorted(model_names())
         raise FileNotFoundError(f"model {spec!r}: no such file or folder, and not a known model name "
                                 f"({', '.join(known)})")
-    if path.is_file():
-        raise FileNotFoundError(f"model {spec!r}: a file that is not .gguf; give a .gguf file or a "
-                                f"Hugging Face checkpoint folder")
     cfg, params = load_hf(path, dtype=dtype)
     return cfg, params, load_tokenizer(path)
 

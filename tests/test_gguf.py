@@ -195,3 +195,11 @@ def test_unsupported_tensor_type(tmp_path, monkeypatch):
     monkeypatch.setattr(reader, "supported_types", lambda: ("F32",))
     with pytest.raises(CheckpointError, match="type Q8_0, which kvjax cannot dequantise; supported: F32"):
         load_model(str(path))
+
+
+def test_generate_cli_resolves_gguf(tmp_path):
+    from kvjax.generate_cli import resolve_model
+
+    path = _write_gguf(tmp_path / "tiny.gguf")
+    cfg, _, tok = resolve_model(str(path), "bfloat16")
+    assert cfg.dtype == "bfloat16" and tok.vocab_size == 256
