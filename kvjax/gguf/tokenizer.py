@@ -5,6 +5,9 @@ Byte-level BPE (`tokenizer.ggml.model` "gpt2": SmolLM2, Llama 3, Qwen) is rebuil
 conversion builds it (its result is the oracle in tests/test_gguf.py): tokens marked CONTROL
 (type 3) are special added tokens, USER_DEFINED (type 4) plain added ones, and the
 pre-tokenizer split follows `tokenizer.ggml.pre` (GPT-2's regex for names it does not list).
+SentencePiece vocabularies (`tokenizer.ggml.model` "llama") of Gemma files become
+transformers' GemmaTokenizer layout: whitespace-run tokens respelled with "\u2581", merges
+rebuilt from the vocabulary in file order (Gemma files list none), byte fallback.
 `tokenizer.chat_template` is the chat template; `tokenizer.ggml.eos_token_id` the EOS id.
 """
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 from ..hf.common import CheckpointError
 from ..tokenizer import HFTokenizer
 
-SUPPORTED_MODELS = ("gpt2",)
+SUPPORTED_MODELS = ("gpt2", "llama (gemma architectures)")
 CONTROL, USER_DEFINED = 3, 4
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -57,16 +60,56 @@ def build_bpe(g):
                                                   pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                            use_regex=False)]))
     tok.decoder = decoders.ByteLevel()
-    bos = g.get("tokenizer.ggml.bos_token_id", None)
-    if g.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B",
-            special_tokens=[(tokens[bos], int(bos))])
+    _bos_processor(g, tok, tokens, processors)
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
                             for t, k in zip(tokens, types) if k == CONTROL and set(t) <= alphabet])
     tok.add_tokens([AddedToken(t, normalized=False, special=False)
                     for t, k in zip(tokens, types) if k == USER_DEFINED and t in vocab])
     return tok, tokens
+
+
+def spm_merges(tokens: list[str]) -> list[tuple]:
+    """BPE merges implied by a vocabulary whose order is its merge priority (transformers'
+    generate_merges with scores = -position)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for i, t in enumerate(tokens):
+        local = [(t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges += [(i, len(a), len(b), a, b) for a, b in local]
+    merges.sort(key=lambda m: (m[0], -m[1], -m[2]))
+    return [(a, b) for _, _, _, a, b in merges]
+
+
+def build_gemma_spm(g):
+    """A `tokenizers.Tokenizer` for a Gemma SentencePiece GGUF vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    raw = list(g.get("tokenizer.ggml.tokens"))
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in raw]
+    types = g.array("tokenizer.ggml.token_type")
+    types = [0] * len(raw) if types is None else [int(t) for t in types]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = g.get("tokenizer.ggml.unknown_token_id", None)
+    tok = Tokenizer(models.BPE(vocab, spm_merges(tokens), dropout=None, fuse_unk=True, byte_fallback=True,
+                               unk_token=None if unk is None else tokens[unk]))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    _bos_processor(g, tok, tokens, processors)
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, k in zip(raw, types) if k == CONTROL])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, k in zip(raw, types) if k == USER_DEFINED and t in vocab])
+    return tok, tokens
+
+
+def _bos_processor(g, tok, tokens, processors):
+    bos = g.get("tokenizer.ggml.bos_token_id", None)
+    if g.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B",
+            special_tokens=[(tokens[bos], int(bos))])
 
 
 class GGUFTokenizer(HFTokenizer):
@@ -75,10 +118,14 @@ class GGUFTokenizer(HFTokenizer):
 
     def __init__(self, g):
         kind = g.get("tokenizer.ggml.model", None)
-        if kind not in SUPPORTED_MODELS:
-            raise CheckpointError(f"{g.path}: tokenizer.ggml.model={kind!r} cannot be converted; kvjax "
-                                  f"reads GGUF tokenizers {', '.join(SUPPORTED_MODELS)}")
-        self._tok, tokens = build_bpe(g)
+        if kind == "gpt2":
+            self._tok, tokens = build_bpe(g)
+        elif kind == "llama" and str(g.arch).startswith("gemma"):
+            self._tok, tokens = build_gemma_spm(g)
+        else:
+            raise CheckpointError(f"{g.path}: tokenizer.ggml.model={kind!r} (architecture {g.arch!r}) "
+                                  f"cannot be converted; kvjax reads GGUF tokenizers "
+                                  f"{', '.join(SUPPORTED_MODELS)}")
         self.path = Path(g.path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         ids = {k: g.get(f"tokenizer.ggml.{k}_token_id", None) for k in ("bos", "eos", "padding", "unknown")}
