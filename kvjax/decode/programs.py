@@ -4,11 +4,15 @@ generate, and the no-cache step; plus the same programs with mesh shardings (pji
 Axis letters: B batch, T chunk length, S cache slots, V vocab, N new tokens.
 
 Traced cores (plain functions, usable inside other jitted code): `append_chunk`,
-`decode_tokens`, `forward_logits`, `decode_loop`, `generate_core`. Jitted programs (config
+`decode_tokens`, `forward_logits`, `decode_loop` (`decode_loop_counted`: the same, plus
+the steps it ran), `generate_core`. Jitted programs (config
 and plans static, the cache donated so XLA writes new K/V into its own memory):
 `forward_program`, `prefill_program`, `decode_program`, `decode_loop_program`,
 `generate_program`, `nocache_step_program`, and `mesh_programs(...)` for caches on a mesh.
 Host checks live in api.py; these programs trust their inputs.
+
+The decode loop stops early: its steps run in `lax.while_loop`s that end once every row has
+emitted EOS, with the same tokens, lengths and cache as running every planned step.
 """
 from __future__ import annotations
 
@@ -80,64 +84,104 @@ def decode_all(cfg: ModelConfig, params, tokens, cache: KVCache, live=None):
     return decode_tokens(cfg, params, tokens, cache, jnp.ones(tokens.shape, bool), live)
 
 
-def decode_loop(cfg, params, logits, cache, segments, knobs: Knobs, decoding=None):
-    """Steps of (sample, decode) in `lax.scan`s: the decode program of `generate`.
+def decode_loop(cfg, params, logits, cache, segments, knobs: Knobs, decoding=None, stop_early: bool = True):
+    """Steps of (sample, decode) in `lax.while_loop`s: the decode program of `generate`.
 
-    segments (static, plans.Segment): one scan per segment, each reading only the cache
+    segments (static, plans.Segment): one loop per segment, each reading only the cache
     prefix its tokens can reach (live; None reads every slot); a segment with repeat r > 1
-    is an outer scan of r periods, each `steps` steps followed by a DecodingPress
-    compaction when `compress`. Step i samples token i from the current logits, then decodes
-    it, so the returned cache holds every generated token (ready for the next prefill of a
-    conversation). Returns (GenerateOutput, logits after the last step).
+    is an outer scan of r periods, each up to `steps` steps followed by a DecodingPress
+    compaction when `compress` (compactions keep their schedule). Step i samples token i from
+    the current logits, then decodes it, so the returned cache holds every generated token
+    (ready for the next prefill of a conversation).
+
+    stop_early (static): once every row has emitted EOS, the loops stop running steps; the
+    skipped steps' tokens are pad and inactive, exactly what running them gives, and the cache
+    is the same (inactive rows write nothing). The logits returned are then those of the last
+    step run. Returns (GenerateOutput, logits after the last step run).
     """
+    out, logits, _ = decode_loop_counted(cfg, params, logits, cache, segments, knobs, decoding, stop_early)
+    return out, logits
+
+
+def decode_loop_counted(cfg, params, logits, cache, segments, knobs: Knobs, decoding=None,
+                        stop_early: bool = True):
+    """`decode_loop` plus the number of decode steps it ran (int32 []; with stop_early, fewer
+    than the planned steps when every row finishes early)."""
     done = jnp.zeros(logits.shape[:1], bool)
-    toks, actives, first = [], [], 0
+    toks, actives, first, ran = [], [], 0, jnp.int32(0)
     for seg in segments:
-        carry, (tok, active) = _segment(cfg, params, (logits, cache, done), seg, first, knobs, decoding)
+        carry, (tok, active), n = _segment(cfg, params, (logits, cache, done), seg, first, knobs, decoding,
+                                           stop_early)
         logits, cache, done = carry
         toks.append(tok)
         actives.append(active)
         first += seg.steps * seg.repeat
+        ran = ran + n
     if not toks:
         B = logits.shape[0]
         toks, actives = [jnp.zeros((0, B), jnp.int32)], [jnp.zeros((0, B), bool)]
     toks, active = jnp.concatenate(toks, 0), jnp.concatenate(actives, 0)
-    return GenerateOutput(toks.T, active.sum(0, dtype=jnp.int32), cache), logits
+    return GenerateOutput(toks.T, active.sum(0, dtype=jnp.int32), cache), logits, ran
 
 
-def _segment(cfg, params, carry, seg, first: int, knobs: Knobs, decoding):
-    """One segment's scans: ((logits, cache, done), (tokens [n, B], active [n, B]))."""
-    def step(carry, i):
-        logits, cache, done = carry
-        tok, active, done = pick(logits, i, done, knobs)
-        logits, cache = decode_tokens(cfg, params, tok, cache, active, seg.live)
-        return (logits, cache, done), (tok, active)
+def _steps(cfg, params, carry, n: int, i0, live, knobs: Knobs, stop_early: bool):
+    """Up to n decode steps i0, i0 + 1, ... in a `lax.while_loop` that ends early once every
+    row is done: (carry, (tokens [n, B] (pad where not run), active [n, B]), steps run)."""
+    B = carry[2].shape[0]
+    bufs = (jnp.broadcast_to(knobs.pad, (n, B)).astype(jnp.int32), jnp.zeros((n, B), bool))
 
+    def more(state):
+        j, (_, _, done), _ = state
+        return (j < n) & ~jnp.all(done) if stop_early else j < n
+
+    def step(state):
+        j, (logits, cache, done), (toks, acts) = state
+        tok, active, done = pick(logits, i0 + j, done, knobs)
+        logits, cache = decode_tokens(cfg, params, tok, cache, active, live)
+        bufs = (toks.at[j].set(tok), acts.at[j].set(active))
+        return j + 1, (logits, cache, done), bufs
+
+    j, carry, bufs = jax.lax.while_loop(more, step, (jnp.int32(0), carry, bufs))
+    return carry, bufs, j
+
+
+def _segment(cfg, params, carry, seg, first: int, knobs: Knobs, decoding, stop_early: bool):
+    """One segment's loops: ((logits, cache, done), (tokens [n, B], active [n, B]), steps run)."""
     def period(carry, i0):
-        carry, out = jax.lax.scan(step, carry, i0 + jnp.arange(seg.steps, dtype=jnp.int32))
+        carry, out, ran = _steps(cfg, params, carry, seg.steps, i0, seg.live, knobs, stop_early)
         if seg.compress:
             logits, cache, done = carry
             carry = (logits, compress_cache(cache, decoding), done)
-        return carry, out
+        return carry, (out, ran)
 
     if seg.repeat == 1:
-        return period(carry, jnp.int32(first))
-    carry, (tok, active) = jax.lax.scan(period, carry, first + seg.steps * jnp.arange(seg.repeat, dtype=jnp.int32))
-    return carry, (tok.reshape(-1, tok.shape[-1]), active.reshape(-1, active.shape[-1]))
+        carry, (out, ran) = period(carry, jnp.int32(first))
+        return carry, out, ran
+    carry, ((tok, active), ran) = jax.lax.scan(period, carry,
+                                               first + seg.steps * jnp.arange(seg.repeat, dtype=jnp.int32))
+    return carry, (tok.reshape(-1, tok.shape[-1]), active.reshape(-1, active.shape[-1])), ran.sum()
 
 
 def generate_core(cfg, params, prompts, prompt_lengths, cache, plan: Plan, knobs: Knobs, budgets=None):
     """Prefill, then the decode loop (`decode_loop`), all in one jit.
 
     plan (static): see plans.Plan; budgets: the prompt press's host-computed budgets (traced).
+    The decode loop stops running steps once every row has emitted EOS (outputs unchanged).
     """
+    return generate_counted(cfg, params, prompts, prompt_lengths, cache, plan, knobs, budgets)[0]
+
+
+def generate_counted(cfg, params, prompts, prompt_lengths, cache, plan: Plan, knobs: Knobs, budgets=None,
+                     stop_early: bool = True):
+    """`generate_core` plus the decode steps run (see `decode_loop_counted`)."""
     if plan.decoding is not None:
         cache = as_pressed(cache)
     logits, cache = append_chunk(cfg, params, prompts, prompt_lengths, cache, plan.prefill_live, plan.press,
                                  budgets)
     if plan.decoding is not None and prefill_compresses(plan.decoding, prompts.shape[1]):
         cache = compress_cache(cache, plan.decoding)
-    return decode_loop(cfg, params, logits, cache, plan.segments, knobs, plan.decoding)[0]
+    out, _, ran = decode_loop_counted(cfg, params, logits, cache, plan.segments, knobs, plan.decoding, stop_early)
+    return out, ran
 
 
 def nocache_step(cfg, width, params, buf, cur, done, i, knobs: Knobs):
@@ -160,7 +204,7 @@ prefill_program = jax.jit(append_chunk, static_argnums=(0, 5, 6), donate_argnums
 decode_program = jax.jit(decode_all, static_argnums=(0, 4), donate_argnums=3)
 generate_program = jax.jit(generate_core, static_argnums=(0, 5), donate_argnums=4)
 # generate's decode loop on its own (benchmarks time it on a cache prefilled outside the timed region)
-decode_loop_program = jax.jit(decode_loop, static_argnums=(0, 4, 6), donate_argnums=3)
+decode_loop_program = jax.jit(decode_loop, static_argnums=(0, 4, 6, 7), donate_argnums=3)
 nocache_step_program = jax.jit(nocache_step, static_argnums=(0, 1), donate_argnums=3)
 
 
