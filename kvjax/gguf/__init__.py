@@ -56,9 +56,9 @@ def _tensor_names(g, arch: str, table) -> dict:
 def load_gguf(path, dtype: str = "float32", with_tokenizer: bool = True):
     """Load a GGUF file: returns (ModelConfig, params, tokenizer or None).
 
-    Every tensor is dequantised (whatever its type: F16, Q4_K, Q8_0, ...) to float32 and
-    converted to `dtype` one at a time, so peak host memory is about the final parameter bytes
-    plus the largest tensor in float32. Raises CheckpointError (a ValueError) naming the
+    Every tensor is dequantised (whatever its type: F16, Q4_K, Q8_0, ...) straight to `dtype`,
+    one tensor at a time (block types 4096 rows at a time), so peak host memory is about the
+    final parameter bytes plus a copy or two of the largest tensor in `dtype`. Raises CheckpointError (a ValueError) naming the
     metadata key or tensor that is wrong, before any tensor is read.
     """
     cfg, hf, g = load_gguf_config(path, dtype)
@@ -71,11 +71,12 @@ def load_gguf(path, dtype: str = "float32", with_tokenizer: bool = True):
     params: dict = {}
     for t in table:
         kv_shapes = [shapes[p] for p in t.kv]
-        x = fix(g.arch, names[t.hf], g.tensor(names[t.hf], np.float32), hf)
+        small = len(g.tensors[names[t.hf]].shape) == 1     # norms and biases: fixed in float32
+        x = fix(g.arch, names[t.hf], g.tensor(names[t.hf], np.float32 if small else target), hf)
         if tuple(x.shape) != t.hf_shape(kv_shapes):
             raise CheckpointError(f"{g.path}: tensor {names[t.hf]!r} has shape {tuple(x.shape)}, but "
                                   f"the metadata implies {t.hf_shape(kv_shapes)}")
         for p, arr in zip(t.kv, t.from_hf(x, kv_shapes)):
-            set_path(params, p, jnp.asarray(np.ascontiguousarray(arr).astype(target)))
+            set_path(params, p, jnp.asarray(np.ascontiguousarray(arr).astype(target, copy=False)))
         del x
     return cfg, params, tok

@@ -94,14 +94,18 @@ class GGUFFile:
             return default
         return np.concatenate([field.parts[i] for i in field.data]) if field.data else np.zeros(0)
 
-    def tensor(self, name: str, dtype) -> np.ndarray:
-        """One tensor dequantised to a numpy array of `dtype` in numpy (row-major) shape."""
+    def tensor(self, name: str, dtype, rows: int = 4096) -> np.ndarray:
+        """One tensor dequantised to a numpy array of `dtype` in numpy (row-major) shape.
+
+        Block-quantised tensors are dequantised `rows` rows at a time straight into the
+        output, so the float32 intermediates stay small whatever the tensor's size."""
         gguf = _gguf()
         t = self.tensors[name]
-        kind = t.tensor_type.name
-        if kind in ("F32", "F16"):
-            x = np.asarray(t.data)
-        else:
-            x = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(s) for s in reversed(t.shape))
-        return np.asarray(x).reshape(shape).astype(dtype, copy=False)
+        if t.tensor_type.name in ("F32", "F16"):
+            return np.asarray(t.data).reshape(shape).astype(dtype, copy=False)
+        data = t.data.reshape(-1, t.data.shape[-1]) if t.data.ndim > 1 else t.data[None]
+        out = np.empty((data.shape[0], int(np.prod(shape)) // data.shape[0]), dtype)
+        for i in range(0, data.shape[0], rows):
+            out[i:i + rows] = gguf.quants.dequantize(data[i:i + rows], t.tensor_type)
+        return out.reshape(shape)
