@@ -58,17 +58,21 @@ def smol():
     return path, load_model("smollm2-135m-instruct")
 
 
-@pytest.fixture(scope="module")
-def smol_hf(smol):
+def _reference(path):
+    """(torch, transformers' float32 model, its tokenizer) loaded from the same GGUF file."""
     require_module("gguf", "GGUF files are read with ggml-org's gguf package")
     torch = require_module("torch", "the reference GGUF loader runs in PyTorch")
     tf = require_module("transformers", "transformers' GGUF loader is the reference")
     require_module("accelerate", "transformers loads GGUF models only with accelerate")
-    path = smol[0]
     model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                     dtype=torch.float32).eval()
     tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return torch, model, tok
+
+
+@pytest.fixture(scope="module")
+def smol_hf(smol):
+    return _reference(smol[0])
 
 
 def _parity(loaded, ref_model, ids, gen_ids, steps):
@@ -111,14 +115,7 @@ def gemma():
 
 @pytest.fixture(scope="module")
 def gemma_hf(gemma):
-    torch = require_module("torch", "the reference GGUF loader runs in PyTorch")
-    tf = require_module("transformers", "transformers' GGUF loader is the reference")
-    require_module("accelerate", "transformers loads GGUF models only with accelerate")
-    path = gemma[0]
-    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                    dtype=torch.float32).eval()
-    tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return torch, model, tok
+    return _reference(gemma[0])
 
 
 def test_gemma3_matches_transformers(gemma, gemma_hf):

@@ -21,7 +21,7 @@ from ..press.decoding import DecodingPress
 from ..sampling import Knobs
 from . import kvzip, programs
 from .nocache import generate_nocache
-from .plans import Plan, Segment, live_bucket, live_plan, prefill_compresses
+from .plans import Plan, Segment, live_for, live_plan, prefill_compresses
 from .programs import GenerateOutput
 
 
@@ -90,7 +90,7 @@ def _prefill_once(cfg, params, tok, lens, cache: KVCache, press, mesh):
         validate.check_room(cfg, used, lens, cache.max_len, "prefill", bounded=False)
     else:
         validate.check_room(cfg, used, lens, cache.max_len, "prefill", cache.bounded)
-        live = live_bucket(int((used + lens).max()), cache.max_len) if cache.reads_live_prefix else None
+        live = live_for(cache, int((used + lens).max()))
     fn = programs.prefill_program if mesh is None else _mesh_program(cfg, mesh, cache, press, "prefill")
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, live, press,
               _global_budgets(mesh, budgets))
@@ -127,7 +127,7 @@ def _prefill_chunks(cfg, params, tok, lens, cache: KVCache, C: int, used: np.nda
         part = np.clip(lens - i * C, 0, C).astype(np.int32)
         if not part.any():
             break
-        live = live_bucket(int((used + part).max()), cache.max_len) if cache.reads_live_prefix else None
+        live = live_for(cache, int((used + part).max()))
         chunk, part_d, has = _placed(mesh, padded[:, i * C:(i + 1) * C], part, part > 0)
         out, cache = fn(cfg, params, chunk, part_d, cache, live, None, None)
         used = used + part
@@ -165,7 +165,7 @@ def _check_step(cfg: ModelConfig, tokens, cache: KVCache) -> int | None:
         validate.check_room(cfg, used, ones, cache.max_len, "decode_step", bounded=False)
         return None
     validate.check_room(cfg, used, ones, cache.max_len, "decode_step", cache.bounded)
-    return live_bucket(int(used.max()) + 1, cache.max_len) if cache.reads_live_prefix else None
+    return live_for(cache, int(used.max()) + 1)
 
 
 def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_new_tokens: int = 32,

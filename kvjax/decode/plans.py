@@ -42,6 +42,12 @@ def live_bucket(n: int, max_len: int) -> int:
     return pow2(n, floor=MIN_LIVE, cap=max_len)
 
 
+def live_for(cache: KVCache, longest: int) -> int | None:
+    """Slots a call reads when its longest row ends at `longest` tokens: a power-of-two prefix
+    of a dense/int8 cache, or None (every slot) for rings, pressed and KIVI caches."""
+    return live_bucket(longest, cache.max_len) if cache.reads_live_prefix else None
+
+
 def live_plan(end_of_prompt: int, max_new_tokens: int, cache: KVCache, decoding=None,
               prompt_width: int = 1) -> tuple[int | None, tuple]:
     """(prefill live, segments) for a generate whose longest row holds `end_of_prompt` tokens
