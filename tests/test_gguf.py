@@ -92,7 +92,7 @@ def _parity(loaded, ref_model, ids, gen_ids, steps):
 def test_smollm2_matches_transformers(smol, smol_hf):
     cfg, params, tok = smol[1]
     assert (cfg.num_layers, cfg.d_model, cfg.num_kv_heads, cfg.tie_embeddings) == (30, 576, 3, True)
-    _parity(smol[1], smol_hf[:2], tok.apply_chat_template(CHAT), tok.encode(STORY), 16)
+    _parity(smol[1], smol_hf[:2], tok.apply_chat_template(CHAT), tok.encode(STORY), 32)
 
 
 def test_smollm2_tokenizer_and_chat_template(smol, smol_hf):
@@ -103,6 +103,38 @@ def test_smollm2_tokenizer_and_chat_template(smol, smol_hf):
     assert tok.apply_chat_template(CHAT) == list(ref.apply_chat_template(CHAT, add_generation_prompt=True,
                                                                         tokenize=True, return_dict=False))
     assert tok.eos_id == ref.eos_token_id and tok.bos_id == ref.convert_tokens_to_ids(ref.bos_token)
+
+
+def test_smollm2_engine_and_server_answer_a_chat(smol, smol_hf):
+    # the Engine (paged cache, continuous batching) and the HTTP server on it give the chat
+    # answer transformers gives for the same template ids
+    require_module("fastapi", "kvjax serve needs fastapi (the serve extra)")
+    from starlette.testclient import TestClient
+
+    from kvjax.engine import Engine, SamplingParams
+    from kvjax.serve.app import create_app
+
+    (cfg, params, tok), (torch, model, _) = smol[1], smol_hf
+    ids, n = tok.apply_chat_template(CHAT), 12
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                              eos_token_id=list(tok.eos_ids))[0, len(ids):].tolist()
+    engine = Engine(cfg, params, max_slots=2, max_len=128, page_size=16)
+    try:
+        got = engine.generate([ids], SamplingParams(max_tokens=n, temperature=0.0,
+                                                    stop_token_ids=list(tok.eos_ids)))[0]
+        assert got.tokens == want
+        app = create_app(engine, tok, "smollm2", context=128, vocab_size=cfg.vocab_size, eos_ids=tok.eos_ids)
+        with TestClient(app) as client:
+            r = client.post("/v1/chat/completions", json={"model": "smollm2", "messages": CHAT,
+                                                          "max_tokens": n, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["usage"]["prompt_tokens"] == len(ids)
+        answer = [t for t in want if t not in tok.eos_ids]
+        assert body["choices"][0]["message"]["content"] == tok.decode(answer)
+    finally:
+        engine.close()
 
 
 # ----------------------------------------------------------------------------- Gemma 3 (gemma3)
@@ -121,7 +153,21 @@ def gemma_hf(gemma):
 def test_gemma3_matches_transformers(gemma, gemma_hf):
     cfg, params, tok = gemma[1]
     assert cfg.layer_types.count("full") == 3 and (cfg.sliding_window, cfg.rope_local_theta) == (512, 1e4)
-    _parity(gemma[1], gemma_hf[:2], tok.encode(PARIS), tok.encode(STORY), 16)
+    _parity(gemma[1], gemma_hf[:2], tok.encode(PARIS), tok.encode(STORY), 32)
+
+
+def test_gemma3_hybrid_cache_equals_full_cache(gemma):
+    # a prompt past the 512-token window: the local layers' rings wrap, the tokens must not change
+    cfg, params, tok = gemma[1]
+    ids = tok.encode(" ".join([STORY] * 80))[:600]
+    assert len(ids) == 600 > cfg.sliding_window
+    prompt = np.array([ids])
+    outs = {h: kvjax.generate(cfg, params, prompt, max_new_tokens=8, hybrid=h, eos_token_id=tok.eos_ids)
+            for h in (True, False)}
+    assert outs[True].cache.hybrid and not outs[False].cache.hybrid
+    assert np.asarray(outs[True].tokens).tolist() == np.asarray(outs[False].tokens).tolist()
+    small, full = (kvjax.cache_bytes(cfg, 1, 608, hybrid=h) for h in (True, False))
+    assert small == pytest.approx(full * (3 * 608 + 15 * 512) / (18 * 608), rel=1e-3)  # 15 local layers: 512 slots
 
 
 def test_gemma3_tokenizer(gemma, gemma_hf):
