@@ -3,6 +3,7 @@
   reader.py     GGUFFile: metadata and tensors (ggml-org's `gguf` package), dequantised
                 tensor by tensor
   arch.py       GGUF architectures -> Hugging Face config / tensor names (kvjax/hf maps those)
+  archs/        the per-architecture rules arch.py applies (one module per family group)
   tokenizer.py  GGUFTokenizer: tokenizer.ggml.* metadata -> a `tokenizers` tokenizer
 
 The config goes through kvjax.hf.config_from_hf and the tensors through the same family
@@ -18,7 +19,7 @@ import numpy as np
 from ..config import DTYPES
 from ..hf import config_from_hf, tensor_table
 from ..hf.common import CheckpointError, check_table, param_shapes, set_path, some
-from .arch import SUPPORTED_ARCHS, fix, hf_config, hf_name
+from .arch import SUPPORTED_ARCHS, fix, hf_config, hf_name, is_config_tensor
 from .reader import GGUFFile, supported_types
 from .tokenizer import GGUFTokenizer
 
@@ -40,6 +41,8 @@ def _tensor_names(g, arch: str, table) -> dict:
     """Hugging Face name -> GGUF name, checked against the table before any tensor is read."""
     names = {}
     for n in g.tensors:
+        if is_config_tensor(arch, n):
+            continue    # rotary factors: already in the config
         hf = hf_name(arch, n)
         if hf is None:
             raise CheckpointError(f"{g.path}: tensor {n!r} is not one a {arch} model uses")
