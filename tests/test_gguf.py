@@ -181,6 +181,30 @@ def test_gemma3_tokenizer(gemma, gemma_hf):
         tok.apply_chat_template(CHAT)
 
 
+def test_reader_equals_ggufs_own_reader(smol):
+    # kvjax/gguf/parse.py against gguf.GGUFReader on SmolLM2's file: every metadata value,
+    # every tensor's type, shape, offset and bytes (Gemma 3's is covered by its parity tests;
+    # gguf.GGUFReader takes ~18 s over its 262k-token vocabulary)
+    gguf = require_module("gguf", "gguf.GGUFReader is the reference")
+    from kvjax.gguf import GGUFFile
+
+    for path in (smol[0],):
+        ours, ref = GGUFFile(path), gguf.GGUFReader(str(path))
+        keys = [k for k in ref.fields if not k.startswith("GGUF.")]
+        assert sorted(keys) == sorted(ours.meta)
+        for k in keys:
+            want = ref.fields[k].contents()
+            want = want.item() if isinstance(want, np.generic) else want
+            got = ours.get(k)
+            assert (np.allclose(got, want) if isinstance(want, list) and want
+                    and isinstance(want[0], float) else got == want), k
+        assert [t.name for t in ref.tensors] == list(ours.tensors)
+        for t in ref.tensors:
+            mine = ours.tensors[t.name]
+            assert (mine.tensor_type, mine.data_offset, mine.n_bytes) == (t.tensor_type, t.data_offset, t.n_bytes)
+            assert mine.data.dtype == t.data.dtype and np.array_equal(mine.data, t.data), t.name
+
+
 # ----------------------------------------------------------------------------- load_model
 
 def test_load_model_bundled_name_and_folder():

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import DTYPES
 from ..hf import config_from_hf, tensor_table
-from ..hf.common import CheckpointError, check_table, param_shapes, set_path, some
+from ..hf.common import CheckpointError, check_table, param_shapes, set_path, some, to_device
 from .arch import SUPPORTED_ARCHS, fix, hf_config, hf_name, is_config_tensor
 from .reader import GGUFFile, supported_types
 from .tokenizer import GGUFTokenizer
@@ -80,6 +80,6 @@ def load_gguf(path, dtype: str = "float32", with_tokenizer: bool = True):
             raise CheckpointError(f"{g.path}: tensor {names[t.hf]!r} has shape {tuple(x.shape)}, but "
                                   f"the metadata implies {t.hf_shape(kv_shapes)}")
         for p, arr in zip(t.kv, t.from_hf(x, kv_shapes)):
-            set_path(params, p, jnp.asarray(np.ascontiguousarray(arr).astype(target, copy=False)))
+            set_path(params, p, to_device(np.ascontiguousarray(arr).astype(target, copy=False)))
         del x
     return cfg, params, tok

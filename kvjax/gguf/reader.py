@@ -1,8 +1,8 @@
 """A GGUF file: its metadata and its tensors, dequantised one at a time.
 
-Built on ggml-org's `gguf` package (GGUFReader memory-maps the file; `gguf.quants.dequantize`
-turns any block-quantised tensor into float32 with numpy). Nothing is read into memory until
-a tensor is asked for, so a caller that converts tensor by tensor keeps peak host memory near
+kvjax/gguf/parse.py reads the header from a memory map; ggml-org's `gguf` package supplies
+the type table and `gguf.quants.dequantize` (any block-quantised tensor into float32 with
+numpy). Nothing is read into memory until a tensor is asked for, so a caller that converts tensor by tensor keeps peak host memory near
 the final parameter bytes plus one float32 tensor.
 
 Shapes are numpy's (row-major): a GGUF matrix of ggml shape [in, out] is a [out, in] array
@@ -10,11 +10,14 @@ here, the same layout as a Hugging Face `nn.Linear.weight`.
 """
 from __future__ import annotations
 
+import mmap
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..hf.common import CheckpointError
+from .parse import FormatError, parse
 
 PLAIN_TYPES = ("F32", "F16", "BF16")
 BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
@@ -30,69 +33,105 @@ def _gguf():
     return gguf
 
 
+_PLAIN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
+
+
+def _n_bytes(t) -> int:
+    """Bytes of tensor `t` (a parse.TensorInfo) on disk; CheckpointError for a row that is
+    not a whole number of its type's blocks."""
+    block, size = _gguf().GGML_QUANT_SIZES[_gguf().GGMLQuantizationType(t.type_id)]
+    if t.shape and t.shape[0] % block:
+        raise CheckpointError(f"tensor {t.name!r}: rows of {t.shape[0]} values are not whole "
+                              f"blocks of {block} (corrupt header)")
+    return t.n_elements // block * size
+
+
 def supported_types() -> tuple:
     """Tensor types this reader dequantises: plain floats and every block type `gguf` knows."""
     quants = _gguf().quants
     return PLAIN_TYPES + tuple(t for t in BLOCK_TYPES if hasattr(quants, t))
 
 
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of a GGUFFile: ggml-order `shape`, `tensor_type` (gguf.GGMLQuantizationType),
+    and `data`, a read-only view of the memory map in gguf.GGUFReader's layout: [rows, row
+    bytes] uint8 for block types, the element dtype in numpy shape for F32/F16."""
+
+    name: str
+    shape: tuple
+    tensor_type: object
+    data_offset: int
+    n_bytes: int
+    data: np.ndarray
+
+
 class GGUFFile:
-    """One GGUF file: `arch`, `meta` (key -> value; big arrays on request), `tensors` (name ->
-    the gguf ReaderTensor). CheckpointError for a file that is not GGUF, truncated or corrupt,
-    or holds a tensor type no dequantiser handles, before any tensor is read."""
+    """One GGUF file: `arch`, `meta` (key -> value), `tensors` (name -> Tensor). Metadata is
+    parsed by kvjax/gguf/parse.py; tensor data stays memory-mapped until `tensor()` reads it.
+    CheckpointError for a file that is not GGUF, truncated or corrupt, or holds a tensor type
+    no dequantiser handles, before any tensor is read."""
 
     def __init__(self, path):
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file {self.path} does not exist")
-        try:
-            self._reader = _gguf().GGUFReader(str(self.path))
-        except ImportError:
-            raise
-        except Exception as e:  # the reader raises ValueError/IndexError/struct errors alike
-            raise CheckpointError(f"{self.path} cannot be read as a GGUF file (not GGUF, truncated "
-                                  f"or corrupt): {type(e).__name__}: {e}") from None
-        self.tensors = {t.name: t for t in self._reader.tensors}
-        self._check_size()
-        self._check_types()
+        with open(self.path, "rb") as f:
+            try:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self.meta, infos, start = parse(self._map)
+            except (FormatError, ValueError) as e:    # mmap of an empty file: ValueError
+                raise CheckpointError(f"{self.path} cannot be read as a GGUF file (not GGUF, "
+                                      f"truncated or corrupt): {e}") from None
+        self._check_types(infos)
+        self._check_size(infos, start)
+        self.tensors = {n: self._tensor(t, start) for n, t in infos.items()}
         self.arch = self.get("general.architecture")
 
-    def _check_size(self):
-        size = self.path.stat().st_size
-        for t in self.tensors.values():
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size or t.data.nbytes != int(t.n_bytes):
+    def _check_types(self, infos):
+        ok, known = supported_types(), _gguf().GGMLQuantizationType
+        for t in infos.values():
+            name = known(t.type_id).name if t.type_id in known._value2member_map_ else f"id {t.type_id}"
+            if name not in ok:
+                raise CheckpointError(f"{self.path}: tensor {t.name!r} has type {name}, which kvjax "
+                                      f"cannot dequantise; supported: {', '.join(ok)}")
+
+    def _check_size(self, infos, start):
+        size = len(self._map)
+        for t in infos.values():
+            end = start + t.offset + _n_bytes(t)
+            if end > size:
                 raise CheckpointError(f"{self.path} is truncated: tensor {t.name!r} needs bytes up to "
                                       f"{end}, but the file has {size}")
 
-    def _check_types(self):
-        ok = supported_types()
-        for t in self.tensors.values():
-            if t.tensor_type.name not in ok:
-                raise CheckpointError(f"{self.path}: tensor {t.name!r} has type {t.tensor_type.name}, "
-                                      f"which kvjax cannot dequantise; supported: {', '.join(ok)}")
+    def _tensor(self, t, start) -> Tensor:
+        qtype = _gguf().GGMLQuantizationType(t.type_id)
+        n, at, dims = _n_bytes(t), start + t.offset, tuple(reversed(t.shape))
+        if qtype.name in ("F32", "F16"):
+            data = np.frombuffer(self._map, _PLAIN[qtype.name], t.n_elements, at).reshape(dims)
+        else:
+            block, size = _gguf().GGML_QUANT_SIZES[qtype]
+            data = np.frombuffer(self._map, np.uint8, n, at).reshape(*dims[:-1], dims[-1] // block * size)
+        return Tensor(t.name, t.shape, qtype, at, n, data)
 
     def has(self, key: str) -> bool:
-        return key in self._reader.fields
+        return key in self.meta
 
     def get(self, key: str, default=...):
         """A metadata value (str, int, float, bool, or a list); CheckpointError naming the key
         when it is absent and no default is given."""
-        field = self._reader.fields.get(key)
-        if field is None:
+        if key not in self.meta:
             if default is ...:
                 raise CheckpointError(f"{self.path} has no metadata key {key!r}, which a "
                                       f"{self.get('general.architecture', '?')} model needs")
             return default
-        value = field.contents()
-        return value.item() if isinstance(value, np.generic) else value
+        value = self.meta[key]
+        return value.tolist() if isinstance(value, np.ndarray) else value
 
     def array(self, key: str, default=None) -> np.ndarray | None:
-        """A numeric metadata array (token types, scores) without building a Python list."""
-        field = self._reader.fields.get(key)
-        if field is None:
-            return default
-        return np.concatenate([field.parts[i] for i in field.data]) if field.data else np.zeros(0)
+        """A numeric metadata array (token types, scores) as numpy, without a Python list."""
+        value = self.meta.get(key)
+        return default if value is None else np.asarray(value)
 
     def tensor(self, name: str, dtype, rows: int = 4096) -> np.ndarray:
         """One tensor dequantised to a numpy array of `dtype` in numpy (row-major) shape.

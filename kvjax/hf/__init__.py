@@ -32,7 +32,7 @@ from ..config import DTYPES, ModelConfig
 from . import gemma, gpt2, llama, olmo2, phi3, qwen3
 from .common import (INDEX_FILE, SINGLE_FILE, CheckpointError, Fields, Tensor, check_params,
                      check_table, folder_of, get_path, open_safetensors, param_shapes, read_json,
-                     set_path, shard, some, weight_files, write_json)
+                     set_path, shard, some, to_device, weight_files, write_json)
 
 _FAMILIES = (gpt2, llama, gemma, qwen3, phi3, olmo2)
 FAMILY = {t: fam for fam in _FAMILIES for t in fam.MODEL_TYPES}
@@ -183,7 +183,7 @@ def load_hf(path, dtype: str = "float32"):
             raise CheckpointError(f"tensor {t.hf!r} in {file.name} has shape {tuple(x.shape)}, but "
                                   f"config.json implies {want}")
         for p, arr in zip(t.kv, t.from_hf(x, kv_shapes)):
-            set_path(params, p, jnp.asarray(np.ascontiguousarray(arr).astype(target)))
+            set_path(params, p, to_device(np.ascontiguousarray(arr).astype(target)))
     return cfg, params
 
 

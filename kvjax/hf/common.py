@@ -352,3 +352,10 @@ def get_path(tree, path: tuple):
     for k in path:
         tree = tree[k]
     return tree
+
+
+def to_device(x: np.ndarray) -> jax.Array:
+    """x on the default device, the copy finished before returning. jnp.asarray's copy is
+    asynchronous and keeps host buffers alive behind it: loading Gemma 3 with it peaked at
+    2.48 GB RSS, with this at 1.71 GB (1.07 GB of float32 parameters; numpy alone 1.53 GB)."""
+    return jax.device_put(x).block_until_ready()
