@@ -1,4 +1,5 @@
-"""The `kvjax` command: one entry point; `kvjax generate`, `kvjax run`, `kvjax train`.
+"""The `kvjax` command: one entry point; `kvjax generate`, `kvjax run`, `kvjax train`,
+`kvjax serve`, `kvjax models`.
 
 Each subcommand has a registering function (SUBCOMMANDS) that adds its parser, with help
 for every flag, and sets `func` to a callable taking the parsed args and returning an
@@ -17,6 +18,7 @@ SUBCOMMANDS = {
     "run": ("kvjax.runner.cli", "add_parser"),
     "train": ("kvjax.runner.cli", "add_train_parser"),
     "serve": ("kvjax.serve.cli", "add_parser"),
+    "models": ("kvjax.models_cli", "add_parser"),
 }
 
 

@@ -2,12 +2,13 @@
 
     kvjax generate --model PATH --prompt "Once upon a time" [--max-new-tokens 64]
                    [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--no-cache]
-                   [--dtype float32|bfloat16] [--chat [--system TEXT]]
+                   [--dtype float32|bfloat16] [--chat [--system TEXT] [--chat-template FILE]]
 
 With --chat the prompt is one user message (after an optional --system message) rendered
 by the checkpoint's chat template (`Tokenizer.apply_chat_template`, generation prompt
-added); without it the prompt is encoded as plain text. Generation stops at any of the
-checkpoint's end-of-sequence ids (generation_config.json's `eos_token_id`, an int or a
+added), or by the Jinja file --chat-template names (read and parsed before the model
+loads; it implies --chat); without it the prompt is encoded as plain text. Generation
+stops at any of the checkpoint's end-of-sequence ids (generation_config.json's `eos_token_id`, an int or a
 list such as Llama 3's <|end_of_text|> and <|eot_id|>).
 
 The continuation goes to stdout; the report (prompt tokens, new tokens, prefill ms,
@@ -40,8 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "config.json, *.safetensors, and tokenizer.json or kvjax_tokenizer.json). "
                     "Prints the continuation on stdout and a timing report on stderr.")
     p.add_argument("--model", required=True, metavar="PATH_OR_NAME",
-                   help="checkpoint folder (model_type: " + ", ".join(_model_types()) + "), or the "
-                   "name of a bundled model (" + ", ".join(_bundled()) + ")")
+                   help="a model name (bundled or packaged: kvjax models lists them), a .gguf file, "
+                   "or a Hugging Face checkpoint folder (model_type: " + ", ".join(_model_types()) + ")")
     p.add_argument("--prompt", required=True, help="text to continue (encoded with the "
                    "checkpoint's tokenizer, special tokens such as BOS included)")
     p.add_argument("--chat", action="store_true",
@@ -49,6 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "template (plus the assistant's generation prompt)")
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="a system message placed before the user message (implies --chat)")
+    add_chat_template_flag(p, "(implies --chat)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=64, metavar="N",
                    help="tokens to generate (fewer if the model emits one of its end-of-sequence "
                         "ids); default %(default)s")
@@ -79,6 +81,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p.error = error
     return p
+
+
+def add_chat_template_flag(p, note: str) -> None:
+    """`--chat-template FILE` (shared with `kvjax serve`)."""
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help=f"a Jinja chat-template file used instead of the checkpoint's (for models "
+                        f"that ship none, e.g. the base model gemma3-270m) {note}")
+
+
+def read_chat_template_arg(file):
+    """--chat-template FILE -> its text (None without the flag); UserError naming the file,
+    and the line and problem of a template that does not parse. Called before the model loads."""
+    if file is None:
+        return None
+    from .tokenizer import read_chat_template
+
+    try:
+        return read_chat_template(file)
+    except ValueError as e:
+        raise UserError(f"--chat-template {e}") from None
 
 
 def int_at_least(low: int):
@@ -132,8 +154,8 @@ def resolve_model(spec: str, dtype: str):
     from .models import PACKAGED, load_model
 
     if spec not in PACKAGED and spec not in _bundled() and not Path(spec).expanduser().exists():
-        raise UserError(f"--model {spec}: no such checkpoint folder, and not a bundled model "
-                        f"(bundled: {', '.join(_bundled()) or 'none'})")
+        raise UserError(f"--model {spec}: no such file or folder, and not a model name "
+                        f"({', '.join([*_bundled(), *PACKAGED])}; see kvjax models)")
     try:
         return load_model(spec, dtype=dtype)
     except (ValueError, FileNotFoundError, ImportError) as e:  # CheckpointError is a ValueError
@@ -141,8 +163,14 @@ def resolve_model(spec: str, dtype: str):
 
 
 def run(args) -> int:
+    template = read_chat_template_arg(args.chat_template)
     cfg, params, tok = resolve_model(args.model, args.dtype)
-    if args.chat or args.system is not None:
+    if template is not None:
+        from .tokenizer import use_chat_template
+
+        use_chat_template(tok, template)
+    if args.chat or args.system is not None or template is not None:
+        _check_has_template(tok)
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
         messages.append({"role": "user", "content": args.prompt})
         try:
@@ -167,6 +195,14 @@ def run(args) -> int:
     print(tok.decode(result["tokens"]), flush=True)
     print(report(cfg, args, result), file=sys.stderr)
     return 0
+
+
+def _check_has_template(tok) -> None:
+    from .tokenizer import ByteTokenizer
+
+    if getattr(tok, "chat_template", "") is None and not isinstance(tok, ByteTokenizer):
+        raise UserError("--chat: this model has no chat template (a base model?); pass "
+                        "--chat-template FILE, or drop --chat to continue the prompt as plain text")
 
 
 def decode(cfg, params, ids, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,

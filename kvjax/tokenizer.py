@@ -15,7 +15,8 @@ the checkpoint's generation_config.json, config.json and tokenizer_config.json, 
 template from chat_template.jinja (and additional_chat_templates/*.jinja) or
 tokenizer_config.json's `chat_template`, rendered by jinja2's sandbox exactly as
 transformers renders it (see `render_chat_template`).
-`load_tokenizer(folder)` returns whichever the folder holds.
+`load_tokenizer(folder)` returns whichever the folder holds. `read_chat_template(file)` and
+`use_chat_template(tok, text)` replace a checkpoint's chat template (`--chat-template`).
 """
 from __future__ import annotations
 
@@ -66,11 +67,17 @@ class ByteTokenizer:
 
     The markers are ordinary bytes (the byte vocabulary has no room for new specials); the ids
     are `encode(text)`, so `<bos>` comes first when `add_bos` is set.
+
+    `chat_template` (None: the format above) may be set to a Jinja chat template
+    (`use_chat_template`); it is then rendered as for Hugging Face tokenizers (variables
+    bos_token="<bos>", eos_token="<eos>", pad_token="<pad>") and the text encoded with
+    `encode_with_specials`, so those names in the rendered text become their ids.
     """
 
     PAD, BOS, EOS = 256, 257, 258
     SPECIALS = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS}
     vocab_size = 259
+    chat_template: str | None = None
 
     def __init__(self, add_bos: bool = True):
         self.add_bos = bool(add_bos)
@@ -112,8 +119,14 @@ class ByteTokenizer:
                             **kwargs) -> list[int] | str:
         """The documented byte-level chat format (see the class docstring). Extra keyword
         arguments (template variables for Hugging Face templates, e.g. enable_thinking) are
-        accepted and have no effect. tokenize=False returns the text."""
+        accepted and have no effect (unless a Jinja `chat_template` is set: see the class
+        docstring). tokenize=False returns the text."""
         msgs = check_messages(messages)
+        if self.chat_template is not None:
+            names = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", **kwargs}
+            text = render_chat_template(self.chat_template, msgs, add_generation_prompt=add_generation_prompt,
+                                        **names)
+            return self.encode_with_specials(text, add_special_tokens=False) if tokenize else text
         parts = []
         for i, m in enumerate(msgs):
             if not isinstance(m.get("content"), str):
@@ -124,6 +137,21 @@ class ByteTokenizer:
             parts.append("<|assistant|>\n")
         text = "".join(parts)
         return self.encode(text) if tokenize else text
+
+    def encode_with_specials(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """encode(), with the special-token names in `text` (`<bos>`, `<eos>`, `<pad>`) read as
+        their ids, as Hugging Face tokenizers read theirs (rendered chat templates hold them)."""
+        ids = [self.BOS] if add_special_tokens and self.add_bos else []
+        rest = text
+        while rest:
+            hits = [(rest.find(n), n) for n in self.SPECIALS if n in rest]
+            if not hits:
+                ids += self.encode(rest, add_special_tokens=False)
+                break
+            pos, name = min(hits)
+            ids += self.encode(rest[:pos], add_special_tokens=False) + [self.SPECIALS[name]]
+            rest = rest[pos + len(name):]
+        return ids
 
     def to_json(self) -> dict:
         return {"type": "byte", "version": 1, "vocab_size": self.vocab_size,
@@ -294,6 +322,35 @@ def load_tokenizer(path) -> ByteTokenizer | HFTokenizer:
                             f"{BYTE_TOKENIZER_FILE}, found {found or 'nothing'}.{hint}")
 
 
+def read_chat_template(path) -> str:
+    """The text of a Jinja chat-template file, checked to parse (as `render_chat_template`
+    compiles it). ValueError naming the file, and the line and problem of a syntax error."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read: {e}") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty; expected a Jinja chat template")
+    try:
+        _compiled_template(text)
+    except ChatTemplateSyntaxError as e:
+        raise ValueError(f"{path}, line {e.lineno}: {e.problem}") from None
+    return text
+
+
+def use_chat_template(tokenizer, template: str):
+    """Make `tokenizer` render chats with `template` (Jinja text, e.g. from `read_chat_template`)
+    instead of its checkpoint's: every later `apply_chat_template` call uses it. Returns the
+    tokenizer."""
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError("a chat template must be a non-empty str")
+    tokenizer.chat_template = template
+    return tokenizer
+
+
 def check_messages(messages) -> list[dict]:
     """A chat as a list of message dicts, checked: each has a str "role" and a "content" (a str,
     or a list of content parts such as {"type": "text", "text": ...}); an assistant message
@@ -343,6 +400,14 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
         raise ValueError(f"chat template error: {e}") from None
 
 
+class ChatTemplateSyntaxError(ValueError):
+    """A chat template that does not parse: `lineno` (1-based) and `problem` (jinja2's message)."""
+
+    def __init__(self, lineno: int, problem: str):
+        super().__init__(f"chat template syntax error (line {lineno}): {problem}")
+        self.lineno, self.problem = lineno, problem
+
+
 @lru_cache(maxsize=16)
 def _compiled_template(template: str):
     import jinja2
@@ -383,7 +448,7 @@ def _compiled_template(template: str):
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"chat template syntax error (line {e.lineno}): {e.message}") from None
+        raise ChatTemplateSyntaxError(e.lineno, e.message) from None
 
 
 def _read_chat_templates(folder: Path, tok_cfg: dict):

@@ -161,7 +161,7 @@ def test_help_explains_every_flag(capsys):
     flags = [a for a in gen._actions if a.option_strings and a.dest != "help"]
     assert {a.option_strings[0] for a in flags} == {
         "--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
-        "--no-cache", "--dtype", "--timing", "--chat", "--system"}
+        "--no-cache", "--dtype", "--timing", "--chat", "--system", "--chat-template"}
     assert all(a.help and len(a.help) > 15 for a in flags)
     with pytest.raises(SystemExit) as e:
         main(["generate", "--help"])
@@ -194,7 +194,7 @@ def test_bad_model_paths_one_line(tmp_path, capsys):
     kvjax.save_hf(cfg, params, tmp_path / "no_tok")
     kvjax.save_hf(cfg, params, tmp_path / "gpt2", tokenizer=kvjax.ByteTokenizer())
     (tmp_path / "empty").mkdir()
-    cases = [(tmp_path / "missing", "no such checkpoint folder"),
+    cases = [(tmp_path / "missing", "no such file or folder, and not a model name"),
              (tmp_path / "empty", "no config.json"),
              (tmp_path / "no_tok", "no tokenizer in"),
              (tmp_path / "no_tok" / "config.json", "is a file")]
@@ -217,8 +217,8 @@ def test_command_line_process_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"kvjax generate: error: --model {tmp_path / 'nope'}: no such checkpoint folder, and not "
-        f"a bundled model (bundled: recall, text)"]
+        f"kvjax generate: error: --model {tmp_path / 'nope'}: no such file or folder, and not a "
+        f"model name ({', '.join(kvjax.models.model_names())}; see kvjax models)"]
 
 
 def test_a_bundled_model_name_resolves_to_its_folder():
@@ -228,3 +228,32 @@ def test_a_bundled_model_name_resolves_to_its_folder():
     cfg, params, tok = resolve_model("text", "float32")
     ref_cfg, _, ref_tok = load_bundled("text")
     assert cfg == ref_cfg and tok.encode("abc") == ref_tok.encode("abc")
+
+
+def test_chat_template_file_for_a_model_without_one(tmp_path, capsys, monkeypatch):
+    """A GGUF model with no tokenizer.chat_template: --chat says to pass --chat-template; the
+    file's template renders the prompt (the report's prompt tokens are its ids); a bad file is
+    one line naming file, line and problem, before the model loads."""
+    from test_gguf import _write_gguf
+
+    from kvjax import generate_cli
+    from kvjax.tokenizer import use_chat_template
+
+    model = _write_gguf(tmp_path / "tiny.gguf")
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    rc, _, err = _run(capsys, "--model", model, "--prompt", "hi", "--chat")
+    assert rc == 2 and "no chat template" in err and "--chat-template FILE" in err
+    rc, _, err = _run(capsys, "--model", model, "--prompt", "hi", "--chat-template", template,
+                      "--max-new-tokens", 2, "--timing", "first")
+    _, _, tok = kvjax.load_model(str(model))
+    ids = use_chat_template(tok, template.read_text()).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert rc == 0 and _report(err)["prompt tokens"] == str(len(ids)) and len(ids) > len(tok.encode("hi"))
+    monkeypatch.setattr(generate_cli, "resolve_model", lambda *a: pytest.fail("the model was loaded"))
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("hello\n{% for m in messages %}\n{{ m.content }\n")
+    for path, message in ((bad, rf"--chat-template {bad}, line 3: unexpected '}}'"),
+                          (tmp_path / "none.jinja", "no such file")):
+        rc, _, err = _run(capsys, "--model", model, "--prompt", "hi", "--chat-template", path)
+        assert rc == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err

@@ -197,3 +197,91 @@ def test_cli_invalid_yaml_and_dry_run(tmp_path, capsys):
     assert main(["run", str(path), "--dry-run", "--set", "seed=3"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["seed"] == 3 and printed["cache_vs_nocache"]["batch_size"] == 1
+
+
+# ---------------------------------------------------------------- model names (kvjax.load_model)
+def _tiny_gguf(path, vocab=260):
+    """A 1-layer llama GGUF (F32, tied embeddings) whose vocabulary fits kvjax train (>= 259)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    d, f = 64, 128
+    for key, val in (("block_count", 1), ("embedding_length", d), ("feed_forward_length", f),
+                     ("context_length", 128), ("attention.head_count", 2), ("attention.head_count_kv", 2)):
+        w.add_uint32(f"llama.{key}", val)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(0x21 + i) if i < 94 else f"t{i}" for i in range(vocab)])
+    rng = np.random.default_rng(0)
+    for name, shape in {"token_embd.weight": (vocab, d), "output_norm.weight": (d,),
+                        "blk.0.attn_norm.weight": (d,), "blk.0.ffn_norm.weight": (d,),
+                        "blk.0.attn_q.weight": (d, d), "blk.0.attn_k.weight": (d, d),
+                        "blk.0.attn_v.weight": (d, d), "blk.0.attn_output.weight": (d, d),
+                        "blk.0.ffn_gate.weight": (f, d), "blk.0.ffn_up.weight": (f, d),
+                        "blk.0.ffn_down.weight": (d, f)}.items():
+        x = rng.normal(size=shape) * 0.02 + (len(shape) == 1)     # norms near 1
+        w.add_tensor(name, x.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_model_keys_take_any_load_model_name(tmp_path):
+    gguf_file = str(_tiny_gguf(tmp_path / "tiny.gguf"))
+    bench = lambda model: {"name": "t", "kind": "serving_bench", "serving_bench": {"model": model}}  # noqa: E731
+    for ok in ("text", gguf_file, "smollm2-135m-instruct"):
+        assert parse_config(bench(ok)).settings.model == ok
+    assert "serving_bench.model: 'nope' is no such file or folder, and not a model name" in err(bench("nope"))
+    assert "serving_bench.model" in err(bench(str(tmp_path)))       # a folder without config.json
+    cq = lambda **kw: {"name": "t", "kind": "compression_quality", "compression_quality": kw}  # noqa: E731
+    assert parse_config(cq(text_model=gguf_file, recall_model="")).settings.text_model == gguf_file
+    assert "compression_quality.recall_model: " in err(cq(recall_model=gguf_file))
+    assert "not a model trained by kvjax train" in err(cq(recall_model=gguf_file))
+    assert "trained on task 'text', not 'recall'" in err(cq(recall_model="text"))
+    assert "compression_quality.text_model: 'missing.gguf'" in err(cq(text_model="missing.gguf"))
+    pb = {"name": "t", "kind": "press_benchmark", "press_benchmark": {"text_model": gguf_file, "presses": ["KVzip"]}}
+    assert "press_benchmark.presses: KVzip" in err(pb)
+
+
+def test_train_init_from_validation_names_the_key(tmp_path):
+    gguf_file = str(_tiny_gguf(tmp_path / "tiny.gguf"))
+    train = lambda **kw: {"name": "t", "kind": "train", "train": {"num_steps": 4, "warmup_steps": 1, **kw}}  # noqa: E731
+    assert parse_config(train(init_from=gguf_file, d_model=64)).settings.init_from == gguf_file
+    assert "train.d_model: 128 conflicts with init_from" in err(train(init_from=gguf_file, d_model=128))
+    assert "train.init_from: 'nope' is no such file or folder" in err(train(init_from="nope"))
+    parse_config(train(init_from="runs/written_by_an_earlier_run"))   # a run folder: checked at run time
+    import jax
+
+    import kvjax
+
+    cfg = kvjax.ModelConfig.preset("gpt2-tiny")
+    kvjax.save_hf(cfg, kvjax.init_params(cfg, jax.random.key(0)), tmp_path / "gpt2")
+    assert "cannot express" in err(train(init_from=str(tmp_path / "gpt2")))
+
+
+def test_train_init_from_a_gguf_file_starts_at_its_weights(tmp_path):
+    """A few steps at a negligible learning rate from a GGUF file: the shape comes from the file
+    and the trained weights are still the file's."""
+    import jax
+    import numpy as np
+
+    import kvjax
+    from kvjax.runner.experiment import run_experiment
+
+    gguf_file = str(_tiny_gguf(tmp_path / "tiny.gguf"))
+    cfg = parse_config({"name": "t", "kind": "train", "train": {
+        "init_from": gguf_file, "num_steps": 2, "warmup_steps": 0, "batch_size": 2, "seq_len": 16,
+        "learning_rate": 1e-9, "eval_every": 100, "eval_windows": 1, "log_every": 1,
+        "save_dtype": "float32", "weight_decay": 0.0}})
+    run_experiment(cfg, out=tmp_path / "run")
+    folder = sorted((tmp_path / "run").rglob("train_state.msgpack"))[-1].parent
+    trained_cfg, trained = kvjax.load_hf(folder)
+    want_cfg, want, _ = kvjax.load_model(gguf_file)
+    assert (trained_cfg.d_model, trained_cfg.num_layers, trained_cfg.vocab_size) == (64, 1, 260)
+    for a, b in zip(jax.tree_util.tree_leaves(trained), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    assert (tmp_path / "run" / "init_from" / "config.json").is_file()

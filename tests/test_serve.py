@@ -553,3 +553,43 @@ def test_logprob_objects_name_tokens_and_offsets():
     assert [c["token"] for c in chat] == ["a", "bytes:\\xc3", "bytes:\\xa9", "<eos>"]
     assert chat[1]["bytes"] == [0xC3] and chat[0]["top_logprobs"][1] == {
         "token": "b", "logprob": -1.5, "bytes": [98]}
+
+
+def test_chat_template_flag_serves_chat_for_a_model_without_one(tmp_path, monkeypatch):
+    """A GGUF model with no chat template (like Gemma 3 270M base): chat requests are a 400
+    that names --chat-template; with --chat-template FILE they render with that file (the
+    prompt's token count is the template's); a bad file fails before the model loads."""
+    from starlette.testclient import TestClient
+    from test_gguf import _write_gguf
+
+    from kvjax.cli import UserError, build_parser
+    from kvjax.gguf import GGUFFile, GGUFTokenizer
+    from kvjax.serve import cli as serve_cli
+    from kvjax.serve.app import create_app
+    from kvjax.tokenizer import use_chat_template
+
+    model = _write_gguf(tmp_path / "tiny.gguf")
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    parser = build_parser()
+    argv = ["serve", "--model", str(model), "--max-slots", "1", "--max-len", "64"]
+    app, engine, model_id = serve_cli.build(parser.parse_args([*argv, "--chat-template", str(template)]))
+    body = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    try:
+        r = TestClient(app).post("/v1/chat/completions", json=body)
+        plain = GGUFTokenizer(GGUFFile(model))
+        assert plain.chat_template is None
+        want = len(use_chat_template(GGUFTokenizer(GGUFFile(model)), template.read_text())
+                   .apply_chat_template(body["messages"]))
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == want, r.text
+        bare = create_app(engine, plain, model_id, context=64, vocab_size=256)  # no --chat-template
+        r = TestClient(bare).post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and "--chat-template FILE" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "messages"
+    finally:
+        engine.close()
+    (tmp_path / "bad.jinja").write_text("{% if %}")
+    monkeypatch.setattr(serve_cli, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=r"--chat-template .*bad.jinja, line 1: "):
+        serve_cli.build(parser.parse_args([*argv, "--chat-template", str(tmp_path / "bad.jinja")]))

@@ -1,10 +1,12 @@
 """`kvjax serve`: load a model once, start the engine, answer OpenAI-style HTTP requests.
 
-    kvjax serve --model PATH_OR_BUNDLED_NAME [--host 127.0.0.1] [--port 8000]
+    kvjax serve --model NAME_OR_PATH [--host 127.0.0.1] [--port 8000]
                 [--dtype float32|bfloat16] [--max-slots 8] [--max-len 512] [--page-size 16]
-                [--api-key KEY] [--mesh data=D,model=M]
+                [--api-key KEY] [--mesh data=D,model=M] [--chat-template FILE]
 
-Lifecycle: load the model (as `kvjax generate` does), build the engine, run one tiny
+Lifecycle: read --chat-template (a Jinja file replacing the checkpoint's chat template;
+a bad one fails here, before anything loads), load the model (as `kvjax generate` does,
+through kvjax.load_model), build the engine, run one tiny
 request through it so the first client does not pay for compilation, then serve with
 uvicorn until SIGINT or SIGTERM. On either signal the server stops accepting connections,
 lets every request in flight finish (streams included), closes the engine (draining it)
@@ -29,7 +31,7 @@ INSTALL_HINT = ("kvjax serve needs fastapi, uvicorn and prometheus-client: "
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..generate_cli import int_at_least
+    from ..generate_cli import add_chat_template_flag, int_at_least
 
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
@@ -41,8 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "requests in flight, exit 0. Needs the serve extra: "
                     "pip install 'kvjax[serve]'.")
     p.add_argument("--model", required=True, metavar="PATH_OR_NAME",
-                   help="a bundled model name (e.g. text) or a checkpoint folder (Hugging Face "
-                        "format, as for kvjax generate)")
+                   help="a model name (bundled or packaged: kvjax models lists them), a .gguf "
+                        "file or a Hugging Face checkpoint folder, as for kvjax generate")
+    add_chat_template_flag(p, "for /v1/chat/completions and /tokenize's messages")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients send and /v1/models lists; default: the --model value")
     p.add_argument("--host", default="127.0.0.1",
@@ -94,8 +97,9 @@ def parse_mesh(text: str | None) -> dict | None:
 
 
 def load_model(spec: str, dtype: str):
-    """--model value (a checkpoint folder or a bundled model's name) -> (cfg, params,
-    tokenizer), exactly as `kvjax generate` resolves it."""
+    """--model value (anything kvjax.load_model takes: a bundled or packaged name, a .gguf
+    file, a checkpoint folder) -> (cfg, params, tokenizer), exactly as `kvjax generate`
+    resolves it (generate_cli.resolve_model)."""
     from ..generate_cli import resolve_model
 
     return resolve_model(spec, dtype)
@@ -114,9 +118,16 @@ def build(args):
     from ..engine import Engine, SamplingParams
     from .app import create_app
 
+    from ..generate_cli import read_chat_template_arg
+
     mesh_spec = parse_mesh(args.mesh)
+    template = read_chat_template_arg(getattr(args, "chat_template", None))   # before the load
     t0 = time.perf_counter()
     cfg, params, tok = load_model(args.model, args.dtype)
+    if template is not None:
+        from ..tokenizer import use_chat_template
+
+        use_chat_template(tok, template)
     context = args.max_len
     if cfg.positions == "learned" and context > cfg.max_position:
         raise UserError(f"--max-len {context} exceeds this model's {cfg.max_position} learned "

@@ -132,10 +132,14 @@ COUNTED_PATHS = tuple(path for _, path, _ in ROUTES if "{" not in path)
 # ---------------------------------------------------------------- prompts
 def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
     """Messages -> prompt token ids with the tokenizer's chat template."""
+    from ..tokenizer import ByteTokenizer
+
     render = getattr(tokenizer, "apply_chat_template", None)
-    if render is None:
+    no_template = getattr(tokenizer, "chat_template", "") is None and not isinstance(tokenizer, ByteTokenizer)
+    if render is None or no_template:     # ByteTokenizer's None means its built-in format
         raise P.invalid(f"this model's tokenizer ({type(tokenizer).__name__}) has no chat "
-                        "template; use /v1/completions", "messages")
+                        "template: use /v1/completions, or restart the server with "
+                        "--chat-template FILE", "messages")
     try:
         out = render(messages, add_generation_prompt=True)
     except ValueError as e:
@@ -153,17 +157,7 @@ def _encode_with_specials(tokenizer, text: str, add_special_tokens: bool) -> lis
 
     if not isinstance(tokenizer, ByteTokenizer):
         return tokenizer.encode(text, add_special_tokens=add_special_tokens)
-    ids = [tokenizer.bos_id] if add_special_tokens and tokenizer.add_bos else []
-    rest = text
-    while rest:
-        hits = [(rest.find(n), n) for n in tokenizer.SPECIALS if n in rest]
-        if not hits:
-            ids += tokenizer.encode(rest, add_special_tokens=False)
-            break
-        pos, name = min(hits)
-        ids += tokenizer.encode(rest[:pos], add_special_tokens=False) + [tokenizer.SPECIALS[name]]
-        rest = rest[pos + len(name):]
-    return ids
+    return tokenizer.encode_with_specials(text, add_special_tokens=add_special_tokens)
 
 
 def _token_name(tokenizer, token_id):

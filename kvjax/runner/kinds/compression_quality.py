@@ -17,9 +17,7 @@ Kinds: dense, int8, window (a ring of W slots) for each W in `windows`, and sink
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -28,14 +26,17 @@ from kvjax import data
 from kvjax.evaluate import stream_logits, token_nll
 
 from .. import plots
+from ..models import check_model, heldout_stream, load_named, recall_task
 from ..schema import option
 
 
 @dataclass(frozen=True)
 class Config:
-    text_model: str = option("text", help="bundled model name or checkpoint folder of the text model")
-    recall_model: str = option("recall", help="bundled model name or checkpoint folder of the recall "
-                                              "model; empty: skip the recall measurement")
+    text_model: str = option("text", help="the text model: any name or path kvjax.load_model takes "
+                                          "(bundled or packaged name, .gguf file, checkpoint folder)")
+    recall_model: str = option("recall", help="the recall model: 'recall' or a kvjax train checkpoint "
+                                              "folder (its train_config.json gives the task); empty: "
+                                              "skip the recall measurement")
     windows: tuple[int, ...] = option((32, 64), min=2, min_items=1,
                                       help="ring sizes W for the window and sinks kinds")
     num_sinks: int = option(4, min=1, help="sink tokens kept by the sinks kind")
@@ -59,20 +60,12 @@ def _kinds(c: Config, context: int):
     return out
 
 
-def load_model(name: str):
-    """(cfg, params, folder) from a bundled model name or a checkpoint folder."""
-    from kvjax.bundled import model_folder
-
-    folder = model_folder(name)
-    cfg, params = kvjax.load_hf(folder, dtype="float32")
-    return cfg, params, folder
-
-
-def _recall_task(folder: Path) -> data.RecallTask:
-    from kvjax.train import TrainConfig
-
-    record = json.loads((folder / "train_config.json").read_text())
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}).recall_task()
+def validate(run_cfg) -> None:
+    c: Config = run_cfg.settings
+    check_model("compression_quality.text_model", c.text_model)
+    if c.recall_model:
+        check_model("compression_quality.recall_model", c.recall_model)
+        recall_task("compression_quality.recall_model", c.recall_model)
 
 
 def _score(cfg, params, tokens, kind, slots, sinks):
@@ -103,8 +96,8 @@ def run(ctx, c: Config) -> dict:
 def _text(ctx, c: Config) -> tuple[list[dict], dict]:
     """Text model: memory and held-out perplexity per cache, and NLL along a long stream.
     Returns (one row per cache, {cache label: mean NLL per stream block})."""
-    cfg, params, _ = load_model(c.text_model)
-    held = data.text_stream("heldout")
+    cfg, params, tok = load_named("compression_quality.text_model", c.text_model)
+    held = heldout_stream(tok)
     windows = data.text_eval_windows(held, c.seq_len - 1, c.ppl_windows)       # [n, seq_len]
     stream = data.text_eval_windows(held, c.stream_len - 1, c.stream_rows)     # [rows, stream_len]
     ppl_rows, stream_curves = [], {}
@@ -158,8 +151,8 @@ def _plot(ctx, c: Config, acc: dict, distances, stream_curves: dict, ppl_rows) -
 
 def _recall(ctx, c: Config, acc: dict) -> list[int]:
     """Fill acc[label] with accuracy per distance; returns the distances."""
-    rcfg, rparams, rfolder = load_model(c.recall_model)
-    task = _recall_task(rfolder)
+    rcfg, rparams, _ = load_named("compression_quality.recall_model", c.recall_model)
+    task = recall_task("compression_quality.recall_model", c.recall_model)
     distances = task.distances()
     rkinds = _kinds(c, task.seq_len(1))
     with ctx.progress(len(rkinds), "recall model") as advance:

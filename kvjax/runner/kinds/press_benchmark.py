@@ -35,7 +35,6 @@ a new program; the memory figures are those of a cache sized for each method.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 
@@ -52,6 +51,7 @@ from kvjax.press import host
 from kvjax.timing import measure
 
 from .. import plots
+from ..models import check_model, heldout_stream, load_named, recall_task
 from ..schema import ConfigError, option
 
 SCORERS = ("Knorm", "KeyDiff", "StreamingLLM", "Random", "SnapKV", "PyramidKV", "TOVA",
@@ -65,8 +65,10 @@ DEFAULT_PRESSES = ("Knorm", "KeyDiff", "StreamingLLM", "Random", "SnapKV", "Pyra
 
 @dataclass(frozen=True)
 class Config:
-    text_model: str = option("text", help="bundled model name or checkpoint folder of the text model")
-    recall_model: str = option("recall", help="bundled model name or checkpoint folder of the recall model")
+    text_model: str = option("text", help="the text model: any name or path kvjax.load_model takes "
+                                          "(bundled or packaged name, .gguf file, checkpoint folder)")
+    recall_model: str = option("recall", help="the recall model: 'recall' or a kvjax train checkpoint "
+                                              "folder (its train_config.json gives the task)")
     presses: tuple[str, ...] = option(DEFAULT_PRESSES, help=(
         "presses by kvpress name (" + ", ".join(SCORERS) + "); wrappers as Wrapper(Inner) with "
         "Wrapper one of " + ", ".join(WRAPPERS)))
@@ -183,6 +185,24 @@ def methods(c: Config) -> list[Method]:
     return out
 
 
+def _check_models(c: Config) -> None:
+    """Both models resolvable; the recall model kvjax-trained; KVzip only on byte-level text
+    models (its reconstruction prompt is written in the byte tokenizer's ids)."""
+    from pathlib import Path
+
+    from kvjax.bundled import bundled_names
+
+    check_model("press_benchmark.text_model", c.text_model)
+    check_model("press_benchmark.recall_model", c.recall_model)
+    recall_task("press_benchmark.recall_model", c.recall_model)
+    byte_level = (c.text_model in bundled_names()
+                  or (Path(c.text_model).expanduser() / "kvjax_tokenizer.json").is_file())
+    if not byte_level and any(parse_press(n)[1] == "KVzip" for n in c.presses):
+        raise ConfigError(f"press_benchmark.presses: KVzip's reconstruction prompt is built for the "
+                          f"byte-level models; text_model {c.text_model!r} has another tokenizer "
+                          f"(remove KVzip from presses)")
+
+
 def validate(run_cfg) -> None:
     c: Config = run_cfg.settings
     if c.kernel_size % 2 == 0:
@@ -219,6 +239,7 @@ def validate(run_cfg) -> None:
         if getattr(c, key) >= c.ppl_prefix:
             raise ConfigError(f"press_benchmark.{key}: {getattr(c, key)} must be below ppl_prefix="
                               f"{c.ppl_prefix} (the press scores the prefix with it)")
+    _check_models(c)
 
 
 # ----------------------------------------------------------------------------- caches
@@ -250,18 +271,14 @@ def _kivi_slots(tokens: int, R: int) -> int:
 # ----------------------------------------------------------------------------- models and data
 
 def _load(name: str):
-    from kvjax.bundled import model_folder
-
-    folder = model_folder(name)
-    cfg, params = kvjax.load_hf(folder, dtype="float32")
-    return cfg, params, folder
+    """(cfg, params, name) of a model by any kvjax.load_model name (tests call it)."""
+    cfg, params, _ = load_named("press_benchmark.model", name)
+    return cfg, params, name
 
 
-def _recall_task(folder) -> data.RecallTask:
-    from kvjax.train import TrainConfig
-
-    record = json.loads((folder / "train_config.json").read_text())
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}).recall_task()
+def _recall_task(name) -> data.RecallTask:
+    """The RecallTask of a kvjax-trained recall model, by name or folder."""
+    return recall_task("press_benchmark.recall_model", str(name))
 
 
 @dataclass
@@ -310,8 +327,8 @@ class Results:
 
 
 def _recall_workload(ctx, c: Config) -> tuple[Setting, Recall]:
-    rcfg, rparams, rfolder = _load(c.recall_model)
-    task = _recall_task(rfolder)
+    rcfg, rparams, _ = load_named("press_benchmark.recall_model", c.recall_model)
+    task = recall_task("press_benchmark.recall_model", c.recall_model)
     distances = task.distances()
     B = c.recall_rows * len(distances)
     batch = data.recall_batch(task, np.random.default_rng(ctx.seed), B,
@@ -325,8 +342,8 @@ def _recall_workload(ctx, c: Config) -> tuple[Setting, Recall]:
 
 def _text_workload(c: Config) -> tuple[Setting, np.ndarray, np.ndarray]:
     """(setting, the held-out token stream, its windows int [B, seq_len + 1])."""
-    tcfg, tparams, _ = _load(c.text_model)
-    held = data.text_stream("heldout")
+    tcfg, tparams, tok = load_named("press_benchmark.text_model", c.text_model)
+    held = heldout_stream(tok)
     windows = data.text_eval_windows(held, c.seq_len, c.ppl_windows)
     return Setting(tcfg, tparams, c.ppl_prefix, c.seq_len - c.ppl_prefix, windows.shape[0]), held, windows
 

@@ -50,12 +50,14 @@ import kvjax
 from kvjax.timing import compile_watch
 
 from .. import plots
+from ..models import check_model, load_named
 from ..schema import ConfigError, option
 
 
 @dataclass(frozen=True)
 class Config:
-    model: str = option("text", help="bundled model name or checkpoint folder")
+    model: str = option("text", help="any name or path kvjax.load_model takes: bundled or packaged "
+                                     "name, .gguf file, checkpoint folder")
     requests: int = option(32, min=1, help="requests per scenario")
     prompt_len: tuple[int, ...] = option((16, 64), min=1, min_items=2, help="[min, max] prompt tokens (uniform)")
     output_len: tuple[int, ...] = option((8, 80), min=1, min_items=2, help="[min, max] generated tokens")
@@ -90,6 +92,7 @@ def validate(run_cfg) -> None:
     c: Config = run_cfg.settings
     for name in ("prompt_len", "output_len", "suffix_len"):
         _range(name, getattr(c, name))
+    check_model("serving_bench.model", c.model)
 
 
 @dataclass
@@ -231,9 +234,7 @@ def _median_row(rows):
 
 
 def run(ctx, c: Config) -> dict:
-    from kvjax.bundled import model_folder
-
-    cfg, params = kvjax.load_hf(model_folder(c.model), dtype=ctx.dtype)
+    cfg, params, _ = load_named("serving_bench.model", c.model, ctx.dtype)
     max_len = _max_len(c)
     if cfg.positions == "learned" and max_len > cfg.max_position:
         raise ConfigError(f"serving_bench: prompts + outputs reach {max_len} positions but the model's "

@@ -1,0 +1,318 @@
+"""`kvjax models`: every model name `kvjax.load_model` resolves, with its shape.
+
+    kvjax models [--json]
+
+Lists the bundled models (trained by kvjax, shipped inside the package) and the packaged
+ones (GGUF files inside pip packages, kvjax.models.PACKAGED): layers, d_model, heads / kv
+heads, vocabulary, context, parameter count, the file format (GGUF file type, or the
+safetensors dtype) and whether it is installed (the pip command when it is not).
+
+Metadata only, no tensor data: a GGUF file's header is read by `GGUFHeader` below (a
+streaming parse that skips the big tokenizer arrays; `kvjax.gguf.GGUFFile` builds every
+metadata array and took 5 s on SmolLM2 and 24 s on Gemma 3 here), a folder's config.json
+and its safetensors headers (8 bytes + JSON). The shape goes through the same
+`kvjax.gguf.arch.hf_config` / `kvjax.hf.config_from_hf` that loading uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+# GGUF metadata value types (gguf.GGUFValueType): scalar struct formats, string, array
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+            11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+SMALL_ARRAY = 64          # longer metadata arrays (token lists, scores, merges) are skipped
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "models", help="list the model names kvjax can load, with their shapes",
+        description="List the bundled and packaged model names that --model (kvjax generate, "
+                    "kvjax serve), kvjax.load_model and experiment configs accept, with their "
+                    "shapes, read from metadata only (no weights are loaded). A .gguf path or a "
+                    "Hugging Face folder works too but is not listed.")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON list (one object per model) instead of a table")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    rows = model_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table(rows))
+    return 0
+
+
+# ---------------------------------------------------------------- rows
+def model_rows() -> list[dict]:
+    """One dict per bundled or packaged model: name, source, installed, install (the pip
+    command, or None), about, path, and the shape fields of `shape_of` (or `error`)."""
+    from .models import PACKAGED, ModelNotInstalled, model_names, packaged_path
+
+    rows = []
+    for name, status in model_names().items():
+        source = "bundled" if status == "bundled" else "packaged"
+        pkg = PACKAGED.get(name)
+        row = {"name": name, "source": source, "installed": True, "install": None,
+               "about": pkg.about if pkg else _bundled_about(name), "path": None}
+        try:
+            path = packaged_path(name) if pkg else _bundled_path(name)
+        except ModelNotInstalled:
+            rows.append({**row, "installed": False, "install": pkg.install})
+            continue
+        except (OSError, ValueError) as e:   # a broken package or assembly: say so, list the rest
+            rows.append({**row, "error": f"{type(e).__name__}: {e}"})
+            continue
+        row["path"] = str(path)
+        try:
+            row.update(shape_of(path))
+        except (OSError, ValueError, KeyError, struct.error) as e:  # CheckpointError is a ValueError
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+    return rows
+
+
+def _bundled_path(name: str) -> Path:
+    from .bundled import bundled_path
+
+    return bundled_path(name)
+
+
+def _bundled_about(name: str) -> str:
+    from .bundled import bundled_info
+
+    task = bundled_info(name)["train_config"].get("task")
+    return f"trained by kvjax train (task {task}), byte-level tokenizer" if task else "bundled with kvjax"
+
+
+def read_config(name_or_path):
+    """(ModelConfig in float32, family) of anything kvjax.load_model takes, from metadata only
+    (a packaged name must be installed). FileNotFoundError / ValueError as load_model raises."""
+    from .bundled import bundled_names, bundled_path
+    from .hf import config_from_hf
+    from .models import PACKAGED, packaged_path
+
+    spec = str(name_or_path)
+    if spec in PACKAGED:
+        path = packaged_path(spec)
+    elif spec in bundled_names() and not Path(spec).exists():
+        path = bundled_path(spec)
+    else:
+        path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf.arch import hf_config
+
+        return config_from_hf(hf_config(GGUFHeader(path)), "float32", source=str(path))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {spec!r}: not a model name, a .gguf file, nor a folder with config.json")
+    return config_from_hf(json.loads((path / "config.json").read_text()), "float32",
+                          source=str(path / "config.json"))
+
+
+def shape_of(path) -> dict:
+    """The shape fields of a .gguf file or a Hugging Face folder, from metadata only:
+    family, layers, d_model, heads, kv_heads, head_dim, vocab, context, params, format,
+    size_bytes."""
+    from .hf import config_from_hf
+
+    path = Path(path)
+    if path.is_file():
+        from .gguf.arch import hf_config
+
+        head = GGUFHeader(path)
+        hf = hf_config(head)
+        params, fmt = head.param_count(), f"GGUF {head.file_type()}"
+        size = path.stat().st_size
+    else:
+        hf = json.loads((path / "config.json").read_text())
+        params, dtypes, size = safetensors_summary(path)
+        fmt = f"safetensors {'/'.join(sorted(dtypes)) or '?'}"
+    cfg, family = config_from_hf(hf, "float32", source=str(path))
+    return {"family": family, "layers": cfg.num_layers, "d_model": cfg.d_model,
+            "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "vocab": cfg.vocab_size, "context": cfg.max_position, "params": params,
+            "format": fmt, "size_bytes": size}
+
+
+def safetensors_summary(folder: Path) -> tuple[int, set, int]:
+    """(parameter count, dtypes, bytes) of a folder's *.safetensors, from their JSON headers."""
+    count, dtypes, size = 0, set(), 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        for key, t in header.items():
+            if key != "__metadata__":
+                count += _prod(t["shape"])
+                dtypes.add(t["dtype"].lower().replace("bf16", "bfloat16").replace("f32", "float32")
+                           .replace("f16", "float16"))
+        size += f.stat().st_size
+    return count, dtypes, size
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+# ---------------------------------------------------------------- GGUF header
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple      # ggml order (fastest axis first), as gguf's ReaderTensor.shape
+    type_id: int
+
+    @property
+    def n_elements(self) -> int:
+        return _prod(self.shape)
+
+
+class GGUFHeader:
+    """A GGUF file's metadata and tensor descriptions, parsed without building the big arrays.
+
+    Offers what `kvjax.gguf.arch.hf_config` reads of a GGUFFile: `path`, `arch`, `get(key,
+    default)` and `tensors` (name -> TensorInfo with a ggml-order `shape`). Arrays longer than
+    SMALL_ARRAY are skipped (their `get` answers the default)."""
+
+    def __init__(self, path):
+        from .hf.common import CheckpointError
+
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                self.meta, self.tensors = _parse(m)
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.path} cannot be read as a GGUF file (not GGUF, truncated "
+                                  f"or corrupt): {e}") from None
+        self.arch = self.get("general.architecture")
+
+    def get(self, key: str, default=...):
+        from .hf.common import CheckpointError
+
+        if key in self.meta:
+            return self.meta[key]
+        if default is ...:
+            raise CheckpointError(f"{self.path} has no metadata key {key!r}")
+        return default
+
+    def __getattr__(self, name):
+        """Anything else a GGUFFile offers (tensor data, big arrays) from the full reader, built
+        on first use: slower, but no architecture rule is ever refused for lack of it."""
+        if name.startswith("_") or "meta" not in self.__dict__:
+            raise AttributeError(name)
+        from .gguf import GGUFFile
+
+        if "full_reader" not in self.__dict__:
+            self.__dict__["full_reader"] = GGUFFile(self.path)
+        return getattr(self.__dict__["full_reader"], name)
+
+    def param_count(self) -> int:
+        return sum(t.n_elements for t in self.tensors.values())
+
+    def file_type(self) -> str:
+        """general.file_type by name (Q4_1, Q4_K_M, ...), else the tensor types used."""
+        import gguf
+
+        ft = self.get("general.file_type", None)
+        try:
+            return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_")
+        except (TypeError, ValueError):
+            names = sorted({gguf.GGMLQuantizationType(t.type_id).name for t in self.tensors.values()})
+            return "/".join(names)
+
+
+def _parse(m) -> tuple[dict, dict]:
+    if m[:4] != b"GGUF":
+        raise ValueError("no GGUF magic")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
+    if version < 2:
+        raise ValueError(f"GGUF version {version} (kvjax reads version 2 and later)")
+    pos, meta = 24, {}
+    for _ in range(n_kv):
+        key, pos = _string(m, pos)
+        (vtype,), pos = struct.unpack_from("<I", m, pos), pos + 4
+        value, pos = _value(m, pos, vtype)
+        if value is not _SKIPPED:
+            meta[key] = value
+    tensors = {}
+    for _ in range(n_tensors):
+        name, pos = _string(m, pos)
+        (n_dims,), pos = struct.unpack_from("<I", m, pos), pos + 4
+        shape, pos = struct.unpack_from(f"<{n_dims}Q", m, pos), pos + 8 * n_dims
+        (type_id, _offset), pos = struct.unpack_from("<IQ", m, pos), pos + 12
+        tensors[name] = TensorInfo(tuple(int(s) for s in shape), int(type_id))
+    return meta, tensors
+
+
+_SKIPPED = object()
+
+
+def _string(m, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", m, pos)
+    return bytes(m[pos + 8:pos + 8 + n]).decode("utf-8"), pos + 8 + n
+
+
+def _value(m, pos: int, vtype: int):
+    if vtype in _SCALARS:
+        fmt = _SCALARS[vtype]
+        return struct.unpack_from(fmt, m, pos)[0], pos + struct.calcsize(fmt)
+    if vtype == _STRING:
+        return _string(m, pos)
+    if vtype != _ARRAY:
+        raise ValueError(f"unknown metadata value type {vtype}")
+    etype, count = struct.unpack_from("<IQ", m, pos)
+    pos += 12
+    if count > SMALL_ARRAY:
+        if etype in _SCALARS:
+            return _SKIPPED, pos + count * struct.calcsize(_SCALARS[etype])
+        for _ in range(count):
+            _, pos = _value(m, pos, etype)
+        return _SKIPPED, pos
+    out = []
+    for _ in range(count):
+        v, pos = _value(m, pos, etype)
+        out.append(v)
+    return out, pos
+
+
+# ---------------------------------------------------------------- the table
+COLUMNS = (("name", "name"), ("source", "source"), ("family", "family"), ("layers", "layers"),
+           ("d_model", "d_model"), ("heads", "heads/kv"), ("vocab", "vocab"), ("context", "context"),
+           ("params", "params"), ("format", "format"))
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as an aligned text table; a model that is not installed shows its pip command."""
+    cells = [[title for _, title in COLUMNS]]
+    notes = []
+    for r in rows:
+        if not r["installed"]:
+            cells.append([r["name"], r["source"], "not installed"] + [""] * (len(COLUMNS) - 3))
+            notes.append(f"{r['name']}: not installed; install it with: {r['install']}")
+            continue
+        if "error" in r:
+            cells.append([r["name"], r["source"], "unreadable"] + [""] * (len(COLUMNS) - 3))
+            notes.append(f"{r['name']}: {r['error']}")
+            continue
+        cells.append([_cell(key, r) for key, _ in COLUMNS])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines + notes)
+
+
+def _cell(key: str, r: dict) -> str:
+    if key == "heads":
+        return f"{r['heads']}/{r['kv_heads']}"
+    if key == "params":
+        n = r["params"]
+        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}K"
+    return str(r[key])
