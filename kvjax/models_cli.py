@@ -7,26 +7,16 @@ ones (GGUF files inside pip packages, kvjax.models.PACKAGED): layers, d_model, h
 heads, vocabulary, context, parameter count, the file format (GGUF file type, or the
 safetensors dtype) and whether it is installed (the pip command when it is not).
 
-Metadata only, no tensor data: a GGUF file's header is read by `GGUFHeader` below (a
-streaming parse that skips the big tokenizer arrays; `kvjax.gguf.GGUFFile` builds every
-metadata array and took 5 s on SmolLM2 and 24 s on Gemma 3 here), a folder's config.json
-and its safetensors headers (8 bytes + JSON). The shape goes through the same
-`kvjax.gguf.arch.hf_config` / `kvjax.hf.config_from_hf` that loading uses.
+Metadata only, no tensor data: a GGUF file's header (`kvjax.gguf.load_gguf_config`), a
+folder's config.json and its safetensors headers (8 bytes + JSON). The shape goes through the
+same `kvjax.hf.config_from_hf` that loading uses.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-
-# GGUF metadata value types (gguf.GGUFValueType): scalar struct formats, string, array
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-            11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-SMALL_ARRAY = 64          # longer metadata arrays (token lists, scores, merges) are skipped
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -108,9 +98,10 @@ def read_config(name_or_path):
     else:
         path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        from .gguf.arch import hf_config
+        from .gguf import load_gguf_config
 
-        return config_from_hf(hf_config(GGUFHeader(path)), "float32", source=str(path))
+        cfg, hf, _ = load_gguf_config(path)
+        return cfg, hf["model_type"]
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model {spec!r}: not a model name, a .gguf file, nor a folder with config.json")
     return config_from_hf(json.loads((path / "config.json").read_text()), "float32",
@@ -125,11 +116,10 @@ def shape_of(path) -> dict:
 
     path = Path(path)
     if path.is_file():
-        from .gguf.arch import hf_config
+        from .gguf import load_gguf_config
 
-        head = GGUFHeader(path)
-        hf = hf_config(head)
-        params, fmt = head.param_count(), f"GGUF {head.file_type()}"
+        _, hf, g = load_gguf_config(path)
+        params, fmt = gguf_param_count(g), f"GGUF {gguf_file_type(g)}"
         size = path.stat().st_size
     else:
         hf = json.loads((path / "config.json").read_text())
@@ -165,123 +155,21 @@ def _prod(shape) -> int:
     return out
 
 
-# ---------------------------------------------------------------- GGUF header
-@dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple      # ggml order (fastest axis first), as gguf's ReaderTensor.shape
-    type_id: int
-
-    @property
-    def n_elements(self) -> int:
-        return _prod(self.shape)
+# ---------------------------------------------------------------- GGUF metadata
+def gguf_param_count(g) -> int:
+    """Parameters of a GGUFFile: the element count of its tensors (ggml-order shapes)."""
+    return sum(_prod(t.shape) for t in g.tensors.values())
 
 
-class GGUFHeader:
-    """A GGUF file's metadata and tensor descriptions, parsed without building the big arrays.
+def gguf_file_type(g) -> str:
+    """general.file_type by name (Q4_1, Q4_K_M, ...), else the tensor types the file uses."""
+    import gguf
 
-    Offers what `kvjax.gguf.arch.hf_config` reads of a GGUFFile: `path`, `arch`, `get(key,
-    default)` and `tensors` (name -> TensorInfo with a ggml-order `shape`). Arrays longer than
-    SMALL_ARRAY are skipped (their `get` answers the default)."""
-
-    def __init__(self, path):
-        from .hf.common import CheckpointError
-
-        self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                self.meta, self.tensors = _parse(m)
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.path} cannot be read as a GGUF file (not GGUF, truncated "
-                                  f"or corrupt): {e}") from None
-        self.arch = self.get("general.architecture")
-
-    def get(self, key: str, default=...):
-        from .hf.common import CheckpointError
-
-        if key in self.meta:
-            return self.meta[key]
-        if default is ...:
-            raise CheckpointError(f"{self.path} has no metadata key {key!r}")
-        return default
-
-    def __getattr__(self, name):
-        """Anything else a GGUFFile offers (tensor data, big arrays) from the full reader, built
-        on first use: slower, but no architecture rule is ever refused for lack of it."""
-        if name.startswith("_") or "meta" not in self.__dict__:
-            raise AttributeError(name)
-        from .gguf import GGUFFile
-
-        if "full_reader" not in self.__dict__:
-            self.__dict__["full_reader"] = GGUFFile(self.path)
-        return getattr(self.__dict__["full_reader"], name)
-
-    def param_count(self) -> int:
-        return sum(t.n_elements for t in self.tensors.values())
-
-    def file_type(self) -> str:
-        """general.file_type by name (Q4_1, Q4_K_M, ...), else the tensor types used."""
-        import gguf
-
-        ft = self.get("general.file_type", None)
-        try:
-            return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_")
-        except (TypeError, ValueError):
-            names = sorted({gguf.GGMLQuantizationType(t.type_id).name for t in self.tensors.values()})
-            return "/".join(names)
-
-
-def _parse(m) -> tuple[dict, dict]:
-    if m[:4] != b"GGUF":
-        raise ValueError("no GGUF magic")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
-    if version < 2:
-        raise ValueError(f"GGUF version {version} (kvjax reads version 2 and later)")
-    pos, meta = 24, {}
-    for _ in range(n_kv):
-        key, pos = _string(m, pos)
-        (vtype,), pos = struct.unpack_from("<I", m, pos), pos + 4
-        value, pos = _value(m, pos, vtype)
-        if value is not _SKIPPED:
-            meta[key] = value
-    tensors = {}
-    for _ in range(n_tensors):
-        name, pos = _string(m, pos)
-        (n_dims,), pos = struct.unpack_from("<I", m, pos), pos + 4
-        shape, pos = struct.unpack_from(f"<{n_dims}Q", m, pos), pos + 8 * n_dims
-        (type_id, _offset), pos = struct.unpack_from("<IQ", m, pos), pos + 12
-        tensors[name] = TensorInfo(tuple(int(s) for s in shape), int(type_id))
-    return meta, tensors
-
-
-_SKIPPED = object()
-
-
-def _string(m, pos: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", m, pos)
-    return bytes(m[pos + 8:pos + 8 + n]).decode("utf-8"), pos + 8 + n
-
-
-def _value(m, pos: int, vtype: int):
-    if vtype in _SCALARS:
-        fmt = _SCALARS[vtype]
-        return struct.unpack_from(fmt, m, pos)[0], pos + struct.calcsize(fmt)
-    if vtype == _STRING:
-        return _string(m, pos)
-    if vtype != _ARRAY:
-        raise ValueError(f"unknown metadata value type {vtype}")
-    etype, count = struct.unpack_from("<IQ", m, pos)
-    pos += 12
-    if count > SMALL_ARRAY:
-        if etype in _SCALARS:
-            return _SKIPPED, pos + count * struct.calcsize(_SCALARS[etype])
-        for _ in range(count):
-            _, pos = _value(m, pos, etype)
-        return _SKIPPED, pos
-    out = []
-    for _ in range(count):
-        v, pos = _value(m, pos, etype)
-        out.append(v)
-    return out, pos
+    ft = g.get("general.file_type", None)
+    try:
+        return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_")
+    except (TypeError, ValueError):
+        return "/".join(sorted({t.tensor_type.name for t in g.tensors.values()}))
 
 
 # ---------------------------------------------------------------- the table
