@@ -8,6 +8,17 @@ pre-tokenizer split follows `tokenizer.ggml.pre` (GPT-2's regex for names it doe
 SentencePiece vocabularies (`tokenizer.ggml.model` "llama") of Gemma files become
 transformers' GemmaTokenizer layout: whitespace-run tokens respelled with "\u2581", merges
 rebuilt from the vocabulary in file order (Gemma files list none), byte fallback.
+Under any other architecture (Llama 2, Mistral, TinyLlama, Phi-3 files) a "llama" vocabulary
+becomes what transformers' GGUF conversion builds (its LlamaTokenizer, legacy=False): merges
+generated from `tokenizer.ggml.scores` (highest score first), BPE with byte fallback over the
+`<0x0A>` byte tokens, a Metaspace pre-tokenizer (spaces as "\u2581", one prefixed to the text
+before the first added token unless it starts with a space; Phi-3: a Prepend + Replace
+normalizer instead, prefixing every segment), a decoder that drops one leading space, BOS added
+unless `tokenizer.ggml.add_bos_token` is false (EOS when `add_eos_token`), CONTROL tokens and
+the named unk/bos/eos/pad tokens special. `tokenizer.ggml.add_space_prefix` is not read:
+transformers ignores it, so add_space_prefix=false is still prefixed (llama.cpp would not).
+Any other `tokenizer.ggml.model` (bert, rwkv, t5, ...) is a CheckpointError naming it and
+SUPPORTED_MODELS, raised when GGUFTokenizer is built (load_gguf: before any tensor is read).
 `tokenizer.chat_template` is the chat template; `tokenizer.ggml.eos_token_id` the EOS id.
 """
 from __future__ import annotations
@@ -17,7 +28,7 @@ from pathlib import Path
 from ..hf.common import CheckpointError
 from ..tokenizer import HFTokenizer
 
-SUPPORTED_MODELS = ("gpt2", "llama (gemma architectures)")
+SUPPORTED_MODELS = ("gpt2", "llama")
 CONTROL, USER_DEFINED = 3, 4
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -104,6 +115,70 @@ def build_gemma_spm(g):
     return tok, tokens
 
 
+def score_merges(tokens: list[str], scores: list[float]) -> list[tuple]:
+    """BPE merges implied by a SentencePiece vocabulary and its scores: transformers'
+    generate_merges(vocab, vocab_scores), every split of a token into two vocabulary pieces,
+    highest score first, then the longer left and right piece (stable otherwise)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for t, score in dict(zip(tokens, scores)).items():
+        local = [(t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges += [(-score, -len(a), -len(b), a, b) for a, b in local]
+    merges.sort(key=lambda m: m[:3])
+    return [(a, b) for _, _, _, a, b in merges]
+
+
+def build_llama_spm(g, phi3: bool = False):
+    """A `tokenizers.Tokenizer` for a SentencePiece GGUF vocabulary (Llama 2, Mistral, Phi-3)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tokens = list(g.get("tokenizer.ggml.tokens"))
+    scores = g.array("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise CheckpointError(f"{g.path}: a SentencePiece (tokenizer.ggml.model='llama') vocabulary needs "
+                              f"tokenizer.ggml.scores, one per token ({len(tokens)}); the file has "
+                              f"{'none' if scores is None else len(scores)}")
+    types = g.array("tokenizer.ggml.token_type")
+    types = [0] * len(tokens) if types is None else [int(t) for t in types]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, score_merges(tokens, [float(x) for x in scores]), dropout=None,
+                               fuse_unk=True, byte_fallback=True))
+    if phi3:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1, right=0)])
+    _spm_processor(g, tok, tokens)
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, k in zip(tokens, types) if k == CONTROL])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, k in zip(tokens, types) if k == USER_DEFINED])
+    named = (g.get(f"tokenizer.ggml.{k}_token_id", None) for k in ("bos", "eos", "unknown", "padding"))
+    added = set(tok.get_added_tokens_decoder())
+    tok.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True)
+                            for i in dict.fromkeys(int(i) for i in named if i is not None) if i not in added])
+    return tok, tokens
+
+
+def _spm_processor(g, tok, tokens):
+    """transformers' update_post_processor: BOS unless add_bos_token is false, EOS if add_eos_token."""
+    from tokenizers import processors
+
+    ends = []
+    for key, default in (("bos", True), ("eos", False)):
+        i = g.get(f"tokenizer.ggml.{key}_token_id", None)
+        ends.append(tokens[int(i)] if i is not None and g.get(f"tokenizer.ggml.add_{key}_token", default) else None)
+    bos, eos = ends
+
+    def seq(name, type_id):
+        return " ".join([*(f"{bos}:{type_id}",) * bool(bos), f"${name}:{type_id}", *(f"{eos}:{type_id}",) * bool(eos)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=seq("A", 0), pair=f"{seq('A', 0)} {seq('B', 1)}",
+        special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys(e for e in ends if e)])
+
+
 def _bos_processor(g, tok, tokens, processors):
     bos = g.get("tokenizer.ggml.bos_token_id", None)
     if g.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
@@ -122,6 +197,8 @@ class GGUFTokenizer(HFTokenizer):
             self._tok, tokens = build_bpe(g)
         elif kind == "llama" and str(g.arch).startswith("gemma"):
             self._tok, tokens = build_gemma_spm(g)
+        elif kind == "llama":
+            self._tok, tokens = build_llama_spm(g, phi3=g.arch == "phi3")
         else:
             raise CheckpointError(f"{g.path}: tokenizer.ggml.model={kind!r} (architecture {g.arch!r}) "
                                   f"cannot be converted; kvjax reads GGUF tokenizers "
