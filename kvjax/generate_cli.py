@@ -260,6 +260,7 @@ def _decode_once(cfg, params, ids, max_new_tokens, *, temperature, top_k, top_p,
                 out = generate(cfg, params, np.array([[first]], np.int32), max_new_tokens=steps,
                                key=jax.random.fold_in(key, 1), cache=cache, **knobs)
                 out_cache = out.cache
+                steps = int(out.lengths[0])     # the loop stops once the row has ended (EOS)
             else:
                 out = generate(cfg, params, np.asarray([ids + [first]], np.int32),
                                max_new_tokens=steps, key=jax.random.fold_in(key, 1),
