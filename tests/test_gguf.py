@@ -1,10 +1,15 @@
 """GGUF checkpoints (kvjax.gguf) and kvjax.load_model, against transformers' own GGUF loader.
 
 Real models come from pip packages (see .ci/run): SmolLM2-135M-Instruct (llama, Q4_1) and
-Gemma 3 270M (gemma3, Q4_K_M). Without them (or torch/transformers/gguf) the parity tests
-skip, except under KVJAX_REQUIRE_PARITY=1 (CI), where they fail. Bad-input tests write small
-synthetic GGUF files with gguf.GGUFWriter.
+Gemma 3 270M (gemma3, Q4_K_M). Without them the real-model tests skip, except under
+KVJAX_REQUIRE_PARITY=1 (CI), where they fail. transformers' outputs on the same files
+(logits, greedy tokens, tokenizer ids, chat-template ids) are committed fixtures
+(tests/fixtures/gguf, made by make_gguf_reference.py, each tied to its file's SHA-256):
+loading both models and Gemma's tokenizer in transformers cost CI ~2.5 minutes per run.
+Bad-input tests write small synthetic GGUF files with gguf.GGUFWriter.
 """
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +25,7 @@ CHAT = [{"role": "system", "content": "You answer briefly."},
         {"role": "user", "content": "What is the capital of France?"}]
 PARIS = "The capital of France is"
 STORY = "Once upon a time, in a small village,"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "gguf"
 
 
 def need_packaged(name: str) -> Path:
@@ -33,21 +39,50 @@ def need_packaged(name: str) -> Path:
 
 
 def corpus() -> list[str]:
-    """At least 20,000 characters: prose, code, digits, whitespace runs, non-Latin, emoji."""
-    root = Path(kvjax.__file__).resolve().parent
-    code = (root / "gguf" / "arch.py").read_text() + (root / "models.py").read_text()
-    prose = (root.parent / "README.md").read_text()[:8000]
-    extra = ["3.14159265358979 1,234,567.89 0x7fff 2026-12-06 1e-10 007 100000000000",
-             "tabs\t\tand   spaces     and\n\n\nnewlines  \r\n end   ",
-             "Привет, мир! Как дела? Съешь же ещё этих мягких французских булок.",
-             "你好，世界。我们今天去公园散步吧。日本語の文章も少し書きます。한국어 문장입니다.",
-             "مرحبا بالعالم. नमस्ते दुनिया। Γειά σου Κόσμε. שלום עולם.",
-             "emoji 😀🎉👍🏽 👨‍👩‍👧‍👦 🇫🇷 ✨🚀 and symbols ©®™ ∑∫√∞ ≠ ≤ ≥ — “quotes” «guillemets»",
-             "<|im_start|>user\nspecial tokens inside text<|im_end|> <|endoftext|>",
-             "  leading spaces", "trailing spaces   ", "CamelCaseIdentifiers snake_case_names x+=1;"]
-    texts = [code, prose] + extra * 12
-    assert sum(map(len, texts)) >= 20_000
-    return texts
+    """28,000+ characters: prose, code, digits, whitespace runs, non-Latin scripts, emoji (fixed
+    in the reference fixture, so that README edits do not move the oracle)."""
+    return json.loads((FIXTURES / "CORPUS.json").read_text())
+
+
+def reference(name: str, path: Path) -> tuple[dict, dict]:
+    """transformers' outputs on this GGUF file (tests/fixtures/gguf, made by
+    make_gguf_reference.py): (json metadata, npz arrays). Fails when the installed file is
+    not the one the fixture was made from."""
+    meta = json.loads((FIXTURES / f"{name}.json").read_text())
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    assert h.hexdigest() == meta["sha256"], (
+        f"{path} is not the file tests/fixtures/gguf/{name}.json was made from (a new package "
+        f"version?): rerun python tests/fixtures/gguf/make_gguf_reference.py")
+    return meta, dict(np.load(FIXTURES / f"{name}.npz"))
+
+
+def _parity(loaded, ref):
+    """Last-position logits on the parity prompt within 1e-4 relative of transformers';
+    32 greedy tokens after the story prompt (and the chat prompt, where there is one)
+    identical, up to and including EOS."""
+    (cfg, params, tok), (meta, arrays) = loaded, ref
+    got = np.asarray(kvjax.forward(cfg, params, np.array([meta["parity_ids"]])))[0, -1]
+    want = arrays["parity_logits"]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    for key in ("story", "chat"):
+        if meta.get(f"{key}_ids") is None:
+            continue
+        out = kvjax.generate(cfg, params, np.array([meta[f"{key}_ids"]]), max_new_tokens=32,
+                             eos_token_id=tok.eos_ids)
+        greedy = meta[f"{key}_greedy"]
+        assert np.asarray(out.tokens)[0, :len(greedy)].tolist() == greedy, key
+
+
+def _tokenizer(tok, meta):
+    texts = corpus()
+    assert sum(map(len, texts)) >= 20_000 and len(texts) == len(meta["corpus_ids"])
+    for text, ids, decoded in zip(texts, meta["corpus_ids"], meta["corpus_decodes"]):
+        assert tok.encode(text) == ids
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == decoded
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (meta["bos_id"], meta["eos_id"], meta["pad_id"])
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (llama)
@@ -55,57 +90,23 @@ def corpus() -> list[str]:
 @pytest.fixture(scope="module")
 def smol():
     path = need_packaged("smollm2-135m-instruct")
-    return path, load_model("smollm2-135m-instruct")
+    return path, load_model("smollm2-135m-instruct"), reference("smollm2-135m-instruct", path)
 
 
-def _reference(path):
-    """(torch, transformers' float32 model, its tokenizer) loaded from the same GGUF file."""
-    require_module("gguf", "GGUF files are read with ggml-org's gguf package")
-    torch = require_module("torch", "the reference GGUF loader runs in PyTorch")
-    tf = require_module("transformers", "transformers' GGUF loader is the reference")
-    require_module("accelerate", "transformers loads GGUF models only with accelerate")
-    model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                    dtype=torch.float32).eval()
-    tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return torch, model, tok
-
-
-@pytest.fixture(scope="module")
-def smol_hf(smol):
-    return _reference(smol[0])
-
-
-def _parity(loaded, ref_model, ids, gen_ids, steps):
-    """Last-position logits on `ids` within 1e-4 relative; `steps` greedy tokens after
-    `gen_ids` identical (up to EOS)."""
-    (cfg, params, tok), (torch, model) = loaded, ref_model
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0, -1].numpy()
-        want = model.generate(torch.tensor([gen_ids]), max_new_tokens=steps, do_sample=False,
-                              eos_token_id=list(tok.eos_ids))[0, len(gen_ids):].tolist()
-    got = np.asarray(kvjax.forward(cfg, params, np.array([ids])))[0, -1]
-    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
-    out = kvjax.generate(cfg, params, np.array([gen_ids]), max_new_tokens=steps, eos_token_id=tok.eos_ids)
-    assert np.asarray(out.tokens)[0, :len(want)].tolist() == want
-
-
-def test_smollm2_matches_transformers(smol, smol_hf):
+def test_smollm2_matches_transformers(smol):
     cfg, params, tok = smol[1]
     assert (cfg.num_layers, cfg.d_model, cfg.num_kv_heads, cfg.tie_embeddings) == (30, 576, 3, True)
-    _parity(smol[1], smol_hf[:2], tok.apply_chat_template(CHAT), tok.encode(STORY), 32)
+    assert tok.apply_chat_template(CHAT) == smol[2][0]["parity_ids"]
+    _parity(smol[1], smol[2])
 
 
-def test_smollm2_tokenizer_and_chat_template(smol, smol_hf):
-    tok, ref = smol[1][2], smol_hf[2]
-    for text in corpus():
-        assert tok.encode(text) == ref(text).input_ids
-        assert tok.decode(tok.encode(text), skip_special_tokens=False) == ref.decode(ref(text).input_ids)
-    assert tok.apply_chat_template(CHAT) == list(ref.apply_chat_template(CHAT, add_generation_prompt=True,
-                                                                        tokenize=True, return_dict=False))
-    assert tok.eos_id == ref.eos_token_id and tok.bos_id == ref.convert_tokens_to_ids(ref.bos_token)
+def test_smollm2_tokenizer_and_chat_template(smol):
+    tok, meta = smol[1][2], smol[2][0]
+    _tokenizer(tok, meta)
+    assert tok.apply_chat_template(CHAT) == meta["chat_ids"]
 
 
-def test_smollm2_engine_and_server_answer_a_chat(smol, smol_hf):
+def test_smollm2_engine_and_server_answer_a_chat(smol):
     # the Engine (paged cache, continuous batching) and the HTTP server on it give the chat
     # answer transformers gives for the same template ids
     require_module("fastapi", "kvjax serve needs fastapi (the serve extra)")
@@ -114,11 +115,9 @@ def test_smollm2_engine_and_server_answer_a_chat(smol, smol_hf):
     from kvjax.engine import Engine, SamplingParams
     from kvjax.serve.app import create_app
 
-    (cfg, params, tok), (torch, model, _) = smol[1], smol_hf
-    ids, n = tok.apply_chat_template(CHAT), 12
-    with torch.no_grad():
-        want = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                              eos_token_id=list(tok.eos_ids))[0, len(ids):].tolist()
+    (cfg, params, tok), meta = smol[1], smol[2][0]
+    ids, n = meta["chat_ids"], 12
+    want = meta["chat_greedy"][:n]
     engine = Engine(cfg, params, max_slots=2, max_len=128, page_size=16)
     try:
         got = engine.generate([ids], SamplingParams(max_tokens=n, temperature=0.0,
@@ -142,18 +141,14 @@ def test_smollm2_engine_and_server_answer_a_chat(smol, smol_hf):
 @pytest.fixture(scope="module")
 def gemma():
     path = need_packaged("gemma3-270m")
-    return path, load_model("gemma3-270m")
+    return path, load_model("gemma3-270m"), reference("gemma3-270m", path)
 
 
-@pytest.fixture(scope="module")
-def gemma_hf(gemma):
-    return _reference(gemma[0])
-
-
-def test_gemma3_matches_transformers(gemma, gemma_hf):
+def test_gemma3_matches_transformers(gemma):
     cfg, params, tok = gemma[1]
     assert cfg.layer_types.count("full") == 3 and (cfg.sliding_window, cfg.rope_local_theta) == (512, 1e4)
-    _parity(gemma[1], gemma_hf[:2], tok.encode(PARIS), tok.encode(STORY), 32)
+    assert tok.encode(PARIS) == gemma[2][0]["parity_ids"]
+    _parity(gemma[1], gemma[2])
 
 
 def test_gemma3_hybrid_cache_equals_full_cache(gemma):
@@ -170,12 +165,10 @@ def test_gemma3_hybrid_cache_equals_full_cache(gemma):
     assert small == pytest.approx(full * (3 * 608 + 15 * 512) / (18 * 608), rel=1e-3)  # 15 local layers: 512 slots
 
 
-def test_gemma3_tokenizer(gemma, gemma_hf):
-    tok, ref = gemma[1][2], gemma_hf[2]
-    for text in corpus():
-        assert tok.encode(text) == ref(text).input_ids
-        assert tok.decode(tok.encode(text), skip_special_tokens=False) == ref.decode(ref(text).input_ids)
-    assert (tok.bos_id, tok.eos_ids, tok.pad_id) == (ref.bos_token_id, (ref.eos_token_id,), ref.pad_token_id)
+def test_gemma3_tokenizer(gemma):
+    tok = gemma[1][2]
+    _tokenizer(tok, gemma[2][0])
+    assert tok.eos_ids == (gemma[2][0]["eos_id"],)
     assert tok.chat_template is None    # a base model: the file ships no template
     with pytest.raises(ValueError, match="no chat template"):
         tok.apply_chat_template(CHAT)
