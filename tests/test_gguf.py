@@ -223,7 +223,9 @@ def test_load_model_unknown_and_not_installed(monkeypatch):
 # ----------------------------------------------------------------------------- bad files
 
 def _write_gguf(path, arch="llama", qtype=None, tokenizer=True):
-    """A tiny 1-layer GGUF file of `arch` (tensors F32, or quantised to `qtype`)."""
+    """A tiny 1-layer GGUF file of `arch` (tensors F32, or quantised to `qtype`). tokenizer:
+    True (a 256-token gpt2 vocabulary), False (none), or a function writing the tokenizer
+    keys to the gguf.GGUFWriter and returning the vocabulary size."""
     gguf = require_module("gguf", "GGUF files are written with ggml-org's gguf package")
     w = gguf.GGUFWriter(str(path), arch)
     d, f, v, heads = 64, 128, 256, 2
@@ -234,7 +236,9 @@ def _write_gguf(path, arch="llama", qtype=None, tokenizer=True):
     w.add_uint32(f"{arch}.attention.head_count_kv", heads)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_float32(f"{arch}.rope.freq_base", 10000.0)
-    if tokenizer:
+    if callable(tokenizer):
+        v = tokenizer(w)
+    elif tokenizer:
         w.add_tokenizer_model("gpt2")
         w.add_token_list([chr(0x21 + i) if i < 94 else f"t{i}" for i in range(v)])
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ from conftest import require_module
 from kvjax.gguf import GGUFFile, GGUFTokenizer
 from kvjax.hf import CheckpointError
 from kvjax.models import load_model
-from test_gguf import corpus, need_packaged
+from test_gguf import _write_gguf, corpus, need_packaged
 
 gguf = require_module("gguf", "GGUF files are written with ggml-org's gguf package")
 N_PIECES, N_CHARS = 4000, 400
@@ -40,26 +40,7 @@ def spm_vocab():
 
 def _write(path, arch="llama", tokenizer=None):
     """A tiny 1-layer F32 GGUF model of `arch`; `tokenizer(writer)` writes its tokenizer keys."""
-    w = gguf.GGUFWriter(str(path), arch)
-    d, f, heads = 64, 128, 2
-    for key, val in (("block_count", 1), ("embedding_length", d), ("feed_forward_length", f),
-                     ("context_length", 128), ("attention.head_count", heads), ("attention.head_count_kv", heads)):
-        w.add_uint32(f"{arch}.{key}", val)
-    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
-    v = tokenizer(w) if tokenizer else 256
-    rng = np.random.default_rng(0)
-    shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,), "blk.0.attn_norm.weight": (d,),
-              "blk.0.ffn_norm.weight": (d,), "blk.0.attn_q.weight": (d, d), "blk.0.attn_k.weight": (d, d),
-              "blk.0.attn_v.weight": (d, d), "blk.0.attn_output.weight": (d, d),
-              "blk.0.ffn_gate.weight": (f, d), "blk.0.ffn_up.weight": (f, d), "blk.0.ffn_down.weight": (d, f)}
-    for name, shape in shapes.items():
-        w.add_tensor(name, rng.normal(size=shape).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _write_gguf(path, arch, tokenizer=tokenizer or True)
 
 
 def _spm(vocab, tie=1, **flags):
