@@ -1,11 +1,21 @@
-"""transformers (PyTorch) on kvjax's model shapes: the baseline benchmarks compare against.
+"""transformers (PyTorch) as the baseline benchmarks compare against.
 
-Optional: everything returns None when torch or transformers is not installed. Weights
-are random; only the speed of `generate` is compared, on the same shapes and dtype.
+Optional: the model builders return None when torch or transformers is not installed.
+`hf_model_like(cfg)`: random weights of a kvjax shape (only speed is compared, same shape
+and dtype). `hf_pretrained(name_or_path)`: the same checkpoint `kvjax.load_model` reads
+(a packaged GGUF name, a .gguf path, a Hugging Face folder or a bundled name), loaded by
+transformers itself, so both libraries run the same weights. `hf_step_timing` times
+either (any loaded transformers causal LM).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from .bundled import bundled_names, bundled_path
 from .config import ModelConfig
+from .models import PACKAGED, packaged_path
+
+_TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def hf_model_like(cfg: ModelConfig):
@@ -25,14 +35,52 @@ def hf_model_like(cfg: ModelConfig):
             num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             max_position_embeddings=cfg.max_position, rope_theta=cfg.rope_theta,
             tie_word_embeddings=cfg.tie_embeddings)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=getattr(torch, cfg.dtype)).eval()
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
+def checkpoint_path(name_or_path) -> Path:
+    """The file or folder `kvjax.load_model(name_or_path)` reads: a packaged name's .gguf,
+    a bundled model's folder, or the path itself. FileNotFoundError when there is none;
+    ModelNotInstalled (an ImportError with the pip command) for a missing package."""
+    spec = str(name_or_path)
+    if spec in PACKAGED:
+        return packaged_path(spec)
+    path = Path(spec).expanduser()
+    if spec in bundled_names() and not path.exists():
+        return bundled_path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"model {spec!r}: no such file or folder, and not a packaged "
+                                f"({', '.join(PACKAGED)}) or bundled ({', '.join(bundled_names())}) name")
+    return path
+
+
+def hf_pretrained(name_or_path, dtype: str = "float32"):
+    """transformers' causal LM on the checkpoint `kvjax.load_model(name_or_path)` reads (the
+    same weights: a .gguf file through transformers' own GGUF loader, which dequantises it
+    to `dtype`; a folder through from_pretrained), in eval mode, on CUDA when available;
+    None when torch or transformers is not installed."""
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"hf_pretrained: dtype must be one of {_TORCH_DTYPES}, got {dtype!r}")
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    path = checkpoint_path(name_or_path)
+    gguf = path.is_file() and path.suffix == ".gguf"
+    folder, kw = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=getattr(torch, dtype), **kw).eval()
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
 def hf_step_timing(model, vocab_size: int, batch: int, prompt_len: int, new_tokens: int,
                    cache_implementation: str | None = None, seed: int = 0, **measure_kw):
     """Per-step Timing of transformers' greedy decode loop on its own cache, prefill excluded.
+
+    `model`: any loaded transformers causal LM (`hf_model_like`, `hf_pretrained`, or one the
+    caller loaded itself); `vocab_size` bounds the random prompt ids.
 
     The prompt is prefilled once, untimed. A timed call runs `new_tokens` steps of the loop
     `generate` runs (the model's forward on one token per row with its cache, then argmax),

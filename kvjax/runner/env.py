@@ -3,8 +3,10 @@
 `select_device("auto" | "cpu" | "gpu" | "tpu")` returns the JAX device a run executes on
 (the runner wraps the whole run in `jax.default_device(...)`, so the same config runs
 unchanged on any platform); an absent platform is a one-line error naming the ones
-present. `environment(device)` reads versions, devices and host facts; it reports what
-the backend reports and nothing it cannot observe.
+present. `environment(device)` reads versions, devices and host facts (the load average
+when the run started and the CPU's last-level cache among them: a shared machine's load
+says how far its timings can be trusted); it reports what the backend and the OS report
+and nothing it cannot observe.
 """
 from __future__ import annotations
 
@@ -72,11 +74,40 @@ def environment(device) -> dict:
         "memory_stats": memory_stats(device),
         "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
                  "machine": platform.machine(), "processor": platform.processor() or None,
-                 "cpu_count": os.cpu_count(), "cpus_usable": cpus_usable},
+                 "cpu_count": os.cpu_count(), "cpus_usable": cpus_usable,
+                 "load_average": load_average(), "last_level_cache_bytes": last_level_cache_bytes()},
         "env_vars": {k: v for k, v in os.environ.items()
                      if k.startswith(("JAX_", "XLA_")) or k in ("CUDA_VISIBLE_DEVICES", "TPU_NAME")},
         "git_commit": _git_commit(),
     }
+
+
+def load_average() -> list[float] | None:
+    """The OS's 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def last_level_cache_bytes(cpu_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """Size in bytes of the highest-level CPU cache of cpu0, from Linux's sysfs
+    (`index*/level` and `index*/size`, e.g. "307200K"); None where sysfs has no such files."""
+    best = None
+    for index in sorted(cpu_dir.glob("index*")):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip().upper()
+            num, unit = (size[:-1], size[-1]) if size[-1:] in "KMG" else (size, "")
+            nbytes = int(num) * _SIZE_UNITS[unit]
+        except (OSError, ValueError):
+            continue
+        if best is None or level > best[0] or (level == best[0] and nbytes > best[1]):
+            best = (level, nbytes)
+    return None if best is None else best[1]
 
 
 def _jaxlib_version():
