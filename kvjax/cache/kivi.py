@@ -33,16 +33,22 @@ rounding so the stored range still covers the group: the stored min is rounded d
 (<= the true min) and the scale, recomputed from the stored min, is rounded up. So every
 element is within stored_scale / 2 of its dequantised value (plus float32 rounding), in
 any dtype; with dtype float32 this is exactly the textbook bound. A group whose values are
-all equal gets scale 0 and dequantises to its min exactly.
+all equal gets scale 0 and dequantises to its min exactly. (Compiled, XLA turns the divisions
+by 2^bits - 1 and by a broadcast scale into multiplications by float32 reciprocals: within an
+ulp of the quotients, so an exact rounding tie may go either way; the bound is unchanged.)
 
 Flush rule (KIVI's streaming rule, in whole residual blocks). For a row holding L tokens:
     positions [0, Q) are quantised, Q = floor(L / R) * R   (`quantized_tokens`),
     positions [Q, L) are in the residual, position p in residual slot p - Q = p mod R.
 So the residual holds L mod R tokens (0..R-1): the moment a block of R tokens is complete it
 is quantised (keys over its R/G token groups, values token by token) into quantised slots
-[Q - R, Q) and the residual restarts (this is KIVI's code: quantise when the full-precision
-part reaches R). A chunk may complete several blocks at once; they are quantised from the
-old residual and the chunk together, so writing a sequence token by token or in any chunks
+[Q - R, Q) and the residual restarts (this is KIVI's code for KEYS: quantise when the
+full-precision part reaches R). For VALUES the reference code (jy-yuan/KIVI) differs: it keeps
+a sliding window of the newest min(L, R) values exact and quantises one value per decode step;
+kvjax flushes values with the keys, so only L mod R values are exact (one flush point Q for
+both, which read, surgery and the residual buffer rely on; tests/test_kivi_oracle.py checks
+both against a NumPy KIVI). A chunk may complete several blocks at once; they are quantised
+from the old residual and the chunk together, so writing a sequence token by token or in any chunks
 stores bit-identical arrays. Blocks are aligned to multiples of R in position, never to
 where a chunk started.
 
