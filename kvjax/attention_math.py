@@ -6,7 +6,9 @@ per kv head (N = K * G), H head dim.
 Both the model's attention (kvjax/attention.py) and every cache layout's read path
 (kvjax/cache/) use these functions, so windows, soft-capping, GQA and masking behave the
 same on dense, ring, pressed, KIVI and paged storage. `dot_attention` is the plain
-reference an accelerator kernel is tested against.
+reference an accelerator kernel is tested against. `softmax_loop` is the same softmax as an
+online one over a loop of key blocks whose bounds are traced (flash-style: the blocks a
+chunk's queries cannot see are never visited, and no score matrix wider than a block exists).
 
 One mask rule for every block: a key at position j is visible to a query at position p
 when it is valid, j <= p, and (no window, or p - j < window, or j < sinks).
@@ -86,6 +88,33 @@ def softmax_blocks(blocks, q_dtype, column_sums: bool = False, query_valid=None)
     B, T, K, G, H = out.shape
     out = out.reshape(B, T, K * G, H).astype(q_dtype)
     return (out, sums) if column_sums else out
+
+
+def softmax_loop(block, lo, hi, acc_shape: tuple, q_dtype):
+    """One softmax over key blocks lo <= j < hi (traced bounds: a `lax.fori_loop` runs only
+    those), online: a running max and sum and a float32 accumulator per query.
+
+    block(j) -> (scores [B,K,G,T,S], mask [B,K',T,S] (K' = 1 or K), values [B,K,S,H]);
+    acc_shape: (B, K, G, T, H). Equals `softmax_blocks` over the same blocks up to float32
+    rounding: masked scores are NEG, so they weigh exp(NEG - max) = 0 beside any visible key,
+    and a query that sees no key of any visited block averages the visited values, as
+    `softmax_blocks` does over its blocks. Returns [B, T, N, H] in q_dtype."""
+    def step(j, carry):
+        top, total, acc = carry
+        s, mask, v = block(j)
+        s = jnp.where(mask[:, :, None] if mask.ndim == 4 else mask, s, NEG)
+        new_top = jnp.maximum(top, s.max(axis=-1))
+        p = jnp.exp(s - new_top[..., None])
+        fade = jnp.exp(top - new_top)
+        acc = acc * fade[..., None] + f32_dot("bkgts,bksh->bkgth", p.astype(v.dtype), v)
+        return new_top, total * fade + p.sum(axis=-1), acc
+
+    B, K, G, T, H = acc_shape
+    init = (jnp.full((B, K, G, T), NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros(acc_shape, jnp.float32))
+    _, total, acc = jax.lax.fori_loop(lo, hi, step, init)
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]     # no block visited: zeros, not NaN
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H).astype(q_dtype)
 
 
 def dot_attention(q, k, v, mask):

@@ -10,7 +10,9 @@ and write:
   paged                 cache/paged.py (pools shared by rows, the engine's layout)
   pressed, pooled       cache/pressed.py (per-head slots; a press decides what the chunk keeps)
   kivi                  cache/kivi.py (quantised store + full-precision residual)
-  dense, int8, rings    cache/dense.py (window, sinks and hybrid caches included)
+  dense, int8, rings    cache/dense.py (window, sinks and hybrid caches included; a
+                        multi-token chunk on a full layer, when write.flash asks: key
+                        blocks in a loop with an online softmax)
 
 Every path ends in attention_math's one softmax over key blocks, so masks, windows,
 soft-capping and GQA are the same on every layout.
@@ -36,13 +38,16 @@ class CacheWrite:
     (dense.chunk_slots: [B, T], or a (full, ring) pair for a hybrid cache; None for pressed,
     kivi and paged caches, which place tokens themselves); live (static): read only slots
     [0, live) of a dense/int8 cache; press (static) and budgets (int32 [L, B, ...]): compact
-    the chunk into a pressed cache (kvjax/press/)."""
+    the chunk into a pressed cache (kvjax/press/); flash (static key block width, or None):
+    a multi-token chunk on a full dense/int8 layer reads the cache in key blocks of this
+    width up to its rows' ends, with an online softmax (dense.attend_flash; `live` unused)."""
 
     starts: jax.Array | None = None
     slots: Any = None
     live: int | None = None
     press: Any = None
     budgets: dict | None = None
+    flash: int | None = None
 
     def layer_budget(self, layer: int) -> dict:
         """This layer's slice of the press budgets ({} without a press)."""
@@ -90,6 +95,8 @@ def attend(chunk: LayerChunk, cache: KVCache | None, write: CacheWrite | None):
     if cache.kind == "kivi":
         blocks, new_layer = kivi.attend_blocks(dense.layer_arrays(cache, chunk.layer), cache.quant, chunk.k,
                                                chunk.v, write.starts, chunk.lengths, chunk.own_block())
+    elif dense.flash_layer(chunk, cache, write):
+        return dense.attend_flash(chunk, cache, write)
     else:
         blocks, new_layer = dense.attend_blocks(chunk, cache, write)
     return softmax_over(chunk, blocks), new_layer

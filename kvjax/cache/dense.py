@@ -6,13 +6,16 @@ A dense/int8 cache holds position s in slot s; a ring (window and sinks kinds, a
 ring layers of a hybrid cache) holds position p in slot p mod S (after the sinks) and
 records the position of every slot in `slot_pos`. `chunk_slots` says where each token of a
 chunk goes, `write_layer` scatters a chunk's k/v there, `read_layer` hands attention the
-(dequantised) buffers, and `assemble` builds the cache after the chunk.
+(dequantised) buffers, and `assemble` builds the cache after the chunk. `attend_flash` is the
+read of a multi-token chunk on a full (non-ring) dense/int8 layer when the caller asks for it
+(`CacheWrite.flash`): key blocks in a loop with a traced trip count, online softmax.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from ..attention_math import attention_mask, softmax_loop
 from .core import KVCache
 
 
@@ -165,3 +168,51 @@ def attend_blocks(chunk, cache: KVCache, write) -> tuple[list, dict]:
         view = {name: a[:, :, :live] for name, a in new_layer.items()}
         pos, valid = pos[:, :live], valid[:, :live]
     return [(*read_layer(cache.kind, view, k.dtype), pos, valid)], new_layer
+
+
+def flash_layer(chunk, cache: KVCache, write) -> bool:
+    """Whether this layer's chunk takes `attend_flash`: the caller asked (write.flash), the
+    chunk has several tokens (a decode step keeps its static live prefix), and the layer is a
+    full dense/int8 buffer (not a ring, not pressed, not KIVI)."""
+    if write is None or not write.flash or chunk.k.shape[1] == 1 or cache.kind not in ("dense", "int8"):
+        return False
+    if cache.pressed:
+        return False
+    return cache.rings[chunk.layer] == 0 if cache.hybrid else cache.slot_pos is None
+
+
+def attend_flash(chunk, cache: KVCache, write) -> tuple:
+    """(out [B, T, N, H], this layer's new arrays) of a chunk on a full dense/int8 layer.
+
+    The chunk is written first (in place, as in `attend_blocks`); then key blocks of
+    w = min(write.flash, max_len) slots are read in a `lax.fori_loop` whose bounds are traced:
+    blocks past the longest row's end (every query's causal limit) are never visited, nor,
+    on a windowed layer without sinks, blocks wholly before every query's window. So one
+    program serves every chunk of a width, whatever the cache holds. A last block that would
+    run past max_len is read from max_len - w (dynamic_slice clamps) with the slots an
+    earlier block already covered masked out."""
+    layer, slots = chunk.layer, write.slots
+    if cache.hybrid:
+        cache, layer, slots = cache.layer_view(layer), 0, slots[0]
+    new_layer = write_layer(cache, layer, chunk.k, chunk.v, slots)
+    S, w = cache.max_len, min(write.flash, cache.max_len)
+    ends = write.starts + chunk.lengths
+    hi = (jnp.max(ends) + w - 1) // w
+    lo = jnp.int32(0)
+    if chunk.window is not None and not chunk.sinks:
+        lo = jnp.maximum(jnp.min(write.starts) - chunk.window + 1, 0) // w
+
+    def block(j):
+        first = j * w
+        view = {name: jax.lax.dynamic_slice_in_dim(a, jnp.minimum(first, S - w), w, axis=2)
+                for name, a in new_layer.items()}
+        pos = jnp.minimum(first, S - w) + jnp.arange(w, dtype=jnp.int32)
+        pos = jnp.broadcast_to(pos[None, :], (ends.shape[0], w))
+        valid = (pos >= first) & (pos < ends[:, None])
+        kb, vb = read_layer(cache.kind, view, chunk.k.dtype)
+        return chunk.score(kb, pos), attention_mask(chunk.positions, pos, valid, chunk.window, chunk.sinks), vb
+
+    B, T, N, H = chunk.q.shape
+    K = chunk.k.shape[2]
+    out = softmax_loop(block, lo, hi, (B, K, N // K, T, H), chunk.q.dtype)
+    return out, new_layer

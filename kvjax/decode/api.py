@@ -21,7 +21,7 @@ from ..press.decoding import DecodingPress
 from ..sampling import Knobs
 from . import kvzip, programs
 from .nocache import generate_nocache
-from .plans import Plan, Segment, live_for, live_plan, prefill_compresses
+from .plans import Plan, Segment, flash_block, live_for, live_plan, prefill_compresses
 from .programs import GenerateOutput
 
 
@@ -115,8 +115,12 @@ def _prefill_chunks(cfg, params, tok, lens, cache: KVCache, C: int, used: np.nda
     [i*C, (i+1)*C) (zero of them once its prompt has ended: such a row writes nothing and
     keeps its length). Every chunk is padded to width C, so one program serves them all; each
     row's logits are those of the chunk holding its last real token. used: the cache lengths
-    before (host), so no chunk waits for the previous one to pick its live prefix."""
+    before (host), so no chunk waits for the previous one to pick its live prefix. Without a
+    mesh, full dense/int8 layers read key blocks up to the rows' ends in a traced loop
+    (plans.flash_block) instead of a static live prefix: one compiled program for all chunks."""
     mesh = mesh_of(cache)
+    flash = flash_block(cache, mesh)
+    extra = () if flash is None else (flash,)
     B, T = tok.shape
     n = -(-T // C)
     padded = np.zeros((B, n * C), np.int32)
@@ -127,9 +131,9 @@ def _prefill_chunks(cfg, params, tok, lens, cache: KVCache, C: int, used: np.nda
         part = np.clip(lens - i * C, 0, C).astype(np.int32)
         if not part.any():
             break
-        live = live_for(cache, int((used + part).max()))
+        live = None if flash else live_for(cache, int((used + part).max()))
         chunk, part_d, has = _placed(mesh, padded[:, i * C:(i + 1) * C], part, part > 0)
-        out, cache = fn(cfg, params, chunk, part_d, cache, live, None, None)
+        out, cache = fn(cfg, params, chunk, part_d, cache, live, None, None, *extra)
         used = used + part
         logits = out if logits is None else jnp.where(has[:, None], out, logits)
     return logits, cache

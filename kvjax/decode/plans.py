@@ -17,6 +17,9 @@ MIN_LIVE = 128
 # Longest-row lengths are rounded up to this before planning, so prompts whose lengths
 # differ within one band share a compiled program.
 LIVE_BAND = 64
+# A chunked prefill's multi-token chunks read full dense/int8 layers in key blocks of this
+# many slots (fewer when the cache is smaller), in a loop that stops at the rows' ends.
+FLASH_BLOCK = 256
 
 
 class Segment(NamedTuple):
@@ -46,6 +49,14 @@ def live_for(cache: KVCache, longest: int) -> int | None:
     """Slots a call reads when its longest row ends at `longest` tokens: a power-of-two prefix
     of a dense/int8 cache, or None (every slot) for rings, pressed and KIVI caches."""
     return live_bucket(longest, cache.max_len) if cache.reads_live_prefix else None
+
+
+def flash_block(cache: KVCache, mesh=None) -> int | None:
+    """Key block width of a chunked prefill's flash-style attention on this cache, or None
+    (the static live prefix and one materialised softmax, as before): caches on a mesh,
+    pressed, KIVI and all-ring caches keep that path (the ring layers of a hybrid cache keep
+    it layer by layer)."""
+    return FLASH_BLOCK if mesh is None and cache.reads_live_prefix else None
 
 
 def live_plan(end_of_prompt: int, max_new_tokens: int, cache: KVCache, decoding=None,

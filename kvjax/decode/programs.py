@@ -42,13 +42,17 @@ class GenerateOutput(NamedTuple):
 # ----------------------------------------------------------------------------- traced cores
 
 def append_chunk(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, live: int | None = None,
-                 press=None, budgets=None):
+                 press=None, budgets=None, flash: int | None = None):
     """Append a right-padded chunk [B, T] at each row's cache length; logits of its last real
     token [B, V] and the new cache.
 
     live (static): attention reads only slots [0, live); every row's tokens must end there.
     press (static) / budgets (int32 [L, B, ...]): compact the chunk as it enters (kvjax/press/);
     a pressed cache keeps per-head slot positions from then on.
+    flash (static key block width; not in `mesh_programs`): a multi-token chunk
+    on full dense/int8 layers reads the cache in blocks up to its rows' ends, with an online
+    softmax (cache/dense.attend_flash), so `live` is not needed and one program serves every
+    chunk of a width.
     """
     T = tokens.shape[1]
     if press is not None:
@@ -56,7 +60,7 @@ def append_chunk(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, live
     starts = cache.lengths
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
     slots = None if cache.pressed else chunk_slots(cache, starts, lengths, T)
-    write = CacheWrite(starts, slots, live, press, budgets)
+    write = CacheWrite(starts, slots, live, press, budgets, flash)
     logits, layers = Transformer(cfg).apply({"params": params}, tokens, positions, lengths, cache, write,
                                             logits_at=jnp.maximum(lengths - 1, 0))
     if cache.pressed:
@@ -200,7 +204,7 @@ def nocache_step(cfg, width, params, buf, cur, done, i, knobs: Knobs):
 # ----------------------------------------------------------------------------- jitted programs
 
 forward_program = jax.jit(forward_logits, static_argnums=0)
-prefill_program = jax.jit(append_chunk, static_argnums=(0, 5, 6), donate_argnums=4)
+prefill_program = jax.jit(append_chunk, static_argnums=(0, 5, 6, 8), donate_argnums=4)
 decode_program = jax.jit(decode_all, static_argnums=(0, 4), donate_argnums=3)
 generate_program = jax.jit(generate_core, static_argnums=(0, 5), donate_argnums=4)
 # generate's decode loop on its own (benchmarks time it on a cache prefilled outside the timed region)
