@@ -67,8 +67,11 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 def chat_pieces(tokenizer) -> tuple[str, str]:
     """(prefix text, suffix text) of a user message in the tokenizer's chat template, split as
     kvpress does: around a dummy content, with the generation prompt and enable_thinking=False.
-    A Hugging Face tokenizer without a template gives ("", "\\n") (kvpress's fallback)."""
-    if getattr(tokenizer, "chat_template", "byte") is None:
+    A Hugging Face tokenizer without a template gives ("", "\\n") (kvpress's fallback); the
+    byte tokenizer always has a format (its own, or a Jinja template set on it)."""
+    from ..tokenizer import ByteTokenizer
+
+    if not isinstance(tokenizer, ByteTokenizer) and getattr(tokenizer, "chat_template", None) is None:
         return "", "\n"
     dummy = "dummy context"
     separator = "\n" + "#" * len(dummy)
@@ -84,6 +87,8 @@ def _chat_encode(tokenizer, text: str) -> list[int]:
     from ..tokenizer import ByteTokenizer
 
     if isinstance(tokenizer, ByteTokenizer):
+        if tokenizer.chat_template is not None:     # a Jinja template writes <bos> itself
+            return tokenizer.encode_with_specials(text, add_special_tokens=False)
         return tokenizer.encode(text)
     return tokenizer.encode(text, add_special_tokens=False)
 
