@@ -120,13 +120,16 @@ def test_one_compile_serves_every_chunk_of_a_width(llama):
     cfg, params = llama
     rng = np.random.default_rng(3)
     tok = rng.integers(0, 320, (B, 300), dtype=np.int32)
+    # jit's private _cache_size counts this program's compilations where the running JAX has
+    # it (0.10 does); JAX's public compile events count every program's, and must stay at 0
+    programs = getattr(prefill_program, "_cache_size", lambda: 0)
     runs = []
     for lens in ([300, 70, 200], [300, 300, 1], [129, 260, 64]):
-        before = len(COMPILES), prefill_program._cache_size()
+        before = len(COMPILES), programs()
         cache = kvjax.init_cache(cfg, B, 512)
         kvjax.prefill(cfg, params, tok, np.array(lens, np.int32), cache, prefill_chunk=64)
-        runs.append((prefill_program._cache_size() - before[1], len(COMPILES) - before[0]))
-    assert runs[0][0] == 1
+        runs.append((programs() - before[1], len(COMPILES) - before[0]))
+    assert runs[0][0] == (1 if hasattr(prefill_program, "_cache_size") else 0) and runs[0][1] >= 1
     assert runs[1:] == [(0, 0), (0, 0)]
 
 
