@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -91,6 +92,34 @@ def model_names() -> dict:
     return out
 
 
+def model_path(spec: str) -> Path:
+    """The file or folder a model name or path stands for: a packaged name's .gguf (installed:
+    ModelNotInstalled otherwise), a bundled name's folder, else the path itself (maybe absent)."""
+    if spec in PACKAGED:
+        return packaged_path(spec)
+    if spec in bundled_names() and not Path(spec).exists():
+        return bundled_path(spec)
+    return Path(spec).expanduser()
+
+
+def read_config(name_or_path):
+    """(ModelConfig in float32, family) of anything `load_model` takes, from metadata only
+    (a packaged name must be installed). FileNotFoundError / ValueError as load_model raises."""
+    from .hf import config_from_hf
+
+    spec = str(name_or_path)
+    path = model_path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import load_gguf_config
+
+        cfg, hf, _ = load_gguf_config(path)
+        return cfg, hf["model_type"]
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {spec!r}: not a model name, a .gguf file, nor a folder with config.json")
+    return config_from_hf(json.loads((path / "config.json").read_text()), "float32",
+                          source=str(path / "config.json"))
+
+
 def load_model(name_or_path, dtype: str = "float32"):
     """A model by packaged name, .gguf path, Hugging Face folder or bundled name ->
     (ModelConfig, params, tokenizer). dtype: parameter and activation dtype.
@@ -100,12 +129,7 @@ def load_model(name_or_path, dtype: str = "float32"):
     file or folder kvjax cannot load.
     """
     spec = str(name_or_path)
-    if spec in PACKAGED:
-        return _load_gguf(packaged_path(spec), dtype)
-    if spec in bundled_names() and not Path(spec).exists():
-        path = bundled_path(spec)
-    else:
-        path = Path(spec).expanduser()
+    path = model_path(spec)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, dtype)
     if not path.exists():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -83,31 +84,6 @@ def _bundled_about(name: str) -> str:
     return f"trained by kvjax train (task {task}), byte-level tokenizer" if task else "bundled with kvjax"
 
 
-def read_config(name_or_path):
-    """(ModelConfig in float32, family) of anything kvjax.load_model takes, from metadata only
-    (a packaged name must be installed). FileNotFoundError / ValueError as load_model raises."""
-    from .bundled import bundled_names, bundled_path
-    from .hf import config_from_hf
-    from .models import PACKAGED, packaged_path
-
-    spec = str(name_or_path)
-    if spec in PACKAGED:
-        path = packaged_path(spec)
-    elif spec in bundled_names() and not Path(spec).exists():
-        path = bundled_path(spec)
-    else:
-        path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        from .gguf import load_gguf_config
-
-        cfg, hf, _ = load_gguf_config(path)
-        return cfg, hf["model_type"]
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model {spec!r}: not a model name, a .gguf file, nor a folder with config.json")
-    return config_from_hf(json.loads((path / "config.json").read_text()), "float32",
-                          source=str(path / "config.json"))
-
-
 def shape_of(path) -> dict:
     """The shape fields of a .gguf file or a Hugging Face folder, from metadata only:
     family, layers, d_model, heads, kv_heads, head_dim, vocab, context, params, format,
@@ -141,24 +117,17 @@ def safetensors_summary(folder: Path) -> tuple[int, set, int]:
             header = json.loads(fh.read(n))
         for key, t in header.items():
             if key != "__metadata__":
-                count += _prod(t["shape"])
+                count += math.prod(t["shape"])
                 dtypes.add(t["dtype"].lower().replace("bf16", "bfloat16").replace("f32", "float32")
                            .replace("f16", "float16"))
         size += f.stat().st_size
     return count, dtypes, size
 
 
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
-
-
 # ---------------------------------------------------------------- GGUF metadata
 def gguf_param_count(g) -> int:
     """Parameters of a GGUFFile: the element count of its tensors (ggml-order shapes)."""
-    return sum(_prod(t.shape) for t in g.tensors.values())
+    return sum(math.prod(t.shape) for t in g.tensors.values())
 
 
 def gguf_file_type(g) -> str:

@@ -87,10 +87,15 @@ def _tokenizer(tok, meta):
 
 # ----------------------------------------------------------------------------- SmolLM2 (llama)
 
+def packaged(name: str):
+    """(GGUF path, load_model's (cfg, params, tok), transformers' reference) of a packaged model."""
+    path = need_packaged(name)
+    return path, load_model(name), reference(name, path)
+
+
 @pytest.fixture(scope="module")
 def smol():
-    path = need_packaged("smollm2-135m-instruct")
-    return path, load_model("smollm2-135m-instruct"), reference("smollm2-135m-instruct", path)
+    return packaged("smollm2-135m-instruct")
 
 
 def test_smollm2_matches_transformers(smol):
@@ -140,8 +145,7 @@ def test_smollm2_engine_and_server_answer_a_chat(smol):
 
 @pytest.fixture(scope="module")
 def gemma():
-    path = need_packaged("gemma3-270m")
-    return path, load_model("gemma3-270m"), reference("gemma3-270m", path)
+    return packaged("gemma3-270m")
 
 
 def test_gemma3_matches_transformers(gemma):

@@ -15,7 +15,8 @@ from kvjax import models
 from kvjax.bundled import bundled_config, load_bundled
 from kvjax.cli import main
 from kvjax.hf import CheckpointError
-from kvjax.models_cli import model_rows, read_config, shape_of, table
+from kvjax.models import read_config
+from kvjax.models_cli import model_rows, shape_of, table
 from test_gguf import _write_gguf
 
 

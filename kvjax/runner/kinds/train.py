@@ -61,7 +61,7 @@ def init_shape(c: TrainConfig) -> dict:
     that conflicts, or init_from when the model is not one kvjax train can continue."""
     if not c.init_from or not _is_model(c.init_from):
         return {}
-    from kvjax.models_cli import read_config
+    from kvjax.models import read_config
 
     check_model("train.init_from", c.init_from)
     try:
