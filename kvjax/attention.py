@@ -77,7 +77,8 @@ class Attention(nn.Module):
                                   o_kernel=self.variables["params"]["o"]["kernel"], attn_sums=sums,
                                   budget=write.layer_budget(layer))
                 return write.press.keep(inp)
-        chunk = LayerChunk(q, k, v, positions, lengths, layer, window, sinks, score, plain, press_keep)
+        chunk = LayerChunk(q, k, v, positions, lengths, layer, window, sinks, score, plain, press_keep,
+                           score_args(c))
         out, new_layer = attend(chunk, cache, write)
         return dense(c, c.d_model, "o", c.out_bias, self.std)(out.reshape(B, T, -1)), new_layer
 

@@ -7,13 +7,16 @@ Both the model's attention (kvjax/attention.py) and every cache layout's read pa
 (kvjax/cache/) use these functions, so windows, soft-capping, GQA and masking behave the
 same on dense, ring, pressed, KIVI and paged storage. `dot_attention` is the plain
 reference an accelerator kernel is tested against. `softmax_loop` is the same softmax as an
-online one over a loop of key blocks whose bounds are traced (flash-style: the blocks a
-chunk's queries cannot see are never visited, and no score matrix wider than a block exists).
+online one over loops of key blocks whose bounds are traced (flash-style: the blocks a
+chunk's queries cannot see are never visited, blocks every query sees fully skip the mask,
+and no score matrix wider than a block exists), on queries laid out by `group_queries`.
 
 One mask rule for every block: a key at position j is visible to a query at position p
 when it is valid, j <= p, and (no window, or p - j < window, or j < sinks).
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +58,11 @@ def scores(q, k, scale: float | None = None, softcap: float | None = None):
     B, T, N, H = q.shape
     K = k.shape[1]
     qg = q.reshape(B, T, K, N // K, H)
-    s = f32_dot("btkgh,bksh->bkgts", qg, k) * (H ** -0.5 if scale is None else scale)
+    return _scaled(f32_dot("btkgh,bksh->bkgts", qg, k), H, scale, softcap)
+
+
+def _scaled(s, H: int, scale, softcap):
+    s = s * (H ** -0.5 if scale is None else scale)
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
     return s
@@ -90,31 +97,73 @@ def softmax_blocks(blocks, q_dtype, column_sums: bool = False, query_valid=None)
     return (out, sums) if column_sums else out
 
 
-def softmax_loop(block, lo, hi, acc_shape: tuple, q_dtype):
-    """One softmax over key blocks lo <= j < hi (traced bounds: a `lax.fori_loop` runs only
-    those), online: a running max and sum and a float32 accumulator per query.
+def softmax_loop(block, segments, acc_shape: tuple):
+    """One softmax over key blocks, online: a running max and sum and a float32 accumulator
+    per query row, the blocks visited in `lax.fori_loop`s whose bounds are traced.
 
-    block(j) -> (scores [B,K,G,T,S], mask [B,K',T,S] (K' = 1 or K), values [B,K,S,H]);
-    acc_shape: (B, K, G, T, H). Equals `softmax_blocks` over the same blocks up to float32
-    rounding: masked scores are NEG, so they weigh exp(NEG - max) = 0 beside any visible key,
-    and a query that sees no key of any visited block averages the visited values, as
-    `softmax_blocks` does over its blocks. Returns [B, T, N, H] in q_dtype."""
-    def step(j, carry):
+    segments: [(lo, hi, masked)]: blocks lo <= j < hi, in order; `masked` (a Python bool)
+    says whether the segment's blocks need a mask (False: every query sees every key of
+    them, so no mask is built or applied). block(j, masked) -> (scores [B, K, M, S], mask
+    broadcastable to the scores or None when not masked, values [B, K, S, H]); acc_shape:
+    (B, K, M, H), M query rows per kv head (`grouped_queries` lays out G heads x T tokens).
+    Equals `softmax_blocks` over the same blocks up to float32 rounding: masked scores are
+    NEG, so they weigh exp(NEG - max) = 0 beside any visible key, and a query that sees no
+    key of any visited block averages the visited values, as `softmax_blocks` does over its
+    blocks. Returns float32 [B, K, M, H] (zeros for rows where no block was visited)."""
+    def step(masked, j, carry):
         top, total, acc = carry
-        s, mask, v = block(j)
-        s = jnp.where(mask[:, :, None] if mask.ndim == 4 else mask, s, NEG)
+        s, mask, v = block(j, masked)
+        if masked:
+            s = jnp.where(mask, s, NEG)
         new_top = jnp.maximum(top, s.max(axis=-1))
         p = jnp.exp(s - new_top[..., None])
         fade = jnp.exp(top - new_top)
-        acc = acc * fade[..., None] + f32_dot("bkgts,bksh->bkgth", p.astype(v.dtype), v)
+        acc = acc * fade[..., None] + f32_dot("bkms,bksh->bkmh", p.astype(v.dtype), v)
         return new_top, total * fade + p.sum(axis=-1), acc
 
-    B, K, G, T, H = acc_shape
-    init = (jnp.full((B, K, G, T), NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
-            jnp.zeros(acc_shape, jnp.float32))
-    _, total, acc = jax.lax.fori_loop(lo, hi, step, init)
-    out = acc / jnp.where(total > 0, total, 1.0)[..., None]     # no block visited: zeros, not NaN
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H).astype(q_dtype)
+    carry = (jnp.full(acc_shape[:3], NEG, jnp.float32), jnp.zeros(acc_shape[:3], jnp.float32),
+             jnp.zeros(acc_shape, jnp.float32))
+    for lo, hi, masked in segments:
+        carry = jax.lax.fori_loop(lo, hi, lambda j, c, m=masked: step(m, j, c), carry)
+    _, total, acc = carry
+    return acc / jnp.where(total > 0, total, 1.0)[..., None]     # no block visited: zeros, not NaN
+
+
+def group_queries(q, K: int):
+    """q [B, T, N, H] -> [B, K, G * T, H]: the G query heads of each of the K kv heads and
+    their T tokens as one row axis (M = G * T), so a key block's scores are one batched
+    matmul per kv head and no per-block transpose exists. `ungroup` is its inverse."""
+    B, T, N, H = q.shape
+    return q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4).reshape(B, K, N // K * T, H)
+
+
+def ungroup(out, T: int, dtype):
+    """[B, K, G * T, H] -> [B, T, K * G, H] in dtype: `group_queries`' inverse."""
+    B, K, M, H = out.shape
+    return out.reshape(B, K, M // T, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, M // T * K, H).astype(dtype)
+
+
+def group_mask(mask, G: int):
+    """A mask [B, K', T, S] over tokens -> [B, K', G * T, S] over `group_queries`' rows."""
+    B, K, T, S = mask.shape
+    return jnp.broadcast_to(mask[:, :, None], (B, K, G, T, S)).reshape(B, K, G * T, S)
+
+
+def fold_scale(qm, scale: float | None):
+    """(queries, scale left to apply) with the score scale moved into the queries where that
+    is exact enough: float32 queries, or a power-of-two scale (exact in any dtype). A block
+    loop then never rescales its [M, S] scores (one pass over them fewer per block)."""
+    H = qm.shape[-1]
+    scale = H ** -0.5 if scale is None else scale
+    if qm.dtype == jnp.float32 or math.frexp(scale)[0] == 0.5:
+        return qm * jnp.asarray(scale, qm.dtype), 1.0
+    return qm, scale
+
+
+def grouped_scores(qm, k, scale: float | None = None, softcap: float | None = None):
+    """qm [B, K, M, H] (`group_queries`), k [B, K, S, H] -> float32 [B, K, M, S], scaled and
+    soft-capped as `scores` does (the same values, laid out by rows)."""
+    return _scaled(f32_dot("bkmh,bksh->bkms", qm, k), qm.shape[-1], scale, softcap)
 
 
 def dot_attention(q, k, v, mask):

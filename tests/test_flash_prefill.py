@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.attention_math import softmax_blocks, softmax_loop
+from kvjax.attention_math import (fold_scale, group_mask, group_queries, grouped_scores, scores, softmax_blocks,
+                                  softmax_loop, ungroup)
 from kvjax.decode import plans
 from kvjax.decode.programs import prefill_program
 
@@ -159,25 +160,50 @@ def test_rows_without_tokens_write_nothing_and_stay_finite(llama):
             np.testing.assert_array_equal(got[i], before[i])
 
 
-@pytest.mark.parametrize("softcap", [None, 5.0])
-def test_softmax_loop_equals_one_softmax(softcap):
+@pytest.mark.parametrize("softcap,whole", [(None, 0), (5.0, 0), (None, 2)])
+def test_softmax_loop_equals_one_softmax(softcap, whole):
     """Random scores, masks with fully masked queries, blocks of 8: the loop over all blocks
-    equals softmax_blocks over the concatenated keys (fully masked rows included)."""
+    equals softmax_blocks over the concatenated keys (fully masked rows included); with
+    `whole` leading blocks visible to every query, an unmasked segment over them then a
+    masked one gives the same softmax."""
     rng = np.random.default_rng(0)
     b, k, g, t, h, n, w = 2, 2, 3, 5, 4, 4, 8
     s = jnp.asarray(rng.normal(size=(b, k, g, t, n * w)) * 3, jnp.float32)
     if softcap:
         s = softcap * jnp.tanh(s / softcap)
     mask = rng.random((b, 1, t, n * w)) < 0.5
-    mask[0, 0, 1] = False                     # a query that sees nothing
-    mask[1, 0, :, : 2 * w] = False            # whole blocks masked for every query
+    mask[0, 0, 1, whole * w:] = False         # a query that sees nothing (past the whole blocks)
+    mask[1, 0, :, whole * w: (whole + 1) * w] = False   # a whole block masked for every query
+    mask[..., : whole * w] = True
     mask = jnp.asarray(mask)
     v = jnp.asarray(rng.normal(size=(b, k, n * w, h)), jnp.float32)
+    sm, mm = s.reshape(b, k, g * t, n * w), group_mask(mask, g)
 
-    def block(j):
+    def block(j, masked):
         cut = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, j * w, w, axis)  # noqa: E731
-        return cut(s, 4), cut(mask, 3), cut(v, 2)
+        return cut(sm, 3), (cut(mm, 3) if masked else None), cut(v, 2)
 
-    got = jax.jit(lambda lo, hi: softmax_loop(block, lo, hi, (b, k, g, t, h), jnp.float32))(0, n)
+    loop = jax.jit(lambda lo, mid, hi: ungroup(softmax_loop(block, [(lo, mid, False), (mid, hi, True)],
+                                                            (b, k, g * t, h)), t, jnp.float32))
+    got = loop(0, whole, n)
     want = softmax_blocks([(s, mask, v)], jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
+def test_grouped_scores_equal_scores():
+    """The grouped layout holds the same scores as `scores` (scale and soft-cap included)."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 5, 6, 4)), jnp.float32)
+    keys = jnp.asarray(rng.normal(size=(2, 3, 7, 4)), jnp.float32)
+    want = scores(q, keys, 0.3, 2.0)                       # [B, K, G, T, S]
+    got = grouped_scores(group_queries(q, 3), keys, 0.3, 2.0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want).reshape(2, 3, 10, 7), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ungroup(group_queries(q, 3), 5, q.dtype)), np.asarray(q))
+    folded, rest = fold_scale(group_queries(q, 3), 0.3)       # float32: the scale moves into q
+    assert rest == 1.0
+    np.testing.assert_allclose(np.asarray(grouped_scores(folded, keys, rest, 2.0)), np.asarray(got), rtol=1e-5,
+                               atol=1e-6)
+    half = group_queries(q, 3).astype(jnp.bfloat16)
+    assert fold_scale(half, 0.3)[1] == 0.3                   # bfloat16: only a power of two moves
+    folded, rest = fold_scale(half, None)                    # 1/sqrt(4) = 0.5: exact
+    assert rest == 1.0 and np.array_equal(np.asarray(folded, np.float32), np.asarray(half, np.float32) * 0.5)

@@ -39,8 +39,8 @@ def test_decode_bench_cpu_twin_runs_at_tiny_size(tmp_path):
     cfg = kvjax.ModelConfig.preset("llama-tiny").replace(num_layers=1, d_model=64, num_heads=4, num_kv_heads=2,
                                                           head_dim=16, mlp_dim=128, max_position=2048)
     for r in grid:
-        assert r["mbu"] is None   # left out on CPU (the model sits in the CPU caches), not invented
-        # the bytes of the mean live context over the 4 timed steps: C + 2, exact
+        assert r["mbu"] is None and r["mbu_read"] is None   # left out on CPU (the model sits
+        # in the CPU caches), not invented; the bytes of the mean live context over the 4 timed steps: C + 2, exact
         assert r["live_kv_bytes"] == kvjax.cache_bytes(cfg, r["batch"], r["context"] + 2) - 4 * r["batch"]
         assert r["tok_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
         assert 0 < r["step_min_ms"] <= r["step_ms"] and r["step_repeats"] == 2 and r["step_calls"] >= 1
@@ -50,7 +50,7 @@ def test_decode_bench_cpu_twin_runs_at_tiny_size(tmp_path):
     check = next(r for r in rows if r.get("length_check"))
     assert check["short_step_repeats"] == check["long_step_repeats"] == 2
     assert summary["invalid_rows"] == sum(not r["valid"] for r in grid)
-    assert summary["bandwidth_gb_s"] > 0
+    assert summary["bandwidth_gb_s"] > 0 and summary["read_bandwidth_gb_s"] > 0
     if check["valid"]:
         assert summary["llama-tiny_long_vs_short"] == pytest.approx(check["long_step_ms"] / check["short_step_ms"])
     assert (out / "decode_bench.png").stat().st_size > 1000

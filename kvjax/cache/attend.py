@@ -62,7 +62,8 @@ class LayerChunk(NamedTuple):
     this layer sees; score(keys [B, K, S, H], k_pos) -> float32 [B, K, G, T, S] (the model's
     scaled, soft-capped, for sinks rotation-aware scores); plain_score(q, keys): the same
     without cache-position rotation; press_keep(attn_sums) -> pressed.Keep: the press's
-    decision for this chunk (None when no press runs)."""
+    decision for this chunk (None when no press runs); score_args: (scale, softcap) of the
+    model's `scores`, for readers that lay queries out their own way (`attend_flash`)."""
 
     q: jax.Array
     k: jax.Array
@@ -75,6 +76,7 @@ class LayerChunk(NamedTuple):
     score: Callable
     plain_score: Callable
     press_keep: Callable | None = None
+    score_args: tuple = (None, None)
 
     def own_block(self) -> tuple:
         """The chunk's own keys as a block: (keys, values [B, K, T, H], positions, valid [B, T])."""

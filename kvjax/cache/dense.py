@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..attention_math import attention_mask, softmax_loop
+from ..attention_math import attention_mask, fold_scale, group_mask, group_queries, grouped_scores, softmax_loop, ungroup
 from .core import KVCache
 
 
@@ -185,34 +185,47 @@ def attend_flash(chunk, cache: KVCache, write) -> tuple:
     """(out [B, T, N, H], this layer's new arrays) of a chunk on a full dense/int8 layer.
 
     The chunk is written first (in place, as in `attend_blocks`); then key blocks of
-    w = min(write.flash, max_len) slots are read in a `lax.fori_loop` whose bounds are traced:
+    w = min(write.flash, max_len) slots are read in `lax.fori_loop`s whose bounds are traced:
     blocks past the longest row's end (every query's causal limit) are never visited, nor,
     on a windowed layer without sinks, blocks wholly before every query's window. So one
-    program serves every chunk of a width, whatever the cache holds. A last block that would
-    run past max_len is read from max_len - w (dynamic_slice clamps) with the slots an
-    earlier block already covered masked out."""
+    program serves every chunk of a width, whatever the cache holds. Without a window, the
+    blocks before every row's start are seen whole by every query: they are read with no
+    mask (most of a long prompt's blocks). A last block that would run past max_len is read
+    from max_len - w (dynamic_slice clamps) with the slots an earlier block already covered
+    masked out. Queries are laid out [B, K, G * T, H] and scaled once (`group_queries`,
+    `fold_scale`), so each block is two batched matmuls per kv head with no transpose or
+    rescaling of its scores inside the loop."""
     layer, slots = chunk.layer, write.slots
     if cache.hybrid:
         cache, layer, slots = cache.layer_view(layer), 0, slots[0]
     new_layer = write_layer(cache, layer, chunk.k, chunk.v, slots)
-    S, w = cache.max_len, min(write.flash, cache.max_len)
-    ends = write.starts + chunk.lengths
-    hi = (jnp.max(ends) + w - 1) // w
-    lo = jnp.int32(0)
-    if chunk.window is not None and not chunk.sinks:
-        lo = jnp.maximum(jnp.min(write.starts) - chunk.window + 1, 0) // w
-
-    def block(j):
-        first = j * w
-        view = {name: jax.lax.dynamic_slice_in_dim(a, jnp.minimum(first, S - w), w, axis=2)
-                for name, a in new_layer.items()}
-        pos = jnp.minimum(first, S - w) + jnp.arange(w, dtype=jnp.int32)
-        pos = jnp.broadcast_to(pos[None, :], (ends.shape[0], w))
-        valid = (pos >= first) & (pos < ends[:, None])
-        kb, vb = read_layer(cache.kind, view, chunk.k.dtype)
-        return chunk.score(kb, pos), attention_mask(chunk.positions, pos, valid, chunk.window, chunk.sinks), vb
-
     B, T, N, H = chunk.q.shape
     K = chunk.k.shape[2]
-    out = softmax_loop(block, lo, hi, (B, K, N // K, T, H), chunk.q.dtype)
-    return out, new_layer
+    S, w, G = cache.max_len, min(write.flash, cache.max_len), N // K
+    ends = write.starts + chunk.lengths
+    hi = (jnp.max(ends) + w - 1) // w
+    qm, scale = fold_scale(group_queries(chunk.q, K), chunk.score_args[0])
+
+    def block(j, masked):
+        first = j * w
+        at = jnp.minimum(first, S - w) if masked else first   # unmasked blocks end before S
+        view = {name: jax.lax.dynamic_slice_in_dim(a, at, w, axis=2) for name, a in new_layer.items()}
+        kb, vb = read_layer(cache.kind, view, chunk.k.dtype)
+        pos = jnp.broadcast_to(at + jnp.arange(w, dtype=jnp.int32)[None, :], (B, w))
+        if chunk.sinks:   # scores rotated by cache position: the layer's own scorer, rows regrouped
+            s = chunk.score(kb, pos).reshape(B, K, G * T, w)
+        else:
+            s = grouped_scores(qm, kb, scale, chunk.score_args[1])
+        if not masked:
+            return s, None, vb
+        valid = (pos >= first) & (pos < ends[:, None])
+        return s, group_mask(attention_mask(chunk.positions, pos, valid, chunk.window, chunk.sinks), G), vb
+
+    if chunk.window is None:
+        whole = jnp.minimum(jnp.min(write.starts) // w, hi)   # blocks every query sees whole
+        segments = [(jnp.int32(0), whole, False), (whole, hi, True)]
+    else:
+        lo = jnp.int32(0) if chunk.sinks else jnp.maximum(jnp.min(write.starts) - chunk.window + 1, 0) // w
+        segments = [(lo, hi, True)]
+    out = softmax_loop(block, segments, (B, K, G * T, H))
+    return ungroup(out, T, chunk.q.dtype), new_layer
