@@ -76,14 +76,16 @@ def capture(cfg: ModelConfig, params, tokens, lengths, attention: bool = True) -
     tok = validate.as_tokens(tokens)
     lens = validate.as_lengths(lengths, tok)
     validate.check_room(cfg, np.zeros_like(lens), lens, 1 << 62, "capture", bounded=False)
+    # an argument, not a constant built inside the program: XLA would constant-fold the scores
+    # against an empty constant cache (slow compiles); one slot per layer, which the pass discards
+    scratch = pressed_cache(cfg, tok.shape[0], [1] * cfg.num_layers, jnp.dtype(cfg.dtype))
     return capture_program(cfg, params, jnp.asarray(tok, jnp.int32), jnp.asarray(lens, jnp.int32),
-                           bool(attention))
+                           scratch, bool(attention))
 
 
-@partial(jax.jit, static_argnums=(0, 4))
-def capture_program(cfg: ModelConfig, params, tokens, lengths, attention: bool) -> Prefilled:
+@partial(jax.jit, static_argnums=(0, 5))
+def capture_program(cfg: ModelConfig, params, tokens, lengths, scratch: KVCache, attention: bool) -> Prefilled:
     B, T = tokens.shape
-    scratch = pressed_cache(cfg, B, [T] * cfg.num_layers, jnp.dtype(cfg.dtype))
     rec = _Recorder(attention)
     logits, _ = append_chunk(cfg, params, tokens, lengths, scratch, press=rec)
     assert len(rec.out) == cfg.num_layers, "the capture pass did not reach every layer"

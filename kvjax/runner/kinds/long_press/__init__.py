@@ -1,0 +1,279 @@
+"""long_press_benchmark: what each cache method costs on real models over long contexts,
+kvpress-leaderboard style (issue 21).
+
+Workload: RULER-style tasks generated locally (`kvjax.ruler`: needles, variable tracking,
+common words, a copied passage; CPython's documentation as the haystack) at each context
+length in `lengths`, `samples` per task, in the model's chat template where it has one.
+
+Protocols (kvpress's): query-agnostic compresses the context, then the question is fed
+through the compressed cache; query-aware compresses context + question together (the
+question is inside the press's scoring window), then the question's last token is taken
+back and read again through the compressed cache (so the answer never comes from the
+uncompressed chunk). Baselines (which do not look at the query) run the agnostic protocol.
+
+Methods (methods.py): every press in `presses` at every ratio in `ratios`, applied to ONE
+shared prefill of each batch (`kvjax.decode.shared`: a press decides what is kept, it does
+not change the prefill that scores it); dense; int8; KIVI 2/4-bit; window and sinks rings of
+(1 - ratio) of the context; the hybrid cache on models with sliding-window layers.
+
+Scores (scoring.py): exact match of the greedy answer (`kvjax.ruler.exact_match`) and the
+log-likelihood of the true answer given the cache (teacher-forced), per token; bytes each
+method really holds per context; the compile seconds of each press's apply program.
+
+Results: metrics rows per (model, length, task, protocol, method, ratio); per model and
+protocol a leaderboard plot (accuracy and answer log-likelihood against compression ratio,
+one line per method) and a table of the best method per ratio with its memory.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import kvjax
+from kvjax.decode.shared import capture
+from kvjax.timing import compile_watch
+
+from ... import plots
+from ...models import check_model, load_named
+from ...schema import ConfigError, option
+from ..press_benchmark import SCORERS, WRAPPERS, parse_press
+from ..press_benchmark import make_press as _press_from_name
+from . import scoring
+from .methods import (BASELINES, Method, as_tokens, baseline_cache, has_local_layers, kept_bytes,
+                      press_cache, prefilled_baseline, ratio_axis, run_slots)
+
+PROTOCOLS = ("agnostic", "aware")
+DEFAULT_PRESSES = ("Knorm", "KeyDiff", "StreamingLLM", "SnapKV", "PyramidKV", "TOVA", "ObservedAttention",
+                   "ExpectedAttention", "AdaKV(ExpectedAttention)", "CriticalKV(SnapKV)")
+
+
+@dataclass(frozen=True)
+class Config:
+    models: tuple[str, ...] = option(("smollm2-135m-instruct", "gemma3-270m"), min_items=1,
+                                     help="models by kvjax.load_model name (packaged, .gguf, folder, bundled)")
+    tasks: tuple[str, ...] = option(("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                                     "variable_tracking", "common_words", "passage_qa"), min_items=1,
+                                    help="kvjax.ruler task names")
+    lengths: tuple[int, ...] = option((1024, 2048, 4096), min=32, min_items=1,
+                                      help="context lengths (tokens of the compressed context)")
+    samples: int = option(4, min=1, help="samples per (task, length): one batch")
+    chat: bool = option(True, help="use the model's chat template where it has one")
+    protocols: tuple[str, ...] = option(PROTOCOLS, choices=PROTOCOLS, min_items=1,
+                                        help="agnostic: compress, then ask; aware: the question inside the chunk")
+    presses: tuple[str, ...] = option(DEFAULT_PRESSES, help=(
+        "presses by kvpress name (" + ", ".join(s for s in SCORERS if s != "KVzip") + "); wrappers as "
+        "Wrapper(Inner) with Wrapper one of " + ", ".join(WRAPPERS)))
+    baselines: tuple[str, ...] = option(BASELINES, choices=BASELINES, help="cache kinds compared with the presses")
+    ratios: tuple[float, ...] = option((0.25, 0.5, 0.75, 0.9), min=0.0, max=0.99, min_items=1,
+                                       help="compression ratios (share of the context dropped)")
+    window_size: int = option(64, min=1, help="SnapKV / PyramidKV window (last queries that score)")
+    kernel_size: int = option(5, min=1, help="SnapKV / PyramidKV pooling kernel (odd)")
+    n_future_positions: int = option(512, min=1, help="ExpectedAttention: future positions averaged")
+    n_sink: int = option(4, min=0, help="StreamingLLM and ExpectedAttention sink tokens")
+    chunk_length: int = option(20, min=1, help="ChunkKV chunk length")
+    kivi_group_size: int = option(32, min=1, help="KIVI quantisation group (the KIVI paper's 32)")
+    kivi_residual_length: int = option(128, min=1, help="KIVI full-precision residual (a multiple of the group)")
+    num_sinks: int = option(4, min=1, help="sink tokens of the sinks ring")
+    max_new_tokens: int = option(16, min=1, help="greedy answer tokens generated per sample")
+    time_budget_s: float = option(0.0, min=0.0, help="stop starting new (model, length) blocks after this "
+                                                     "many seconds (0: no limit); what was skipped is reported")
+
+
+def validate(run_cfg) -> None:
+    c: Config = run_cfg.settings
+    if c.kernel_size % 2 == 0:
+        raise ConfigError(f"long_press_benchmark.kernel_size: {c.kernel_size} must be odd")
+    if c.kivi_residual_length % c.kivi_group_size:
+        raise ConfigError(f"long_press_benchmark.kivi_residual_length: {c.kivi_residual_length} must be a "
+                          f"multiple of kivi_group_size={c.kivi_group_size}")
+    for key in ("presses", "ratios", "lengths", "tasks", "models"):
+        v = list(getattr(c, key))
+        if len(set(v)) != len(v):
+            raise ConfigError(f"long_press_benchmark.{key}: an entry is listed twice: {v}")
+    for i, name in enumerate(c.presses):
+        try:
+            if parse_press(name)[1] == "KVzip":
+                raise ValueError("KVzip runs model passes of its own and has no shared-prefill path here")
+            _press_from_name(name, 0.5, c)
+        except ValueError as e:
+            raise ConfigError(f"long_press_benchmark.presses[{i}]: {e}") from None
+    from kvjax import ruler
+    for i, t in enumerate(c.tasks):
+        if t not in ruler.TASKS:
+            raise ConfigError(f"long_press_benchmark.tasks[{i}]: unknown task {t!r}; tasks: "
+                              f"{', '.join(ruler.TASKS)}")
+    for i, name in enumerate(c.models):
+        check_model(f"long_press_benchmark.models[{i}]", name)
+
+
+def methods(c: Config, cfg) -> list[Method]:
+    out = [Method("dense", "dense", None)]
+    out += [Method(b, b, None) for b in c.baselines if b in ("int8", "kivi2", "kivi4")]
+    if "hybrid" in c.baselines and has_local_layers(cfg):
+        out.append(Method("hybrid", "hybrid", None))
+    out += [Method(re.sub(r"\s+", "", p), "press", r) for p in c.presses for r in c.ratios]
+    out += [Method(b, b, r) for b in c.baselines if b in ("window", "sinks") for r in c.ratios]
+    return out
+
+
+# ----------------------------------------------------------------------------- one batch
+
+@dataclass
+class Batch:
+    """One (task, length)'s samples as the two protocols see them."""
+    task: str
+    length: int
+    samples: list
+    answers: list
+
+
+def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list, compiled: dict) -> list:
+    """Every method on one batch in every protocol: metric rows."""
+    rows = []
+    kivi = (c.kivi_group_size, c.kivi_residual_length)
+    presses = {(m.name, m.ratio): _press_from_name(m.name, m.ratio, c) for m in ms if m.family == "press"}
+    attention = any(p.needs_attention for p in presses.values())
+    for protocol in c.protocols:
+        aware = protocol == "aware"
+        if aware:
+            ctx_rows = [list(s.context_ids) + list(s.question_ids) for s in batch.samples]
+            questions = [list(s.question_ids[-1:]) for s in batch.samples]
+        else:
+            ctx_rows = [list(s.context_ids) for s in batch.samples]
+            questions = [list(s.question_ids) for s in batch.samples]
+        tokens, lens = as_tokens(ctx_rows)
+        n = int(lens.max())
+        room = scoring.room(questions, batch.answers, c.max_new_tokens) + (1 if aware else 0)
+        t0 = time.perf_counter()
+        pre = capture(cfg, params, tokens, lens, attention=attention)
+        capture_s = time.perf_counter() - t0
+        slots = max(run_slots(cfg, list(presses.values()), n, room), n + room)   # dense keeps all n
+        dense_bytes = kept_bytes(cfg, Method("dense", "dense", None), None, n, kivi, c.num_sinks)
+        for m in ms:
+            if m.family not in ("press", "dense") and aware:
+                continue
+            press = presses.get((m.name, m.ratio))
+            t0 = time.perf_counter()
+            with compile_watch() as w:
+                if m.family in ("press", "dense"):
+                    cache = press_cache(cfg, pre, press, len(lens), slots, aware)
+                else:
+                    cache = prefilled_baseline(cfg, params, m, tokens, lens, n, room, kivi, c.num_sinks)
+            build_s = time.perf_counter() - t0
+            key = (m.name if m.family == "press" else m.family, protocol)
+            compiled.setdefault(key, w.compile_s)
+            ll, alen = scoring.answer_loglik(cfg, params, cache, questions, batch.answers)
+            texts = scoring.greedy_answers(cfg, params, tok, cache, questions, c.max_new_tokens)
+            em = [bool(kvjax.ruler.exact_match(t, s)) for t, s in zip(texts, batch.samples)]
+            b = kept_bytes(cfg, m, press, n, kivi, c.num_sinks)
+            rows.append({"model": model, "length": batch.length, "context_tokens": n, "task": batch.task,
+                         "protocol": protocol, "method": m.name, "family": m.family, "ratio": m.ratio,
+                         "ratio_axis": ratio_axis(m, b, dense_bytes), "accuracy": float(np.mean(em)),
+                         "answer_loglik": float(np.mean(ll)), "answer_loglik_per_token":
+                         float(np.sum(ll) / max(1, int(alen.sum()))), "bytes": b,
+                         "bytes_vs_dense": b / dense_bytes, "build_s": build_s, "capture_s": capture_s,
+                         "samples": len(em), "example": texts[0][:80]})
+            ctx.log(rows[-1])
+    return rows
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run(ctx, c: Config) -> dict:
+    from kvjax import ruler
+
+    start, rows, skipped, compiled = time.perf_counter(), [], [], {}
+    for model in c.models:
+        cfg, params, tok = load_named("long_press_benchmark.models", model)
+        ms = methods(c, cfg)
+        chat = c.chat and ruler.has_chat_template(tok)
+        ctx.note(f"{model}: {cfg.num_layers} layers ({sum(cfg.layer_window(l) is not None for l in range(cfg.num_layers))} "
+                 f"sliding), {cfg.num_kv_heads} kv heads, head_dim {cfg.head_dim}; "
+                 f"{'chat template' if chat else 'plain prompt format'}; {len(ms)} methods.")
+        for length in c.lengths:
+            if c.time_budget_s and time.perf_counter() - start > c.time_budget_s:
+                skipped.append(f"{model} at {length}")
+                continue
+            suite = ruler.make_suite(tok, c.tasks, [length], c.samples, seed=ctx.seed, chat=chat)
+            with ctx.progress(len(c.tasks), f"{model} {length}") as advance:
+                for task in c.tasks:
+                    samples = suite[(task, length)]
+                    batch = Batch(task, length, samples, [list(s.answer_ids) for s in samples])
+                    rows += _block(ctx, c, model, cfg, params, tok, batch, ms, compiled)
+                    advance(note=task)
+    if skipped:
+        ctx.note(f"Time budget of {c.time_budget_s:.0f} s reached; not run: {', '.join(skipped)}")
+    return _report(ctx, c, rows, compiled, skipped)
+
+
+def summarise(rows: list) -> list[dict]:
+    """Mean accuracy and answer log-likelihood per (model, protocol, method, ratio) over tasks
+    and lengths, with the mean bytes relative to dense."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["protocol"], r["method"], r["ratio"]), []).append(r)
+    out = []
+    for (model, protocol, method, ratio), rs in groups.items():
+        w = np.array([r["samples"] for r in rs], float)
+        out.append({"model": model, "protocol": protocol, "method": method, "ratio": ratio,
+                    "family": rs[0]["family"],
+                    "ratio_axis": float(np.mean([r["ratio_axis"] for r in rs])),
+                    "accuracy": float(np.average([r["accuracy"] for r in rs], weights=w)),
+                    "answer_loglik_per_token": float(np.mean([r["answer_loglik_per_token"] for r in rs])),
+                    "bytes_vs_dense": float(np.mean([r["bytes_vs_dense"] for r in rs])),
+                    "blocks": len(rs)})
+    return out
+
+
+def _report(ctx, c: Config, rows: list, compiled: dict, skipped: list) -> dict:
+    if not rows:
+        raise RuntimeError("long_press_benchmark measured nothing (every block was skipped)")
+    summary = summarise(rows)
+    ctx.table("Methods (mean over tasks and lengths)",
+              ["model", "protocol", "method", "ratio", "memory vs dense", "accuracy", "answer log-lik / token"],
+              [[s["model"], s["protocol"], s["method"], s["ratio"], s["bytes_vs_dense"], s["accuracy"],
+                s["answer_loglik_per_token"]] for s in summary])
+    ctx.table("Compile seconds of each method's cache program (first batch)",
+              ["method", "protocol", "compile s"], [[k[0], k[1], v] for k, v in compiled.items()])
+    headline = {"rows": len(rows), "skipped": skipped}
+    best = []
+    for model in dict.fromkeys(s["model"] for s in summary):
+        for protocol in dict.fromkeys(s["protocol"] for s in summary if s["model"] == model):
+            mine = [s for s in summary if s["model"] == model and s["protocol"] == protocol]
+            _leaderboard(ctx, model, protocol, mine)
+            dense = next((s for s in mine if s["family"] == "dense"), None)
+            if dense:
+                headline[f"{model}_{protocol}_dense_accuracy"] = dense["accuracy"]
+            for ratio in c.ratios:
+                at = [s for s in mine if s["ratio"] == ratio]
+                if at:
+                    top = max(at, key=lambda s: (s["answer_loglik_per_token"], s["accuracy"]))
+                    best.append([model, protocol, ratio, top["method"], top["accuracy"],
+                                 top["answer_loglik_per_token"], top["bytes_vs_dense"]])
+                    headline[f"{model}_{protocol}_best_at_{ratio}"] = top["method"]
+    ctx.table("Best method per ratio (highest answer log-likelihood per token)",
+              ["model", "protocol", "ratio", "method", "accuracy", "answer log-lik / token", "memory vs dense"],
+              best)
+    return headline
+
+
+def _leaderboard(ctx, model: str, protocol: str, summary: list) -> None:
+    """kvpress's layout: accuracy and answer log-likelihood against compression ratio, one line
+    per method (ratio-free baselines as single points at the memory they save)."""
+    fig, (acc, ll) = plots.figure(ncols=2)
+    by_method: dict = {}
+    for s in summary:
+        by_method.setdefault(s["method"], []).append(s)
+    xs = sorted({round(s["ratio_axis"], 3) for s in summary})
+    for metric, ax, label in (("accuracy", acc, "exact match"), ("answer_loglik_per_token", ll,
+                                                                  "answer log-likelihood / token")):
+        series = {}
+        for method, ss in by_method.items():
+            pts = {round(s["ratio_axis"], 3): s[metric] for s in ss}
+            series[method] = [pts.get(x) for x in xs]
+        plots.lines(ax, xs, series, xlabel="compression ratio (share of the cache dropped)", ylabel=label,
+                    title=f"{model}, query-{protocol}")
+    ctx.save_figure(fig, f"leaderboard_{re.sub(r'[^A-Za-z0-9]+', '_', model)}_{protocol}.png")
