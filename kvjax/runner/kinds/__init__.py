@@ -25,6 +25,7 @@ KINDS = {
     "sharded_decode": "kvjax.runner.kinds.sharded_decode",
     "compression_quality": "kvjax.runner.kinds.compression_quality",
     "press_benchmark": "kvjax.runner.kinds.press_benchmark",
+    "long_press_benchmark": "kvjax.runner.kinds.long_press",
     "serving_bench": "kvjax.runner.kinds.serving_bench",
 }
 
