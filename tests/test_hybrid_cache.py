@@ -106,17 +106,17 @@ def test_multi_turn_and_save_load_continue_exactly(model, prompts, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_presses_refuse_a_hybrid_cache_and_generate_picks_a_full_one(model, prompts):
+def test_generate_with_a_press_picks_a_full_cache(model, prompts):
+    """generate(press=...) without a cache presses every layer, as kvpress does (hybrid=False);
+    a press on a hybrid cache (its full layers only) is tests/test_hybrid_press.py's."""
     from kvjax import press
 
     cfg, params = model
     p = press.KnormPress(compression_ratio=0.5)
-    with pytest.raises(ValueError, match="hybrid cache keeps rings of 4 slots.*hybrid=False"):
-        kvjax.prefill(cfg, params, prompts, LENS, kvjax.init_cache(cfg, B, 32), press=p)
     out = kvjax.generate(cfg, params, prompts, LENS, max_new_tokens=2, press=p)
     assert not out.cache.hybrid and out.cache.pressed
     # a pressed cache has max_len slots on every layer, windowed model or not
-    assert out.cache.nbytes == kvjax.cache_bytes(cfg, B, S + 2, pressed=True)
+    assert out.cache.nbytes == kvjax.cache_bytes(cfg, B, S + 2, pressed=True, hybrid=False)
     sized = press.init_cache(cfg, B, S, p, room=2)          # per-layer budgets, never rings
     assert not sized.hybrid and sized.nbytes == press.cache_bytes(cfg, B, [k.shape[2] for k in sized.keys])
 

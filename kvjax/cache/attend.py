@@ -8,7 +8,8 @@ and write:
 
   no cache              the chunk's own keys
   paged                 cache/paged.py (pools shared by rows, the engine's layout)
-  pressed, pooled       cache/pressed.py (per-head slots; a press decides what the chunk keeps)
+  pressed, pooled       cache/pressed.py (per-head slots; a press decides what the chunk keeps;
+                        a pressed hybrid cache's ring layers stay rings, read as below)
   kivi                  cache/kivi.py (quantised store + full-precision residual)
   dense, int8, rings    cache/dense.py (window, sinks and hybrid caches included; a
                         multi-token chunk on a full layer, when write.flash asks: key
@@ -92,7 +93,9 @@ def attend(chunk: LayerChunk, cache: KVCache | None, write: CacheWrite | None):
     if cache.kind == PAGED:
         return paged.paged_attention(chunk.q, chunk.k, chunk.v, chunk.positions, chunk.lengths, cache,
                                      chunk.layer, chunk.window, chunk.sinks, chunk.plain_score)
-    if cache.pressed:
+    if cache.pressed and not cache.ring_layer(chunk.layer):
+        if cache.hybrid:                 # a pressed full layer of a hybrid cache, alone
+            return pressed.attend(chunk._replace(layer=0), cache.layer_view(chunk.layer), write)
         return pressed.attend(chunk, cache, write)
     if cache.kind == "kivi":
         blocks, new_layer = kivi.attend_blocks(dense.layer_arrays(cache, chunk.layer), cache.quant, chunk.k,

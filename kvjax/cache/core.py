@@ -56,6 +56,12 @@ by each slot, -1: empty; kept slots are packed at the front in position order) a
 (a pressed context continues at its uncompressed length, as kvpress does), so it is no
 longer a slot count. Layers may have different slot counts S_l (PyramidKV budgets).
 
+Hybrid pressed (a press on a hybrid cache): the full layers take the pressed layout above;
+the ring layers stay rings (they already hold only their window, and keep every token of
+it), with placeholders `head_pos` [B, K, 0] and `head_fill` [B, K] of zeros so every
+per-layer tuple keeps one entry per layer (ring layers hold no per-head positions: 0
+bytes, plus 4 bytes per row and kv head). `slot_pos` keeps the rings' positions as before.
+
 The cache is data: functions take one and return a new one. At the jit boundary it is
 donated, so XLA writes the new token's K/V into the same memory (see kvjax/decode/programs.py).
 """
@@ -104,9 +110,11 @@ class KVCache:
     @property
     def max_len(self) -> int:
         """Number of slots S of the full layers (for window/sinks, and a hybrid cache whose
-        layers are all rings, the ring: not a limit on tokens)."""
+        layers are all rings, the ring: not a limit on tokens). A hybrid pressed cache's
+        full layers may hold fewer slots than its rings' window: max_len is theirs."""
         if self.rings:
-            return max(k.shape[2] for k in self.keys)
+            full = [k.shape[2] for k, r in zip(self.keys, self.rings) if not r]
+            return max(full) if full else max(self.rings)
         return self.keys[0].shape[2]
 
     @property
@@ -158,12 +166,19 @@ class KVCache:
 
     def layer_view(self, layer: int) -> "KVCache":
         """Layer `layer` alone as a one-layer cache (no copy): a ring layer of a hybrid cache
-        becomes a ring (slot_pos set), a full layer a plain dense/int8 cache."""
+        becomes a ring (slot_pos set), a full layer a plain dense/int8 cache (a pressed one,
+        with its per-head positions, once a press has compacted it)."""
         ring = bool(self.rings) and self.rings[layer] > 0
         one = lambda t: (t[layer],) if t else ()  # noqa: E731
+        per_head = one if not ring else (lambda t: ())  # noqa: E731  a ring holds no per-head slots
         return self.replace(keys=one(self.keys), values=one(self.values), key_scales=one(self.key_scales),
                             value_scales=one(self.value_scales), slot_pos=self.slot_pos if ring else None,
-                            rings=())
+                            head_pos=per_head(self.head_pos), head_fill=per_head(self.head_fill),
+                            head_owner=per_head(self.head_owner), rings=())
+
+    def ring_layer(self, layer: int) -> bool:
+        """Whether `layer` is a ring of a hybrid cache."""
+        return bool(self.rings) and self.rings[layer] > 0
 
     @property
     def nbytes(self) -> int:
@@ -252,7 +267,11 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
 
     pressed: the same cache once a press has compacted it (it adds per-head slot positions
     int32 [B, K, S] and fills int32 [B, K] per layer; kvjax.press.cache_bytes gives
-    per-layer sizes). pooled: once AdaKVPress has pooled it (a head id per slot too)."""
+    per-layer sizes). On a hybrid cache (hybrid None on a windowed model, as init_cache
+    makes it, or True) only the full layers take positions; each ring layer adds a fill
+    placeholder int32 [B, K]. hybrid=False: the pressed cache of max_len slots on every
+    layer (what generate(press=...) allocates). pooled: once AdaKVPress has pooled it (a
+    head id per slot too; never hybrid)."""
     _check(batch_size, max_len, kind, sinks_for(kind, num_sinks))
     quant = _quant(kind, bits, group_size, residual_length)
     if kind == "kivi":
@@ -260,14 +279,18 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
                                _resolve_dtype(cfg, dtype))
         return cfg.num_layers * per + 4 * batch_size
     if pooled:
-        return (cache_bytes(cfg, batch_size, max_len, dtype, kind, pressed=True)
+        if hybrid:
+            raise ValueError("pooled=True: AdaKVPress pools every layer's kv heads, so a pooled cache "
+                             "is never hybrid; pass hybrid=False or None")
+        return (cache_bytes(cfg, batch_size, max_len, dtype, kind, pressed=True, hybrid=False)
                 + cfg.num_layers * batch_size * cfg.num_kv_heads * max_len * 4)
     if pressed:
         if kind not in ("dense", "int8"):
             raise ValueError(f"only dense and int8 caches can be pressed, got kind {kind!r}")
         per_head = batch_size * cfg.num_kv_heads * 4
-        return (cache_bytes(cfg, batch_size, max_len, dtype, kind, hybrid=False)   # never hybrid
-                + cfg.num_layers * per_head * (max_len + 1))
+        rings = layer_rings(cfg, max_len, kind, hybrid) or (0,) * cfg.num_layers
+        return (cache_bytes(cfg, batch_size, max_len, dtype, kind, hybrid=hybrid)
+                + sum(per_head if r else per_head * (max_len + 1) for r in rings))
     slots, ring_slots = _slot_layout(cfg, max_len, kind, layer_rings(cfg, max_len, kind, hybrid))
 
     def per_layer(slots):

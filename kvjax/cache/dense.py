@@ -25,11 +25,12 @@ def chunk_slots(cache: KVCache, starts: jax.Array, lengths: jax.Array, T: int) -
     Padding is never written. In a ring, a chunk longer than the ring would hit a slot more
     than once (a scatter with duplicate indices has no defined winner), so only the last
     ring-size real tokens of the chunk are written: the earlier ones would be overwritten anyway.
-    A hybrid cache gets a pair (slots of its full layers, slots of its ring layers).
+    A hybrid cache gets a pair (slots of its full layers, slots of its ring layers); a pressed
+    hybrid cache's full layers place their tokens themselves (None).
     """
     if cache.hybrid:
         full = next((i for i, r in enumerate(cache.rings) if not r), None)
-        return (None if full is None else chunk_slots(cache.layer_view(full), starts, lengths, T),
+        return (None if full is None or cache.pressed else chunk_slots(cache.layer_view(full), starts, lengths, T),
                 chunk_slots(cache.ring_view(), starts, lengths, T))
     S, s = cache.max_len, cache.num_sinks
     t = jnp.arange(T, dtype=jnp.int32)[None, :]

@@ -6,6 +6,12 @@ A pressed cache keeps, per layer, `head_pos` [B, K, S_l] (position held by each 
 empty; kept slots packed at the front in position order) and `head_fill` [B, K]. A pooled
 cache (AdaKV) holds the K heads' slots of a layer as one pool [B, 1, P, H] with
 `head_owner` [B, P] naming the kv head of each slot.
+
+A hybrid cache (rings on its windowed layers) is pressed on its full layers only: a ring
+already holds just the window its layer reads, and keeps every token of it. Its ring layers
+carry placeholders (`head_pos` [B, K, 0], `head_fill` [B, K] zeros) and are read and written
+as rings (dense.attend_blocks); `assemble_chunk` updates both kinds of layer and the rings'
+`slot_pos`. Pooled (AdaKV) caches are never hybrid.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import jax.numpy as jnp
 
 from ..attention_math import attention_mask, softmax_blocks
 from .core import KVCache
-from .dense import layer_arrays, read_layer, stored
+from .dense import layer_arrays, read_layer, slot_positions, stored
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,15 @@ def as_pressed(cache: KVCache) -> KVCache:
     """A dense/int8 cache in the pressed layout (traced): slot s of every head holds position s."""
     if cache.pressed:
         return cache
-    if cache.hybrid:   # host checks refuse this first (kvjax/press/host.py)
-        raise ValueError("a hybrid cache cannot be pressed; make it with init_cache(..., hybrid=False)")
+    if cache.all_rings:   # host checks refuse this first (kvjax/press/host.py)
+        raise ValueError("a cache with rings on every layer has no full layer to press")
     pos, fill = [], []
     for layer in range(len(cache.keys)):
         B, K, S = cache.keys[layer].shape[:3]
+        if cache.ring_layer(layer):       # a ring keeps its window: placeholders only
+            pos.append(jnp.full((B, K, 0), -1, jnp.int32))
+            fill.append(jnp.zeros((B, K), jnp.int32))
+            continue
         s = jnp.arange(S, dtype=jnp.int32)[None, None, :]
         used = cache.lengths[:, None, None]
         pos.append(jnp.where(s < used, s, -1) * jnp.ones((B, K, 1), jnp.int32))
@@ -55,6 +65,8 @@ def as_pooled(cache: KVCache) -> KVCache:
     """An EMPTY dense/int8 cache as one pool of K * S slots per layer (traced; a reshape)."""
     if cache.pooled:
         return cache
+    if cache.hybrid:      # host checks refuse this first (kvjax/press/host.py)
+        raise ValueError("AdaKVPress's pooled layout is not made on hybrid caches")
     keys, values, ks, vs, pos, owner, fill = [], [], [], [], [], [], []
     for layer in range(len(cache.keys)):
         B, K, S, H = cache.keys[layer].shape
@@ -104,6 +116,19 @@ def assemble_pressed(cache: KVCache, layers: list, head_pos: list, head_fill: li
         changes.update(key_scales=tuple(l["ks"] for l in layers),
                        value_scales=tuple(l["vs"] for l in layers))
     return cache.replace(**changes)
+
+
+def assemble_chunk(cache: KVCache, layers: list, starts, lengths, slots) -> KVCache:
+    """The pressed cache after a chunk: every layer's new arrays; `lengths` the next position
+    (a press may move it: KeyRerotation). A hybrid cache's ring layers keep their placeholders
+    and its rings' `slot_pos` takes the chunk at `slots[1]` (dense.chunk_slots' ring slots)."""
+    nxt = next((l["next"] for l in layers if "next" in l), starts + lengths)
+    pos = [l.get("pos", cache.head_pos[i]) for i, l in enumerate(layers)]
+    fill = [l.get("fill", cache.head_fill[i]) for i, l in enumerate(layers)]
+    new = assemble_pressed(cache, layers, pos, fill, nxt)
+    if cache.hybrid:
+        new = new.replace(slot_pos=slot_positions(cache.ring_view(), starts, lengths, slots[1])[0])
+    return new
 
 
 # ----------------------------------------------------------------------------- appending a chunk

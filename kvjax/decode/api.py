@@ -245,7 +245,7 @@ def _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind,
     if cache is None:
         if mesh is not None:
             sharding.check_mesh(cfg, mesh, B)
-        if press is not None:   # presses work on max_len slots per layer, not on rings
+        if press is not None:   # as kvpress: every layer pressed (hybrid=True: only the full ones)
             cache_options.setdefault("hybrid", False)
         cache = init_cache(cfg, B, max_len if max_len is not None else S + max_new_tokens, mesh=mesh,
                            kind=cache_kind, num_sinks=num_sinks, **cache_options)

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from .. import sharding
-from ..cache import (KVCache, as_pooled, as_pressed, assemble, assemble_pressed, cache_shardings,
-                     chunk_slots)
+from ..cache import KVCache, as_pooled, as_pressed, assemble, cache_shardings, chunk_slots
+from ..cache.pressed import assemble_chunk
 from ..cache.attend import CacheWrite
 from ..config import ModelConfig
 from ..model import Transformer, init_params
@@ -59,14 +59,13 @@ def append_chunk(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, live
         cache = as_pooled(cache) if getattr(press, "pooled", False) else as_pressed(cache)
     starts = cache.lengths
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
-    slots = None if cache.pressed else chunk_slots(cache, starts, lengths, T)
+    # pressed layers place their tokens themselves; a pressed hybrid cache's rings still need slots
+    slots = chunk_slots(cache, starts, lengths, T) if cache.hybrid or not cache.pressed else None
     write = CacheWrite(starts, slots, live, press, budgets, flash)
     logits, layers = Transformer(cfg).apply({"params": params}, tokens, positions, lengths, cache, write,
                                             logits_at=jnp.maximum(lengths - 1, 0))
     if cache.pressed:
-        nxt = layers[0].get("next", starts + lengths)
-        new = assemble_pressed(cache, layers, [l["pos"] for l in layers], [l["fill"] for l in layers], nxt)
-        return logits[:, 0], new
+        return logits[:, 0], assemble_chunk(cache, layers, starts, lengths, slots)
     return logits[:, 0], assemble(cache, layers, starts, lengths, slots)     # [B, V]
 
 

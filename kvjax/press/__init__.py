@@ -77,24 +77,54 @@ def init_cache(cfg: ModelConfig, batch_size: int, context_len: int, press: Press
     return pressed_cache(cfg, batch_size, sizes, dtype, kind)
 
 
-def cache_bytes(cfg: ModelConfig, batch_size: int, layer_slots, dtype=None, kind: str = "dense") -> int:
-    """Exact bytes of `pressed_cache(cfg, batch_size, layer_slots, ...)`, without allocating."""
-    one = cfg.replace(num_layers=1, layer_types=None)          # a pressed layer is never a ring
-    per_layer = [(dense_bytes(one, batch_size, int(s), dtype, kind, hybrid=False) - 4 * batch_size
-                  + batch_size * cfg.num_kv_heads * 4 * (int(s) + 1)) for s in layer_slots]
-    return sum(per_layer) + 4 * batch_size
+def cache_bytes(cfg: ModelConfig, batch_size: int, layer_slots, dtype=None, kind: str = "dense",
+                hybrid: bool = False) -> int:
+    """Exact bytes of `pressed_cache(cfg, batch_size, layer_slots, ..., hybrid=hybrid)`, without
+    allocating."""
+    one = cfg.replace(num_layers=1, layer_types=None)          # each layer alone, never a ring
+    rings = _pressed_rings(cfg, layer_slots, hybrid)
+    per_head = batch_size * cfg.num_kv_heads * 4
+    per_layer = [(dense_bytes(one, batch_size, int(r or s), dtype, kind, hybrid=False) - 4 * batch_size
+                  + per_head * (1 if r else int(s) + 1)) for s, r in zip(layer_slots, rings)]
+    ring_pos = batch_size * max(rings) * 4 if any(rings) else 0     # a hybrid cache's slot_pos [B, W]
+    return sum(per_layer) + ring_pos + 4 * batch_size
 
 
-def pressed_cache(cfg: ModelConfig, batch_size: int, layer_slots, dtype=None, kind: str = "dense") -> KVCache:
-    """An empty pressed cache with `layer_slots[l]` slots in layer l."""
+def _pressed_rings(cfg: ModelConfig, layer_slots, hybrid: bool) -> tuple:
+    """Per-layer ring sizes of `pressed_cache` (all 0 unless hybrid), after checking layer_slots."""
     if len(layer_slots) != cfg.num_layers or any(int(s) < 1 for s in layer_slots):
         raise ValueError(f"layer_slots must give {cfg.num_layers} positive slot counts, got {list(layer_slots)}")
-    per = [dense_cache(cfg, batch_size, int(s), dtype=dtype, kind=kind, hybrid=False) for s in layer_slots]
+    if not hybrid:
+        return (0,) * cfg.num_layers
+    rings = tuple(cfg.layer_window(i) or 0 for i in range(cfg.num_layers))
+    full = {int(s) for s, r in zip(layer_slots, rings) if not r}
+    if not any(rings) or all(rings):
+        raise ValueError(f"hybrid=True: a hybrid pressed cache needs windowed and full layers; "
+                         f"{cfg.name!r} has windows {[cfg.layer_window(i) for i in range(cfg.num_layers)]}")
+    if len(full) != 1:
+        raise ValueError(f"hybrid=True: the full layers of a hybrid cache share one slot count (its "
+                         f"max_len); layer_slots gives them {sorted(full)} (use the largest)")
+    return rings
+
+
+def pressed_cache(cfg: ModelConfig, batch_size: int, layer_slots, dtype=None, kind: str = "dense",
+                  hybrid: bool = False) -> KVCache:
+    """An empty pressed cache with `layer_slots[l]` slots in layer l.
+
+    hybrid=True (a model with windowed and full layers, e.g. Gemma 2/3): each windowed layer is
+    a ring of its window (its layer_slots entry is ignored: a press leaves rings as they are)
+    and the full layers hold layer_slots (one count for all of them), as a press leaves a
+    hybrid cache; a press on it compacts only the full layers."""
+    rings = _pressed_rings(cfg, layer_slots, hybrid)
+    per = [dense_cache(cfg, batch_size, int(r or s), dtype=dtype, kind=kind, hybrid=False)
+           for s, r in zip(layer_slots, rings)]
     B, K = batch_size, cfg.num_kv_heads
     pick = lambda name: tuple(getattr(c, name)[i] for i, c in enumerate(per))  # noqa: E731
     return per[0].replace(
         keys=pick("keys"), values=pick("values"),
         key_scales=pick("key_scales") if kind == "int8" else (),
         value_scales=pick("value_scales") if kind == "int8" else (),
-        head_pos=tuple(jnp.full((B, K, int(s)), -1, jnp.int32) for s in layer_slots),
-        head_fill=tuple(jnp.zeros((B, K), jnp.int32) for _ in layer_slots))
+        head_pos=tuple(jnp.full((B, K, 0 if r else int(s)), -1, jnp.int32) for s, r in zip(layer_slots, rings)),
+        head_fill=tuple(jnp.zeros((B, K), jnp.int32) for _ in layer_slots),
+        slot_pos=jnp.full((B, max(rings)), -1, jnp.int32) if any(rings) else None,
+        rings=rings if any(rings) else ())

@@ -23,9 +23,7 @@ def check_press(press, cfg: ModelConfig, cache: KVCache, mesh, where: str) -> No
         raise ValueError(f"{where}: a press compacts dense or int8 caches; this cache is kind "
                          f"{cache.kind!r} (a ring already decides what it keeps)")
     if cache.hybrid:
-        raise ValueError(f"{where}: a press compacts caches with max_len slots on every layer; this "
-                         f"hybrid cache keeps rings of {max(cache.rings)} slots on its windowed layers. "
-                         f"Make it with init_cache(..., hybrid=False)")
+        check_hybrid(press, cache, mesh, where)
     if cfg.attention_sinks:
         raise ValueError(f"{where}: presses are not supported on models with attention_sinks="
                          f"{cfg.attention_sinks} (keys are cached unrotated there)")
@@ -37,11 +35,54 @@ def check_press(press, cfg: ModelConfig, cache: KVCache, mesh, where: str) -> No
     press.check_model(cfg)
 
 
-fills = used_slots   # int [L, B]: slots used per layer and row (the fullest kv head)
+def check_hybrid(press, cache: KVCache, mesh, where: str) -> None:
+    """A press on a hybrid cache compacts its full layers and leaves its rings (each already
+    holds only its layer's window) as they are; refuse what that cannot do, saying what to do."""
+    name, ring = type(press).__name__, max(cache.rings)
+    full = ("; make the cache with init_cache(..., hybrid=False) to press every layer "
+            "(max_len slots on every layer)")
+    if cache.all_rings:
+        raise ValueError(f"{where}: this hybrid cache keeps rings of {ring} slots on every layer (the "
+                         f"model is windowed everywhere), so there is no full layer to press{full}")
+    if getattr(press, "whole_model", False):
+        raise ValueError(f"{where}: {name} scores a context by reconstructing it through every layer "
+                         f"and keeps (layer, head, token) triples in pooled layers; it is not done on "
+                         f"hybrid caches, whose windowed layers are rings of {ring} slots{full}")
+    if isinstance(press, DecodingPress):
+        raise ValueError(f"{where}: {name} cuts every layer's whole cache to target_size during "
+                         f"generation; it is not done on hybrid caches, whose windowed layers are rings "
+                         f"of {ring} slots that already stay bounded{full}")
+    if getattr(press, "pooled", False):
+        raise ValueError(f"{where}: {name} pools each layer's kv heads into one pool of slots; on a hybrid "
+                         f"cache it is not supported yet (its windowed layers are rings of {ring} slots "
+                         f"per kv head). Press this hybrid cache with a per-head press (e.g. {name}'s "
+                         f"inner press, {type(press.press).__name__}){full}")
+    if type(press).__name__ == "KeyRerotationPress":
+        raise ValueError(f"{where}: {name} moves the next position back to n_kept, but the windowed "
+                         f"layers' rings hold their last {ring} tokens at their original positions (a "
+                         f"query must see them at distance < {ring}); press this hybrid cache with "
+                         f"the inner press ({type(press.press).__name__}) alone{full}")
+    if mesh is not None:
+        raise ValueError(f"{where}: presses on a hybrid cache on a mesh are not done yet; prefill "
+                         f"without a mesh{full}")
+
+
+def fills(cache: KVCache) -> np.ndarray:
+    """int [L, B]: slots used per layer and row (the fullest kv head; a hybrid cache's ring
+    layers: 0, they never run out)."""
+    used = np.array(used_slots(cache))
+    if cache.hybrid:
+        used[np.array(cache.rings) > 0] = 0
+    return used
 
 
 def slots(cache: KVCache) -> np.ndarray:
     return np.array([cache.layer_slots(layer) for layer in range(len(cache.keys))])
+
+
+def _rings(cache: KVCache) -> np.ndarray:
+    """bool [L]: layers that are rings (a ring takes any number of tokens; only full layers fill)."""
+    return np.array(cache.rings, dtype=bool) if cache.hybrid else np.zeros(len(cache.keys), bool)
 
 
 def per_token(cfg: ModelConfig, cache: KVCache) -> int:
@@ -55,11 +96,13 @@ def check_room(cache: KVCache, adding: np.ndarray, what: str, scale: int = 1) ->
     used = fills(cache)
     add = np.broadcast_to(np.asarray(adding), used.shape)
     total, limit = used + add, scale * slots(cache)[:, None]
-    if (total > limit).any():
-        layer, b = map(int, np.argwhere(total > limit)[0])
+    over = (total > limit) & ~_rings(cache)[:, None]
+    if over.any():
+        layer, b = map(int, np.argwhere(over)[0])
+        kind = " (a full layer of this hybrid cache; its rings keep only their window)" if cache.hybrid else ""
         raise ValueError(f"{what}: row {b} needs {int(total[layer, b])} slots in layer {layer} "
                          f"({int(used[layer, b])} used + {int(add[layer, b])} new) but that layer "
-                         f"has {int(limit[layer, 0])} slots (max_len)")
+                         f"has {int(limit[layer, 0])} slots (max_len){kind}")
 
 
 def prefill_budgets(press: Press, cfg: ModelConfig, cache: KVCache, lens: np.ndarray, what: str) -> dict:
@@ -93,8 +136,9 @@ def check_decoding_room(cache: KVCache, press, lens: np.ndarray, segments, promp
         for _ in range(min(repeat, 2)):        # after the first period every period is alike
             peak = np.maximum(peak, used + steps)
             used = np.minimum(used + steps, press.target_size) if compress else used + steps
-    if (peak > limit).any():
-        layer, b = map(int, np.argwhere(peak > limit)[0])
+    over = (peak > limit) & ~_rings(cache)[:, None]
+    if over.any():
+        layer, b = map(int, np.argwhere(over)[0])
         raise ValueError(f"{what}: row {b} reaches {int(peak[layer, b])} slots in layer {layer} between "
                          f"compressions (target_size={press.target_size} + compression_interval="
                          f"{press.compression_interval}, after the prompt) but the cache has "
