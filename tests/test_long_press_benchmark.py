@@ -1,6 +1,6 @@
 """`kvjax run experiments/long_press_benchmark.yaml` end to end at CI size: the bundled text
 model with its rotary positions allowed to 1,024 (a copy of its folder, config edited), two
-samples of the RULER needle task at 256 tokens, two presses at one ratio, the baselines.
+samples of the RULER needle task at 256 tokens, three presses at one ratio, the baselines.
 
 What would be wrong if the kind were broken: a method missing from the rows; the query-aware
 protocol not reading the question's last token again (dense would then differ between the
@@ -31,11 +31,12 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lpb") / "run"
     sets = [f"long_press_benchmark.models=[{model}]", "long_press_benchmark.lengths=[256]",
             "long_press_benchmark.tasks=[niah_single]", "long_press_benchmark.samples=2",
-            "long_press_benchmark.presses=[SnapKV,AdaKV(ExpectedAttention)]", "long_press_benchmark.ratios=[0.5]",
+            "long_press_benchmark.presses=[SnapKV,Knorm,AdaKV(ExpectedAttention)]", "long_press_benchmark.ratios=[0.5]",
             "long_press_benchmark.baselines=[dense,int8,kivi2,window]", "long_press_benchmark.max_new_tokens=6",
             "long_press_benchmark.window_size=16", "long_press_benchmark.n_future_positions=32",
             "long_press_benchmark.kivi_group_size=16", "long_press_benchmark.kivi_residual_length=32",
-            "long_press_benchmark.time_budget_s=0", "device=cpu"]
+            "long_press_benchmark.time_budget_s=0", "device=cpu",
+            "long_press_benchmark.stack_bytes=1e9"]
     assert main(["run", str(EXP), "--out", str(out), *[x for s in sets for x in ("--set", s)]]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, [r for r in rows if "method" in r]
@@ -45,13 +46,15 @@ def test_every_method_task_and_protocol_has_a_row(run):
     _, rows = run
     got = {(r["task"], r["protocol"], r["method"], r["ratio"]) for r in rows}
     for task in ("niah_single",):
-        for m, ratio in (("dense", None), ("SnapKV", 0.5), ("AdaKV(ExpectedAttention)", 0.5)):
+        for m, ratio in (("dense", None), ("SnapKV", 0.5), ("Knorm", 0.5), ("AdaKV(ExpectedAttention)", 0.5)):
             assert (task, "agnostic", m, ratio) in got and (task, "aware", m, ratio) in got
         for m, ratio in (("int8", None), ("kivi2", None), ("window", 0.5)):
             assert (task, "agnostic", m, ratio) in got       # baselines do not look at the query
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["answer_loglik"]) and r["answer_loglik"] < 0
         assert r["samples"] == 2
+        # SnapKV and Knorm (per-head, ratio 0.5) are scored as one stacked batch; AdaKV pools
+        assert r["stacked"] == (2 if r["method"] in ("SnapKV", "Knorm") else 1)
         if r["protocol"] == "agnostic":                   # aware rows hold context + question
             assert 240 <= r["context_tokens"] <= 256
 

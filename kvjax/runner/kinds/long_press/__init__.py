@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import kvjax
+from kvjax import press as P
 from kvjax.decode.shared import capture
 from kvjax.timing import compile_watch
 
@@ -42,8 +43,8 @@ from ...schema import ConfigError, option
 from ..press_benchmark import SCORERS, WRAPPERS, parse_press
 from ..press_benchmark import make_press as _press_from_name
 from . import scoring
-from .methods import (BASELINES, Method, as_tokens, baseline_cache, has_local_layers, kept_bytes,
-                      press_cache, prefilled_baseline, ratio_axis, run_slots)
+from .methods import (BASELINES, Method, as_tokens, has_local_layers, kept_bytes, press_cache, press_pools,
+                      prefilled_baseline, ratio_axis, run_slots, stack)
 
 PROTOCOLS = ("agnostic", "aware")
 DEFAULT_PRESSES = ("Knorm", "KeyDiff", "StreamingLLM", "SnapKV", "PyramidKV", "TOVA", "ObservedAttention",
@@ -78,6 +79,8 @@ class Config:
     kivi_residual_length: int = option(128, min=1, help="KIVI full-precision residual (a multiple of the group)")
     num_sinks: int = option(4, min=1, help="sink tokens of the sinks ring")
     max_new_tokens: int = option(16, min=1, help="greedy answer tokens generated per sample")
+    stack_bytes: float = option(2e9, min=1.0, help="most cache bytes scored as one batch: methods with the "
+                                                   "same cache layout are stacked along the batch up to this")
     time_budget_s: float = option(0.0, min=0.0, help="stop starting new (model, length) blocks after this "
                                                      "many seconds (0: no limit); what was skipped is reported")
 
@@ -130,53 +133,84 @@ class Batch:
     answers: list
 
 
+def _protocol_rows(batch: Batch, aware: bool) -> tuple[list, list]:
+    """(context rows that are compressed, what is fed after them) of each sample."""
+    if aware:   # the question inside the chunk; its last token read again through the cache
+        return ([list(s.context_ids) + list(s.question_ids) for s in batch.samples],
+                [list(s.question_ids[-1:]) for s in batch.samples])
+    return [list(s.context_ids) for s in batch.samples], [list(s.question_ids) for s in batch.samples]
+
+
+def _groups(c: Config, cfg, ms: list, presses: dict, n: int, room: int, B: int) -> list:
+    """Methods whose caches share one layout and shape, so their rows are scored as one batch:
+    dense; per ratio, the per-head presses; per ratio, the pooling presses; each baseline
+    alone. Groups are split to stay under `stack_bytes` of cache. Returns [(slots, [Method])]."""
+    dense = [m for m in ms if m.family == "dense"]
+    out = [(n + room, dense)] if dense else []
+    for pooled in (False, True):
+        for ratio in c.ratios:
+            group = [m for m in ms if m.family == "press" and m.ratio == ratio
+                     and press_pools(presses[(m.name, ratio)]) == pooled]
+            if group:
+                out.append((run_slots(cfg, [presses[(m.name, ratio)] for m in group], n, room), group))
+    split = []
+    for slots, group in out:
+        per = B * P.cache_bytes(cfg, 1, [slots] * cfg.num_layers)
+        k = max(1, int(c.stack_bytes // per))
+        split += [(slots, group[i:i + k]) for i in range(0, len(group), k)]
+    return split + [(None, [m]) for m in ms if m.family not in ("press", "dense")]
+
+
 def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list, compiled: dict) -> list:
     """Every method on one batch in every protocol: metric rows."""
     rows = []
     kivi = (c.kivi_group_size, c.kivi_residual_length)
     presses = {(m.name, m.ratio): _press_from_name(m.name, m.ratio, c) for m in ms if m.family == "press"}
     attention = any(p.needs_attention for p in presses.values())
+    B = len(batch.samples)
     for protocol in c.protocols:
         aware = protocol == "aware"
-        if aware:
-            ctx_rows = [list(s.context_ids) + list(s.question_ids) for s in batch.samples]
-            questions = [list(s.question_ids[-1:]) for s in batch.samples]
-        else:
-            ctx_rows = [list(s.context_ids) for s in batch.samples]
-            questions = [list(s.question_ids) for s in batch.samples]
+        ctx_rows, questions = _protocol_rows(batch, aware)
         tokens, lens = as_tokens(ctx_rows)
         n = int(lens.max())
         room = scoring.room(questions, batch.answers, c.max_new_tokens) + (1 if aware else 0)
         t0 = time.perf_counter()
         pre = capture(cfg, params, tokens, lens, attention=attention)
         capture_s = time.perf_counter() - t0
-        slots = max(run_slots(cfg, list(presses.values()), n, room), n + room)   # dense keeps all n
         dense_bytes = kept_bytes(cfg, Method("dense", "dense", None), None, n, kivi, c.num_sinks)
-        for m in ms:
-            if m.family not in ("press", "dense") and aware:
-                continue
-            press = presses.get((m.name, m.ratio))
+        for slots, group in _groups(c, cfg, ms, presses, n, room, B):
+            if aware and group[0].family not in ("press", "dense"):
+                continue                                        # baselines do not look at the query
+            caches, build = [], {}
+            for m in group:
+                press = presses.get((m.name, m.ratio))
+                t0 = time.perf_counter()
+                with compile_watch() as w:
+                    if slots is not None:
+                        caches.append(press_cache(cfg, pre, press, B, slots, aware))
+                    else:
+                        caches.append(prefilled_baseline(cfg, params, m, tokens, lens, n, room, kivi, c.num_sinks))
+                build[m] = time.perf_counter() - t0
+                compiled.setdefault((m.name if m.family == "press" else m.family, protocol), w.compile_s)
+            cache = stack(caches)
+            k = len(group)
             t0 = time.perf_counter()
-            with compile_watch() as w:
-                if m.family in ("press", "dense"):
-                    cache = press_cache(cfg, pre, press, len(lens), slots, aware)
-                else:
-                    cache = prefilled_baseline(cfg, params, m, tokens, lens, n, room, kivi, c.num_sinks)
-            build_s = time.perf_counter() - t0
-            key = (m.name if m.family == "press" else m.family, protocol)
-            compiled.setdefault(key, w.compile_s)
-            ll, alen = scoring.answer_loglik(cfg, params, cache, questions, batch.answers)
-            texts = scoring.greedy_answers(cfg, params, tok, cache, questions, c.max_new_tokens)
-            em = [bool(kvjax.ruler.exact_match(t, s)) for t, s in zip(texts, batch.samples)]
-            b = kept_bytes(cfg, m, press, n, kivi, c.num_sinks)
-            rows.append({"model": model, "length": batch.length, "context_tokens": n, "task": batch.task,
-                         "protocol": protocol, "method": m.name, "family": m.family, "ratio": m.ratio,
-                         "ratio_axis": ratio_axis(m, b, dense_bytes), "accuracy": float(np.mean(em)),
-                         "answer_loglik": float(np.mean(ll)), "answer_loglik_per_token":
-                         float(np.sum(ll) / max(1, int(alen.sum()))), "bytes": b,
-                         "bytes_vs_dense": b / dense_bytes, "build_s": build_s, "capture_s": capture_s,
-                         "samples": len(em), "example": texts[0][:80]})
-            ctx.log(rows[-1])
+            ll, alen = scoring.answer_loglik(cfg, params, cache, questions * k, batch.answers * k)
+            texts = scoring.greedy_answers(cfg, params, tok, cache, questions * k, c.max_new_tokens)
+            score_s = (time.perf_counter() - t0) / k
+            for i, m in enumerate(group):
+                part = slice(i * B, (i + 1) * B)
+                em = [bool(kvjax.ruler.exact_match(t, s)) for t, s in zip(texts[part], batch.samples)]
+                b = kept_bytes(cfg, m, presses.get((m.name, m.ratio)), n, kivi, c.num_sinks)
+                rows.append({"model": model, "length": batch.length, "context_tokens": n, "task": batch.task,
+                             "protocol": protocol, "method": m.name, "family": m.family, "ratio": m.ratio,
+                             "ratio_axis": ratio_axis(m, b, dense_bytes), "accuracy": float(np.mean(em)),
+                             "answer_loglik": float(np.mean(ll[part])), "answer_loglik_per_token":
+                             float(np.sum(ll[part]) / max(1, int(alen[part].sum()))), "bytes": b,
+                             "bytes_vs_dense": b / dense_bytes, "build_s": build[m], "score_s": score_s,
+                             "capture_s": capture_s, "samples": len(em), "stacked": k,
+                             "example": texts[part][0][:80]})
+                ctx.log(rows[-1])
     return rows
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 import kvjax
@@ -127,6 +129,13 @@ def ratio_axis(m: Method, bytes_: int, dense_bytes: int) -> float:
     if m.ratio is not None:
         return float(m.ratio)
     return float(1.0 - bytes_ / dense_bytes)
+
+
+def stack(caches: list):
+    """Caches of one layout and shape as one batch (rows of caches[0] first)."""
+    if len(caches) == 1:
+        return caches[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *caches)
 
 
 def as_tokens(rows: list, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
