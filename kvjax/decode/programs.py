@@ -42,7 +42,7 @@ class GenerateOutput(NamedTuple):
 # ----------------------------------------------------------------------------- traced cores
 
 def append_chunk(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, live: int | None = None,
-                 press=None, budgets=None, flash: int | None = None):
+                 press=None, budgets=None, flash: int | None = None, every_logit: bool = False):
     """Append a right-padded chunk [B, T] at each row's cache length; logits of its last real
     token [B, V] and the new cache.
 
@@ -53,6 +53,8 @@ def append_chunk(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, live
     on full dense/int8 layers reads the cache in blocks up to its rows' ends, with an online
     softmax (cache/dense.attend_flash), so `live` is not needed and one program serves every
     chunk of a width.
+    every_logit (static): logits [B, T, V] of every token of the chunk instead of [B, V] of
+    each row's last real token (teacher-forced scoring).
     """
     T = tokens.shape[1]
     if press is not None:
@@ -63,10 +65,11 @@ def append_chunk(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, live
     slots = chunk_slots(cache, starts, lengths, T) if cache.hybrid or not cache.pressed else None
     write = CacheWrite(starts, slots, live, press, budgets, flash)
     logits, layers = Transformer(cfg).apply({"params": params}, tokens, positions, lengths, cache, write,
-                                            logits_at=jnp.maximum(lengths - 1, 0))
+                                            logits_at=None if every_logit else jnp.maximum(lengths - 1, 0))
+    logits = logits if every_logit else logits[:, 0]          # [B, T, V] (every_logit) or [B, V]
     if cache.pressed:
-        return logits[:, 0], assemble_chunk(cache, layers, starts, lengths, slots)
-    return logits[:, 0], assemble(cache, layers, starts, lengths, slots)     # [B, V]
+        return logits, assemble_chunk(cache, layers, starts, lengths, slots)
+    return logits, assemble(cache, layers, starts, lengths, slots)
 
 
 def decode_tokens(cfg: ModelConfig, params, tokens, cache: KVCache, active, live=None):
