@@ -89,3 +89,29 @@ def test_refusals_name_the_problem(setup):
         apply_press(cfg, pre, P.KnormPress(0.5), full)
     with pytest.raises(ValueError, match="slots"):
         apply_press(cfg, pre, P.KnormPress(0.1), kvjax.init_cache(cfg, B, 8))
+
+
+@pytest.mark.parametrize("name", ["SnapKV", "ObservedAttention", "Knorm"])
+def test_shared_prefill_on_a_hybrid_cache(name):
+    """Gemma-3-like layers (sliding, full, sliding; window 8) on the default hybrid cache: the
+    full layer pressed, the rings as a prefill leaves them; equal to prefill(..., press=p)."""
+    from conftest import INIT_STD
+
+    cfg = kvjax.ModelConfig.preset("gemma3-tiny").replace(num_layers=3, layer_types=("sliding", "full", "sliding"),
+                                                          dtype="float32")
+    params = kvjax.init_params(cfg, jax.random.key(5), std=INIT_STD)
+    rng = np.random.default_rng(7)
+    tokens, lens = rng.integers(0, 320, (2, 24)).astype(np.int32), np.array([24, 19], np.int32)
+    press = PRESSES[name]
+    _, want = kvjax.prefill(cfg, params, tokens, lens, kvjax.init_cache(cfg, 2, 40), press=press)
+    got = apply_press(cfg, capture(cfg, params, tokens, lens), press, kvjax.init_cache(cfg, 2, 40))
+    assert got.hybrid and got.pressed and got.rings == want.rings == (8, 0, 8)
+    np.testing.assert_array_equal(np.asarray(got.slot_pos), np.asarray(want.slot_pos))
+    np.testing.assert_array_equal(np.asarray(got.head_pos[1]), np.asarray(want.head_pos[1]))
+    np.testing.assert_array_equal(np.asarray(got.head_fill[1]), np.asarray(want.head_fill[1]))
+    for g, w in zip(got.keys + got.values, want.keys + want.values):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    q = np.full((2, 3), 7, np.int32)
+    np.testing.assert_array_equal(
+        np.asarray(kvjax.generate(cfg, params, q, np.array([3, 2], np.int32), max_new_tokens=5, cache=got).tokens),
+        np.asarray(kvjax.generate(cfg, params, q, np.array([3, 2], np.int32), max_new_tokens=5, cache=want).tokens))

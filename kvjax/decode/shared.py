@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import validate
-from ..cache import KVCache, as_pooled, as_pressed, assemble_pressed
-from ..cache.pressed import keep_all, write_chunk
+from ..cache import KVCache, as_pooled, as_pressed
+from ..cache.dense import chunk_slots, write_layer
+from ..cache.pressed import assemble_chunk, keep_all, write_chunk
 from ..config import ModelConfig
 from ..press import host, pressed_cache
 from ..press.base import LayerInputs, Press
@@ -108,9 +109,6 @@ def apply_press(cfg: ModelConfig, pre: Prefilled, press: Press | None, cache: KV
         if press.needs_attention and not pre.attention:
             raise ValueError(f"{where}: {type(press).__name__} reads attention sums; capture(..., "
                              f"attention=True) keeps them")
-    if cache.hybrid:
-        raise ValueError(f"{where}: the shared path presses caches with max_len slots on every layer; "
-                         f"make it with init_cache(..., hybrid=False)")
     if (np.asarray(cache.lengths) > 0).any() or (
             cache.pressed and any((np.asarray(f) > 0).any() for f in cache.head_fill)):
         raise ValueError(f"{where}: the captured context starts at position 0, so the cache must be "
@@ -128,10 +126,16 @@ def apply_press(cfg: ModelConfig, pre: Prefilled, press: Press | None, cache: KV
 @partial(jax.jit, static_argnums=(0, 2), donate_argnums=(4,))
 def apply_program(cfg: ModelConfig, pre: Prefilled, press, budgets, cache: KVCache) -> KVCache:
     """append_chunk's pressed write (programs.append_chunk -> cache/pressed.attend -> write_chunk)
-    with the layer inputs taken from `pre` instead of a model pass."""
+    with the layer inputs taken from `pre` instead of a model pass. A pressed hybrid cache's
+    ring layers take the context as a prefill writes them (their last window of tokens)."""
     cache = as_pooled(cache) if getattr(press, "pooled", False) else as_pressed(cache)
+    B, T = pre.positions.shape
+    slots = chunk_slots(cache, cache.lengths, pre.lengths, T) if cache.hybrid else None
     layers = []
     for layer, d in enumerate(pre.layers):
+        if cache.hybrid and cache.ring_layer(layer):
+            layers.append(write_layer(cache.layer_view(layer), 0, d["k"], d["v"], slots[1]))
+            continue
         if press is None:
             keep = keep_all(d["k"], pre.lengths)
         else:
@@ -140,6 +144,6 @@ def apply_program(cfg: ModelConfig, pre: Prefilled, press, budgets, cache: KVCac
                               o_kernel=d["o_kernel"], attn_sums=d["attn_sums"],
                               budget={k: v[layer] for k, v in budgets.items()})
             keep = press.keep(inp)
-        layers.append(write_chunk(cache, layer, d["k"], d["v"], pre.positions, keep))
-    nxt = layers[0].get("next", cache.lengths + pre.lengths)
-    return assemble_pressed(cache, layers, [l["pos"] for l in layers], [l["fill"] for l in layers], nxt)
+        view, at = (cache.layer_view(layer), 0) if cache.hybrid else (cache, layer)
+        layers.append(write_chunk(view, at, d["k"], d["v"], pre.positions, keep))
+    return assemble_chunk(cache, layers, cache.lengths, pre.lengths, slots)

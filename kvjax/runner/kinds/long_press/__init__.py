@@ -13,8 +13,10 @@ uncompressed chunk). Baselines (which do not look at the query) run the agnostic
 
 Methods (methods.py): every press in `presses` at every ratio in `ratios`, applied to ONE
 shared prefill of each batch (`kvjax.decode.shared`: a press decides what is kept, it does
-not change the prefill that scores it); dense; int8; KIVI 2/4-bit; window and sinks rings of
-(1 - ratio) of the context; the hybrid cache on models with sliding-window layers.
+not change the prefill that scores it); on models with sliding-window layers (Gemma 3) the
+presses compact the hybrid cache's full layers and the windowed layers keep their rings
+(`hybrid_presses`; AdaKV and KeyRerotation need a full cache); dense; int8; KIVI 2/4-bit;
+window and sinks rings of (1 - ratio) of the context; the hybrid cache itself.
 
 Scores (scoring.py): exact match of the greedy answer (`kvjax.ruler.exact_match`) and the
 log-likelihood of the true answer given the cache (teacher-forced), per token; bytes each
@@ -43,8 +45,8 @@ from ...schema import ConfigError, option
 from ..press_benchmark import SCORERS, WRAPPERS, parse_press
 from ..press_benchmark import make_press as _press_from_name
 from . import scoring
-from .methods import (BASELINES, Method, as_tokens, has_local_layers, kept_bytes, press_cache, press_pools,
-                      prefilled_baseline, ratio_axis, run_slots, stack)
+from .methods import (BASELINES, Method, as_tokens, has_local_layers, kept_bytes, on_hybrid, press_cache,
+                      press_pools, prefilled_baseline, ratio_axis, run_slots, stack)
 
 PROTOCOLS = ("agnostic", "aware")
 DEFAULT_PRESSES = ("Knorm", "KeyDiff", "StreamingLLM", "SnapKV", "PyramidKV", "TOVA", "ObservedAttention",
@@ -79,6 +81,9 @@ class Config:
     kivi_residual_length: int = option(128, min=1, help="KIVI full-precision residual (a multiple of the group)")
     num_sinks: int = option(4, min=1, help="sink tokens of the sinks ring")
     max_new_tokens: int = option(16, min=1, help="greedy answer tokens generated per sample")
+    hybrid_presses: bool = option(True, help="on models with sliding-window layers, presses compact the "
+                                             "hybrid cache's full layers (the windowed layers keep their "
+                                             "rings); false: every layer of a full cache")
     stack_bytes: float = option(2e9, min=1.0, help="most cache bytes scored as one batch: methods with the "
                                                    "same cache layout are stacked along the batch up to this")
     time_budget_s: float = option(0.0, min=0.0, help="stop starting new (model, length) blocks after this "
@@ -147,10 +152,11 @@ def _groups(c: Config, cfg, ms: list, presses: dict, n: int, room: int, B: int) 
     alone. Groups are split to stay under `stack_bytes` of cache. Returns [(slots, [Method])]."""
     dense = [m for m in ms if m.family == "dense"]
     out = [(n + room, dense)] if dense else []
-    for pooled in (False, True):
+    layout = lambda m: (press_pools(presses[(m.name, m.ratio)]),  # noqa: E731
+                        on_hybrid(cfg, presses[(m.name, m.ratio)], c.hybrid_presses))
+    for key in ((False, False), (False, True), (True, False)):
         for ratio in c.ratios:
-            group = [m for m in ms if m.family == "press" and m.ratio == ratio
-                     and press_pools(presses[(m.name, ratio)]) == pooled]
+            group = [m for m in ms if m.family == "press" and m.ratio == ratio and layout(m) == key]
             if group:
                 out.append((run_slots(cfg, [presses[(m.name, ratio)] for m in group], n, room), group))
     split = []
@@ -182,12 +188,14 @@ def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list,
             if aware and group[0].family not in ("press", "dense"):
                 continue                                        # baselines do not look at the query
             caches, build = [], {}
+            hybrid = group[0].family == "press" and on_hybrid(cfg, presses[(group[0].name, group[0].ratio)],
+                                                              c.hybrid_presses)
             for m in group:
                 press = presses.get((m.name, m.ratio))
                 t0 = time.perf_counter()
                 with compile_watch() as w:
                     if slots is not None:
-                        caches.append(press_cache(cfg, pre, press, B, slots, aware))
+                        caches.append(press_cache(cfg, pre, press, B, slots, aware, hybrid))
                     else:
                         caches.append(prefilled_baseline(cfg, params, m, tokens, lens, n, room, kivi, c.num_sinks))
                 build[m] = time.perf_counter() - t0
@@ -201,9 +209,10 @@ def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list,
             for i, m in enumerate(group):
                 part = slice(i * B, (i + 1) * B)
                 em = [bool(kvjax.ruler.exact_match(t, s)) for t, s in zip(texts[part], batch.samples)]
-                b = kept_bytes(cfg, m, presses.get((m.name, m.ratio)), n, kivi, c.num_sinks)
+                b = kept_bytes(cfg, m, presses.get((m.name, m.ratio)), n, kivi, c.num_sinks, hybrid)
                 rows.append({"model": model, "length": batch.length, "context_tokens": n, "task": batch.task,
                              "protocol": protocol, "method": m.name, "family": m.family, "ratio": m.ratio,
+                             "cache": "hybrid" if hybrid or m.family == "hybrid" else "full",
                              "ratio_axis": ratio_axis(m, b, dense_bytes), "accuracy": float(np.mean(em)),
                              "answer_loglik": float(np.mean(ll[part])), "answer_loglik_per_token":
                              float(np.sum(ll[part]) / max(1, int(alen[part].sum()))), "bytes": b,

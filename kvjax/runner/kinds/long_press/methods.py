@@ -49,11 +49,20 @@ def run_slots(cfg, presses: list, n: int, room: int) -> int:
     return max(need, default=n) + room
 
 
-def run_cache(cfg, B: int, slots: int, press):
-    """The empty cache a press is applied into (per-head pressed layout, or dense for a pool)."""
+def on_hybrid(cfg, press, enabled: bool) -> bool:
+    """Whether `press` runs on the model's hybrid cache (its full layers compacted, the windowed
+    layers' rings kept): on models with sliding-window layers, unless the press pools heads
+    (AdaKV) or re-rotates keys (KeyRerotation), which only a full cache takes."""
+    return (enabled and has_local_layers(cfg) and not press_pools(press)
+            and not isinstance(press, P.KeyRerotationPress))
+
+
+def run_cache(cfg, B: int, slots: int, press, hybrid: bool = False):
+    """The empty cache a press is applied into (per-head pressed layout, or dense for a pool);
+    hybrid: the windowed layers are rings of their window."""
     if press_pools(press):
         return kvjax.init_cache(cfg, B, slots, hybrid=False)
-    return P.pressed_cache(cfg, B, [slots] * cfg.num_layers)
+    return P.pressed_cache(cfg, B, [slots] * cfg.num_layers, hybrid=hybrid)
 
 
 def ring_size(n: int, ratio: float) -> int:
@@ -78,13 +87,14 @@ def baseline_cache(cfg, m: Method, B: int, n: int, room: int, kivi: tuple[int, i
     raise ValueError(f"no baseline cache for {m.family!r}")
 
 
-def kept_bytes(cfg, m: Method, press, n: int, kivi: tuple[int, int], num_sinks: int) -> int:
+def kept_bytes(cfg, m: Method, press, n: int, kivi: tuple[int, int], num_sinks: int,
+               hybrid: bool = False) -> int:
     """Bytes of the cache that holds one row's n-token context under method m (no room)."""
     if m.family == "press":
         budgets = P.layer_budgets(press, cfg, n)
         if press_pools(press):
             return kvjax.cache_bytes(cfg, 1, -(-max(budgets) // cfg.num_kv_heads), hybrid=False)
-        return P.cache_bytes(cfg, 1, budgets)
+        return P.cache_bytes(cfg, 1, budgets, hybrid=hybrid)
     if m.family == "dense":
         return kvjax.cache_bytes(cfg, 1, n, hybrid=False)
     if m.family in ("kivi2", "kivi4"):
@@ -102,11 +112,11 @@ def kept_bytes(cfg, m: Method, press, n: int, kivi: tuple[int, int], num_sinks: 
     raise ValueError(m.family)
 
 
-def press_cache(cfg, pre, press, B: int, slots: int, drop_last: bool):
+def press_cache(cfg, pre, press, B: int, slots: int, drop_last: bool, hybrid: bool = False):
     """The context's cache under `press` (None: every token) from the shared capture `pre`;
     drop_last: the query-aware protocol takes the question's last token back out, to be read
     again through the compressed cache."""
-    cache = apply_press(cfg, pre, press, run_cache(cfg, B, slots, press))
+    cache = apply_press(cfg, pre, press, run_cache(cfg, B, slots, press, hybrid))
     return drop_newest(cache, 1) if drop_last else cache
 
 
