@@ -3,7 +3,7 @@ model with its rotary positions allowed to 1,024 (a copy of its folder, config e
 samples of the RULER needle task at 256 tokens, three presses at one ratio, the baselines.
 
 What would be wrong if the kind were broken: a method missing from the rows; the query-aware
-protocol not reading the question's last token again (dense would then differ between the
+protocol not reading the question's last token through the cache (dense would then differ between the
 protocols: with every token kept, both must give the same answer log-likelihood); bytes
 that do not order as the caches do (a press at ratio 0.5 and a window ring of half the
 context below dense, int8 and KIVI-2 below half of dense); a missing leaderboard plot.
@@ -60,8 +60,8 @@ def test_every_method_task_and_protocol_has_a_row(run):
 
 
 def test_dense_is_the_same_in_both_protocols(run):
-    """Every token kept: compressing context + question, taking the question's last token back
-    and reading it again must score the answer exactly as feeding the question after the context."""
+    """Every token kept: compressing context + question but its last token, then reading that
+    token through the cache must score the answer exactly as feeding the question after the context."""
     _, rows = run
     for task in ("niah_single",):
         a, b = (next(r for r in rows if r["task"] == task and r["method"] == "dense" and r["protocol"] == p)

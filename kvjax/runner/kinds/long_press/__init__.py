@@ -7,9 +7,8 @@ length in `lengths`, `samples` per task, in the model's chat template where it h
 
 Protocols (kvpress's): query-agnostic compresses the context, then the question is fed
 through the compressed cache; query-aware compresses context + question together (the
-question is inside the press's scoring window), then the question's last token is taken
-back and read again through the compressed cache (so the answer never comes from the
-uncompressed chunk). Baselines (which do not look at the query) run the agnostic protocol.
+question but its last token is inside the press's scoring window), then that last token is
+read through the compressed cache (so the answer never comes from the uncompressed chunk). Baselines (which do not look at the query) run the agnostic protocol.
 
 Methods (methods.py): every press in `presses` at every ratio in `ratios`, applied to ONE
 shared prefill of each batch (`kvjax.decode.shared`: a press decides what is kept, it does
@@ -140,8 +139,8 @@ class Batch:
 
 def _protocol_rows(batch: Batch, aware: bool) -> tuple[list, list]:
     """(context rows that are compressed, what is fed after them) of each sample."""
-    if aware:   # the question inside the chunk; its last token read again through the cache
-        return ([list(s.context_ids) + list(s.question_ids) for s in batch.samples],
+    if aware:   # the question inside the chunk but its last token, which reads the compressed cache
+        return ([list(s.context_ids) + list(s.question_ids[:-1]) for s in batch.samples],
                 [list(s.question_ids[-1:]) for s in batch.samples])
     return [list(s.context_ids) for s in batch.samples], [list(s.question_ids) for s in batch.samples]
 
@@ -179,7 +178,7 @@ def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list,
         ctx_rows, questions = _protocol_rows(batch, aware)
         tokens, lens = as_tokens(ctx_rows)
         n = int(lens.max())
-        room = scoring.room(questions, batch.answers, c.max_new_tokens) + (1 if aware else 0)
+        room = scoring.room(questions, batch.answers, c.max_new_tokens)
         t0 = time.perf_counter()
         pre = capture(cfg, params, tokens, lens, attention=attention)
         capture_s = time.perf_counter() - t0
@@ -195,7 +194,7 @@ def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list,
                 t0 = time.perf_counter()
                 with compile_watch() as w:
                     if slots is not None:
-                        caches.append(press_cache(cfg, pre, press, B, slots, aware, hybrid))
+                        caches.append(press_cache(cfg, pre, press, B, slots, hybrid))
                     else:
                         caches.append(prefilled_baseline(cfg, params, m, tokens, lens, n, room, kivi, c.num_sinks))
                 build[m] = time.perf_counter() - t0

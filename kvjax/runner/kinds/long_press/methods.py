@@ -23,7 +23,6 @@ import numpy as np
 
 import kvjax
 from kvjax import press as P
-from kvjax.cache import drop_newest
 from kvjax.decode.shared import apply_press
 
 BASELINES = ("dense", "int8", "kivi2", "kivi4", "window", "sinks", "hybrid")
@@ -112,12 +111,9 @@ def kept_bytes(cfg, m: Method, press, n: int, kivi: tuple[int, int], num_sinks: 
     raise ValueError(m.family)
 
 
-def press_cache(cfg, pre, press, B: int, slots: int, drop_last: bool, hybrid: bool = False):
-    """The context's cache under `press` (None: every token) from the shared capture `pre`;
-    drop_last: the query-aware protocol takes the question's last token back out, to be read
-    again through the compressed cache."""
-    cache = apply_press(cfg, pre, press, run_cache(cfg, B, slots, press, hybrid))
-    return drop_newest(cache, 1) if drop_last else cache
+def press_cache(cfg, pre, press, B: int, slots: int, hybrid: bool = False):
+    """The context's cache under `press` (None: every token) from the shared capture `pre`."""
+    return apply_press(cfg, pre, press, run_cache(cfg, B, slots, press, hybrid))
 
 
 def prefilled_baseline(cfg, params, m: Method, tokens, lens, n: int, room: int, kivi, num_sinks: int):
