@@ -41,6 +41,14 @@ def setup():
     return cfg, params, tokens, lens, capture(cfg, params, tokens, lens)
 
 
+def _run_cache(cfg, press):
+    """One shape for every press (T + ROOM slots per layer; a pool for AdaKV): the continuation's
+    generate compiles once per layout, not once per press."""
+    if getattr(press, "pooled", False):
+        return kvjax.init_cache(cfg, B, T + ROOM, hybrid=False)
+    return P.pressed_cache(cfg, B, [T + ROOM] * cfg.num_layers)
+
+
 def _continue(cfg, params, cache, n=6):
     prompt = np.full((B, 2), 5, np.int32)
     return np.asarray(kvjax.generate(cfg, params, prompt, np.array([2, 1, 2], np.int32), max_new_tokens=n,
@@ -51,9 +59,8 @@ def _continue(cfg, params, cache, n=6):
 def test_shared_prefill_equals_a_pressed_prefill(setup, name):
     cfg, params, tokens, lens, pre = setup
     press = PRESSES[name]
-    want_logits, want = kvjax.prefill(cfg, params, tokens, lens, P.init_cache(cfg, B, T, press, room=ROOM),
-                                      press=press)
-    got = apply_press(cfg, pre, press, P.init_cache(cfg, B, T, press, room=ROOM))
+    want_logits, want = kvjax.prefill(cfg, params, tokens, lens, _run_cache(cfg, press), press=press)
+    got = apply_press(cfg, pre, press, _run_cache(cfg, press))
     np.testing.assert_allclose(np.asarray(pre.logits), np.asarray(want_logits), rtol=1e-5, atol=1e-5)
     for layer, (g, w) in enumerate(zip(P.kept_positions(got), P.kept_positions(want))):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"{name} layer {layer}")
