@@ -123,7 +123,7 @@ def test_checker_passes_traced_masks_and_barriers():
 # compile times on a 30-layer model"). Until it lands the pooled presses and KVzip fail here,
 # as strict xfails; once it lands they pass, strict turns that into XPASS failures, and
 # POOLED_FIX_PENDING must be set to False in the same commit.
-POOLED_FIX_PENDING = True
+POOLED_FIX_PENDING = False
 _PENDING = pytest.mark.xfail(POOLED_FIX_PENDING, strict=True,
                              reason="empty pools made inside the program are constants (patch in BUILD_NOTES.md)")
 PRESSES = [pytest.param(n, marks=_PENDING) if n.startswith("AdaKV(") else n

@@ -78,8 +78,12 @@ def as_pooled(cache: KVCache) -> KVCache:
         pos.append(jnp.full((B, 1, K * S), -1, jnp.int32))
         owner.append(jnp.full((B, K * S), -1, jnp.int32))
         fill.append(jnp.zeros((B, K), jnp.int32))          # per head; the pool's fill is the sum
+    # Made inside a program, the empty pool's positions and owners (-1) are constants: XLA would
+    # know every slot is masked and constant-fold the pool's masked [B, K, G, T, P] scores and
+    # their reduce_max in every layer (minutes per compile on a 30-layer model; issue 21 part 5).
+    pos, owner = jax.lax.optimization_barrier((tuple(pos), tuple(owner)))
     return cache.replace(keys=tuple(keys), values=tuple(values), key_scales=tuple(ks),
-                         value_scales=tuple(vs), head_pos=tuple(pos), head_owner=tuple(owner),
+                         value_scales=tuple(vs), head_pos=pos, head_owner=owner,
                          head_fill=tuple(fill))
 
 

@@ -76,7 +76,9 @@ def kvzip_program(cfg, params, tokens, lengths, cache, press: KVzipPress, keep):
     B, T = tokens.shape
     L, K = cfg.num_layers, cfg.num_kv_heads
     dtype = cache.keys[0].dtype if cache.kind != "int8" else None
-    scratch = pressed_cache(cfg, B, [T] * L, dtype, cache.kind)
+    # made inside the program, the scratch's empty slot positions (-1) are constants: XLA would
+    # know the context's cache block is all masked and constant-fold it in every layer
+    scratch = jax.lax.optimization_barrier(pressed_cache(cfg, B, [T] * L, dtype, cache.kind))
     logits, full = append_chunk(cfg, params, tokens, lengths, scratch)         # keeps every token
     kv_dtype = jnp.dtype(cfg.dtype)
     ctx = [read_layer(full.kind, layer_arrays(full, l), kv_dtype) for l in range(L)]
