@@ -25,8 +25,10 @@ def test_a_known_sleep_measures_as_itself():
 
 
 def test_calibration_reaches_min_seconds():
-    calls = []
-    _, t = measure(lambda _: calls.append(1), repeats=2, min_seconds=0.02, sync=lambda _: None)
+    calls = []   # a call of a few microseconds: 100k calls (max_calls) outlast min_seconds on any
+    #              machine, so the calibration, not the cap, ends it (a bare append took 50 ns on a
+    #              quiet VM and hit the cap at 5 ms)
+    _, t = measure(lambda _: calls.append(sum(range(300))), repeats=2, min_seconds=0.02, sync=lambda _: None)
     assert t.calls * t.median_s * 2 >= 0.02 * 0.5     # a measurement lasts about min_seconds
     assert len(calls) >= 2 + 2 * t.calls             # first call + calibration + 2 measurements
 
