@@ -30,6 +30,7 @@ import pytest
 import kvjax
 from kvjax import press as P
 from kvjax.press.base import Keep
+from kvjax.press.wrappers import Wrapper
 
 from conftest import INIT_STD
 
@@ -58,20 +59,10 @@ PLAIN = ("SnapKV", "ObservedAttention")   # also pressed on a hybrid=False cache
 
 
 @dataclass(frozen=True)
-class GlobalOnly(P.Press):
-    """Test-only: `press` on the full layers; the windowed layers keep every token."""
+class GlobalOnly(Wrapper, P.Press):
+    """Test-only: `press` on the full layers; the windowed layers keep every token (ratio,
+    attention needs and length checks are the wrapped press's, as for every wrapper)."""
     press: P.Press = None
-
-    @property
-    def compression_ratio(self):
-        return self.press.compression_ratio
-
-    @property
-    def needs_attention(self):
-        return self.press.needs_attention
-
-    def check_lengths(self, n):
-        self.press.check_lengths(n)
 
     def host_budgets(self, n, cfg):
         return self.press.host_budgets(n, cfg)

@@ -144,10 +144,11 @@ def stack(caches: list):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *caches)
 
 
-def as_tokens(rows: list, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded int32 [B, W] (W rounded up to `multiple`, fewer programs) and lengths [B]."""
+def as_tokens(rows: list, multiple: int = 16, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int32 [B, W] and lengths [B]: W is `width`, or the longest row rounded up to
+    `multiple` (fewer programs)."""
     lens = np.array([len(r) for r in rows], np.int32)
-    width = -(-int(lens.max()) // multiple) * multiple
+    width = width or -(-max(1, int(lens.max())) // multiple) * multiple
     out = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r

@@ -20,6 +20,8 @@ import numpy as np
 import kvjax
 from kvjax.decode import append_chunk
 
+from .methods import as_tokens
+
 
 @partial(jax.jit, static_argnums=(0,))
 def _answer_logprobs(cfg, params, seq, lens, cache, targets, at):
@@ -33,20 +35,12 @@ def _answer_logprobs(cfg, params, seq, lens, cache, targets, at):
 BUCKET = 32   # chunk widths are rounded up to a multiple of this: batches share programs
 
 
-def _pad(rows: list, width: int | None = None, fill: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    lens = np.array([len(r) for r in rows], np.int32)
-    out = np.full((len(rows), width or -(-max(1, int(lens.max())) // BUCKET) * BUCKET), fill, np.int32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out, lens
-
-
 def answer_loglik(cfg, params, cache, questions: list, answers: list) -> tuple[np.ndarray, np.ndarray]:
     """(sum of log p over each answer's tokens [B], answer token counts [B]) after each row's
     question, teacher-forced, on `cache` (not donated)."""
-    seq, lens = _pad([list(q) + list(a) for q, a in zip(questions, answers)])
+    seq, lens = as_tokens([list(q) + list(a) for q, a in zip(questions, answers)], BUCKET)
     A = max(len(a) for a in answers)
-    targets, alens = _pad([list(a) for a in answers], A)
+    targets, alens = as_tokens([list(a) for a in answers], width=A)
     q = np.array([len(x) for x in questions], np.int32)
     at = np.minimum(q[:, None] - 1 + np.arange(A)[None, :], seq.shape[1] - 1).astype(np.int32)
     lp = np.asarray(_answer_logprobs(cfg, params, jnp.asarray(seq), jnp.asarray(lens), cache,
@@ -57,7 +51,7 @@ def answer_loglik(cfg, params, cache, questions: list, answers: list) -> tuple[n
 
 def greedy_answers(cfg, params, tok, cache, questions: list, max_new_tokens: int) -> list[str]:
     """The text each row generates greedily after its question (cache donated), cut at EOS."""
-    prompt, lens = _pad([list(q) for q in questions])
+    prompt, lens = as_tokens([list(q) for q in questions], BUCKET)
     eos = [e for e in tok.eos_ids if e < cfg.vocab_size]
     out = kvjax.generate(cfg, params, prompt, lens, max_new_tokens=max_new_tokens, cache=cache,
                          eos_token_id=eos or None, prefill_chunk=None)
