@@ -10,6 +10,7 @@ from .hf import CheckpointError, load_hf, save_hf
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from .models import load_model
 from .engine import Completion, Engine, RequestHandle, SamplingParams, TokenLogprob
+from .speculative import DraftModel, PromptLookup
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ __all__ = [
     "init_distributed", "make_mesh", "shard_params", "load_cache", "save_cache",
     "CheckpointError", "load_hf", "save_hf", "ByteTokenizer", "HFTokenizer", "Tokenizer",
     "load_tokenizer", "load_model", "Engine", "RequestHandle", "SamplingParams", "TokenLogprob", "Completion",
+    "PromptLookup", "DraftModel",
 ]

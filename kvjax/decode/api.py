@@ -176,7 +176,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
              temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, key=None, max_len=None,
              cache: KVCache | None = None, use_cache: bool = True, pad_token_id: int = 0,
              mesh=None, cache_kind: str = "dense", num_sinks: int | None = None,
-             press=None, prefill_chunk: int | None = PREFILL_CHUNK, **cache_options) -> GenerateOutput:
+             press=None, prefill_chunk: int | None = PREFILL_CHUNK, speculate=None,
+             **cache_options) -> GenerateOutput:
     """Generate `max_new_tokens` per row after right-padded prompts [B, S].
 
     temperature/top_k/top_p: scalars or per-row [B] (temperature 0 = greedy). A row that
@@ -196,6 +197,10 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     but each row's last chunk on the host, then the last chunk and the whole decode loop in
     one program); None or 0: the prompt in one call. Presses, KIVI and pressed caches always
     prefill in one call.
+    `speculate`: a `kvjax.PromptLookup` or `kvjax.DraftModel`: speculative decoding (dense and
+    int8 caches), the same tokens as without it for greedy rows and the same distribution for
+    sampled ones; returns a `kvjax.speculative.SpeculativeOutput` (GenerateOutput's fields
+    plus `stats`).
     """
     tok = validate.as_tokens(prompt_tokens, "prompt_tokens")
     lens = validate.as_lengths(prompt_lengths, tok, "prompt_lengths")
@@ -211,8 +216,15 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         limit = max_len if max_len is not None else S + max_new_tokens
         validate.check_room(cfg, lens, np.full_like(lens, max_new_tokens), limit, "generate")
         return generate_nocache(cfg, params, tok, lens, max_new_tokens, knobs)
+    if speculate is not None:
+        if press is not None:
+            raise ValueError("generate: speculate= and press= cannot be combined (speculation runs on "
+                             "dense and int8 caches)")
+        speculate.check(cfg)
     cache = _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
                             cache_options)
+    if speculate is not None:
+        return _speculative(cfg, params, tok, lens, int(max_new_tokens), knobs, cache, speculate, C)
     mesh = mesh_of(cache)
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, B)
@@ -223,6 +235,25 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     fn = programs.generate_program if mesh is None else _mesh_program(cfg, mesh, cache, press, "generate")
     return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan, _place_knobs(mesh, knobs),
               budgets)
+
+
+def _speculative(cfg, params, tok, lens, N: int, knobs, cache: KVCache, speculate, C: int):
+    """generate(speculate=...): prefill (chunked as usual), then the speculative loop."""
+    from .. import speculative
+    speculative.check_cache(cache)
+    if mesh_of(cache) is not None:
+        raise ValueError("generate(speculate=...): caches on a mesh are not supported yet; pass mesh=None")
+    used = sharding.to_host(cache.lengths)
+    validate.check_room(cfg, used, lens + N, cache.max_len, f"generate (prompt + max_new_tokens={N})",
+                        cache.bounded)
+    draft = speculative.draft_cache_for(speculate, tok.shape[0], cache.max_len, cache.kind)
+    if draft is not None:
+        if used.any():
+            raise ValueError("generate(speculate=DraftModel(...)) continues only from an empty cache: the "
+                             "draft model needs the whole history; pass the full prompt with cache=None")
+        _, draft = prefill(speculate.cfg, speculate.params, tok, lens, draft, prefill_chunk=C)
+    logits, cache = prefill(cfg, params, tok, lens, cache, prefill_chunk=C)
+    return speculative.generate_speculative(cfg, params, logits, cache, tok, lens, N, knobs, speculate, draft)
 
 
 def _prefill_head(cfg, params, tok, lens, cache: KVCache, C: int, N: int):

@@ -1,0 +1,153 @@
+"""Speculative decoding: proposals verified by the target model, output exactly the target's.
+
+    out = kvjax.generate(cfg, params, prompts, lens, max_new_tokens=256, max_len=2048,
+                         speculate=kvjax.PromptLookup(num_tokens=4, max_ngram=3))
+    out = kvjax.generate(..., speculate=kvjax.DraftModel(draft_cfg, draft_params, num_tokens=4))
+    out.stats.mean_accepted_length     # tokens per target forward (1.0: plain decoding)
+
+Proposers: `PromptLookup` copies what followed the latest earlier occurrence of the row's
+last n-gram in its prompt and output (on device, no second model); `DraftModel` runs a smaller
+model sharing the target's vocabulary, with its own cache kept in step; `DraftModel.early_exit`
+makes one from the target's first layers (self-speculation through its final norm and head).
+
+Exactness: greedy rows emit exactly plain greedy decoding's tokens; sampling rows are drawn
+from exactly the target's distribution (verify.py: the speculative sampling rule). Caches:
+dense and int8 (a rejected token is a length that does not advance); rings, pressed and KIVI
+caches are refused with what to pass instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..cache import KVCache, init_cache
+from ..config import ModelConfig
+from .loop import SpecPlan, SpecStats, speculative_loop
+
+__all__ = ["PromptLookup", "DraftModel", "SpecStats", "SpeculativeOutput", "generate_speculative"]
+
+
+@dataclass(frozen=True)
+class PromptLookup:
+    """Propose the `num_tokens` tokens that followed the latest earlier occurrence of the row's
+    last n-gram (n from max_ngram down to min_ngram) in its prompt and output so far.
+    min_accept / cooldown: a row whose running acceptance rate falls below min_accept stops
+    proposing for `cooldown` iterations (open-ended text then decodes at plain speed)."""
+    num_tokens: int = 4
+    max_ngram: int = 3
+    min_ngram: int = 1
+    min_accept: float = 0.25
+    cooldown: int = 16
+
+    def check(self, cfg: ModelConfig) -> None:
+        _check_common(self)
+        for name in ("max_ngram", "min_ngram"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"PromptLookup.{name} must be an int >= 1, got {v!r}")
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"PromptLookup.min_ngram={self.min_ngram} exceeds max_ngram={self.max_ngram}")
+
+    def plan(self) -> SpecPlan:
+        return SpecPlan(int(self.num_tokens), int(self.max_ngram), int(self.min_ngram), None,
+                        float(self.min_accept), int(self.cooldown))
+
+
+@dataclass(frozen=True, eq=False)
+class DraftModel:
+    """A draft model (cfg, params) sharing the target's vocabulary proposes `num_tokens` tokens
+    per iteration (sampled from its own distribution after the target's temperature / top-k /
+    top-p; greedy rows take its argmax); its cache is prefilled with the prompt and rolled back
+    with the target's."""
+    cfg: ModelConfig
+    params: object
+    num_tokens: int = 4
+    min_accept: float = 0.25
+    cooldown: int = 16
+
+    @classmethod
+    def early_exit(cls, cfg: ModelConfig, params, layers: int, num_tokens: int = 4, **kw) -> "DraftModel":
+        """Self-speculation: the target's first `layers` layers, then its own final norm and head
+        (no second set of weights; the draft shares the target's arrays)."""
+        if not isinstance(layers, (int, np.integer)) or not 1 <= layers < cfg.num_layers:
+            raise ValueError(f"early_exit layers must be in [1, {cfg.num_layers - 1}] for a "
+                             f"{cfg.num_layers}-layer model, got {layers!r}")
+        changes = {"num_layers": int(layers), "name": f"{cfg.name}-exit{layers}"}
+        if cfg.layer_types is not None:
+            changes["layer_types"] = tuple(cfg.layer_types[:layers])
+        dcfg = dataclasses.replace(cfg, **changes)
+        dparams = {k: v for k, v in params.items()
+                   if not k.startswith("layers_") or int(k.split("_")[1]) < layers}
+        return cls(dcfg, dparams, num_tokens, **kw)
+
+    def check(self, cfg: ModelConfig) -> None:
+        _check_common(self)
+        if self.cfg.vocab_size != cfg.vocab_size:
+            raise ValueError(f"DraftModel: the draft's vocabulary ({self.cfg.vocab_size} tokens) differs from "
+                             f"the target's ({cfg.vocab_size}); a draft must share the target's tokenizer")
+
+    def plan(self) -> SpecPlan:
+        return SpecPlan(int(self.num_tokens), draft_cfg=self.cfg, min_accept=float(self.min_accept),
+                        cooldown=int(self.cooldown))
+
+
+def _check_common(p) -> None:
+    name = type(p).__name__
+    k = p.num_tokens
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= 64:
+        raise ValueError(f"{name}.num_tokens must be an int in [1, 64], got {k!r}")
+    if not 0.0 <= float(p.min_accept) <= 1.0:
+        raise ValueError(f"{name}.min_accept must be in [0, 1], got {p.min_accept!r}")
+    if not isinstance(p.cooldown, (int, np.integer)) or p.cooldown < 0:
+        raise ValueError(f"{name}.cooldown must be an int >= 0, got {p.cooldown!r}")
+
+
+class SpeculativeOutput(NamedTuple):
+    tokens: jax.Array      # int32 [B, N]: new tokens; after a row's end, pad_token_id
+    lengths: jax.Array     # int32 [B]: tokens generated per row, EOS included
+    cache: KVCache         # prompt + every generated token
+    stats: SpecStats       # proposed / accepted / target forwards per row
+
+
+def check_cache(cache: KVCache, where: str = "generate(speculate=...)") -> None:
+    """Speculation rolls a rejected token back by not advancing the row's length: caches whose
+    slots are positions (dense, int8) only."""
+    if cache.pressed or cache.kind not in ("dense", "int8") or cache.slot_pos is not None or cache.hybrid:
+        what = ("a pressed cache" if cache.pressed else "a hybrid cache (ring layers)" if cache.hybrid
+                else f"a {cache.kind!r} cache")
+        raise ValueError(f"{where}: speculative decoding runs on dense and int8 caches; this is {what}. "
+                         f"Pass cache_kind='dense' or 'int8' (and hybrid=False for a model with "
+                         f"sliding-window layers), without a press")
+
+
+def generate_speculative(cfg: ModelConfig, params, logits, cache: KVCache, prompt_tok: np.ndarray,
+                         prompt_lens: np.ndarray, N: int, knobs, speculate, draft_cache=None):
+    """The speculative decode after a prefill (logits [B, V] of each row's last prompt token;
+    `cache` holds the prompt, `draft_cache` a DraftModel's prefill of it). Histories for prompt
+    lookup are the prompts [B, S] (host) plus room for N tokens."""
+    B, S = prompt_tok.shape
+    hist = np.zeros((B, S + N), np.int32)
+    hist[:, :S] = prompt_tok
+    dparams = speculate.params if isinstance(speculate, DraftModel) else None
+    toks, n, cache, stats = speculative_program(cfg, params, logits, cache, jnp.asarray(hist),
+                                                jnp.asarray(prompt_lens, jnp.int32), int(N), knobs,
+                                                speculate.plan(), dparams, draft_cache)
+    return SpeculativeOutput(toks, n, cache, stats)
+
+
+@partial(jax.jit, static_argnums=(0, 6, 8), donate_argnums=(3,))
+def speculative_program(cfg, params, logits, cache, hist, hist_len, N, knobs, plan, dparams, dcache):
+    return speculative_loop(cfg, params, logits, cache, hist, hist_len, N, knobs, plan, dparams, dcache)
+
+
+def draft_cache_for(speculate, B: int, max_len: int, kind: str = "dense"):
+    """An empty cache for a DraftModel's own prefill (None for prompt lookup)."""
+    if not isinstance(speculate, DraftModel):
+        return None
+    return init_cache(speculate.cfg, B, max_len, kind=kind, hybrid=False)
