@@ -10,7 +10,7 @@ from .hf import CheckpointError, load_hf, save_hf
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from .models import load_model
 from .engine import Completion, Engine, RequestHandle, SamplingParams, TokenLogprob
-from .speculative import DraftModel, PromptLookup
+from .decode.speculative import DraftModel, PromptLookup
 
 __version__ = "0.1.0"
 

@@ -88,8 +88,7 @@ def check_cache(cfg: ModelConfig, cache, batch_size: int):
             raise ValueError(f"cache buffers of layer {layer} have shape {have} but this model needs "
                              f"[B, num_kv_heads, slots, head_dim] = {want}")
     windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
-    if cache.hybrid and any((r != w) if r else (w is not None and w < cache.max_len)
-                            for r, w in zip(cache.rings, windows)):
+    if cache.hybrid and any(r and (w is None or r < w) for r, w in zip(cache.rings, windows)):
         raise ValueError(f"this hybrid cache has rings {cache.rings} but the model's windows are "
                          f"{[cfg.layer_window(i) for i in range(cfg.num_layers)]}")
     if cache.batch_size != batch_size:

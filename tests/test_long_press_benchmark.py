@@ -36,7 +36,7 @@ def run(tmp_path_factory):
             "long_press_benchmark.window_size=16", "long_press_benchmark.n_future_positions=32",
             "long_press_benchmark.kivi_group_size=16", "long_press_benchmark.kivi_residual_length=32",
             "long_press_benchmark.time_budget_s=0", "device=cpu",
-            "long_press_benchmark.stack_bytes=1e9"]
+            "long_press_benchmark.stack_bytes=1e9", "long_press_benchmark.ring_lengths=[]"]
     assert main(["run", str(EXP), "--out", str(out), *[x for s in sets for x in ("--set", s)]]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, [r for r in rows if "method" in r]

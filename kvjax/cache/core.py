@@ -223,12 +223,15 @@ def _quant(kind: str, bits, group_size, residual_length) -> tuple:
     return tuple(KIVI_DEFAULTS[k] if v is None else int(v) for k, v in q.items())
 
 
-def layer_rings(cfg: ModelConfig, max_len: int, kind: str = "dense", hybrid: bool | None = None) -> tuple:
+def layer_rings(cfg: ModelConfig, max_len: int, kind: str = "dense", hybrid: bool | None = None,
+                slack: int = 0) -> tuple:
     """Per-layer ring sizes of the cache `init_cache` makes (() when it is not hybrid).
 
     hybrid None (default): a ring of W slots on every layer whose window W is shorter than
     max_len, for dense and int8 caches; False: max_len slots on every layer; True: as None,
     but raise when no layer can have a ring (so a request for savings never silently gets none).
+    slack: W + slack slots per ring (speculative decoding writes up to `slack` tokens past what
+    it keeps; attention still masks by the model's window W, so the output is unchanged).
     """
     if hybrid is False:
         return ()
@@ -240,7 +243,9 @@ def layer_rings(cfg: ModelConfig, max_len: int, kind: str = "dense", hybrid: boo
         reason = (f"the model keeps attention_sinks={cfg.attention_sinks} first tokens visible, "
                   f"which a ring of the window would drop")
     else:
-        rings = tuple(w if (w := cfg.layer_window(i)) is not None and w < max_len else 0
+        if not isinstance(slack, (int, np.integer)) or slack < 0:
+            raise ValueError(f"ring_slack must be an int >= 0, got {slack!r}")
+        rings = tuple(w + slack if (w := cfg.layer_window(i)) is not None and w + slack < max_len else 0
                       for i in range(cfg.num_layers))
         if any(rings):
             return rings
@@ -262,7 +267,7 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
                 num_sinks: int | None = None, pressed: bool = False, pooled: bool = False,
                 bits: int | None = None,
                 group_size: int | None = None, residual_length: int | None = None,
-                hybrid: bool | None = None) -> int:
+                hybrid: bool | None = None, ring_slack: int = 0) -> int:
     """Bytes `init_cache` allocates for these arguments, computed without allocating.
 
     pressed: the same cache once a press has compacted it (it adds per-head slot positions
@@ -291,7 +296,7 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
         rings = layer_rings(cfg, max_len, kind, hybrid) or (0,) * cfg.num_layers
         return (cache_bytes(cfg, batch_size, max_len, dtype, kind, hybrid=hybrid)
                 + sum(per_head if r else per_head * (max_len + 1) for r in rings))
-    slots, ring_slots = _slot_layout(cfg, max_len, kind, layer_rings(cfg, max_len, kind, hybrid))
+    slots, ring_slots = _slot_layout(cfg, max_len, kind, layer_rings(cfg, max_len, kind, hybrid, ring_slack))
 
     def per_layer(slots):
         values = batch_size * cfg.num_kv_heads * slots * cfg.head_dim
@@ -307,13 +312,14 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
 def empty_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None,
                 kind: str = "dense", num_sinks: int | None = None, bits: int | None = None,
                group_size: int | None = None, residual_length: int | None = None,
-               hybrid: bool | None = None) -> KVCache:
+               hybrid: bool | None = None, ring_slack: int = 0) -> KVCache:
     """An empty cache of `max_len` slots per row on the default device (`init_cache` places
     it on a mesh).
 
     hybrid: on a model with windowed layers (layer_types / sliding_window), a dense or int8
     cache keeps only a ring of `window` slots on each windowed layer by default (see
-    `layer_rings`); hybrid=False allocates max_len slots on every layer.
+    `layer_rings`); hybrid=False allocates max_len slots on every layer; ring_slack adds
+    slots to each ring (for speculative decoding).
 
     dtype: storage dtype of dense/window/sinks buffers (default `cfg.dtype`; int8 ignores it).
     kind: "dense" | "int8" | "window" | "sinks" | "kivi"; num_sinks: sink slots for "sinks"
@@ -331,7 +337,7 @@ def empty_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None,
                        values=tuple(l.pop("v_codes") for l in layers),
                        lengths=jnp.zeros((batch_size,), jnp.int32), extras=tuple(layers),
                        kind="kivi", quant=quant)
-    rings = layer_rings(cfg, max_len, kind, hybrid)
+    rings = layer_rings(cfg, max_len, kind, hybrid, ring_slack)
     dt = jnp.int8 if kind == "int8" else _resolve_dtype(cfg, dtype)
     B, K, H = batch_size, cfg.num_kv_heads, cfg.head_dim
     slots, ring_slots = _slot_layout(cfg, max_len, kind, rings)

@@ -217,10 +217,9 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         validate.check_room(cfg, lens, np.full_like(lens, max_new_tokens), limit, "generate")
         return generate_nocache(cfg, params, tok, lens, max_new_tokens, knobs)
     if speculate is not None:
-        if press is not None:
-            raise ValueError("generate: speculate= and press= cannot be combined (speculation runs on "
-                             "dense and int8 caches)")
-        speculate.check(cfg)
+        _check_speculate(cfg, speculate, press)
+        if cache is None and cache_kind in ("dense", "int8"):   # rings with room for the lookahead
+            cache_options.setdefault("ring_slack", int(speculate.num_tokens))
     cache = _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
                             cache_options)
     if speculate is not None:
@@ -237,16 +236,23 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
               budgets)
 
 
+def _check_speculate(cfg, speculate, press) -> None:
+    if press is not None:
+        raise ValueError("generate: speculate= and press= cannot be combined (speculation runs on "
+                         "dense and int8 caches)")
+    speculate.check(cfg)
+
+
 def _speculative(cfg, params, tok, lens, N: int, knobs, cache: KVCache, speculate, C: int):
     """generate(speculate=...): prefill (chunked as usual), then the speculative loop."""
-    from .. import speculative
-    speculative.check_cache(cache)
+    from . import speculative
+    speculative.check_cache(cfg, cache, int(speculate.num_tokens))
     if mesh_of(cache) is not None:
         raise ValueError("generate(speculate=...): caches on a mesh are not supported yet; pass mesh=None")
     used = sharding.to_host(cache.lengths)
     validate.check_room(cfg, used, lens + N, cache.max_len, f"generate (prompt + max_new_tokens={N})",
                         cache.bounded)
-    draft = speculative.draft_cache_for(speculate, tok.shape[0], cache.max_len, cache.kind)
+    draft = speculative.draft_cache_for(speculate, tok.shape[0], int(lens.max()) + N, cache.kind)
     if draft is not None:
         if used.any():
             raise ValueError("generate(speculate=DraftModel(...)) continues only from an empty cache: the "

@@ -27,6 +27,7 @@ KINDS = {
     "press_benchmark": "kvjax.runner.kinds.press_benchmark",
     "long_press_benchmark": "kvjax.runner.kinds.long_press",
     "serving_bench": "kvjax.runner.kinds.serving_bench",
+    "speculative": "kvjax.runner.kinds.speculative",
 }
 
 

@@ -27,10 +27,12 @@ one line per method) and a table of the best method per ratio with its memory.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
 import kvjax
@@ -44,7 +46,7 @@ from ...schema import ConfigError, option
 from ..press_benchmark import SCORERS, WRAPPERS, parse_press
 from ..press_benchmark import make_press as _press_from_name
 from . import scoring
-from .methods import (BASELINES, Method, as_tokens, has_local_layers, kept_bytes, on_hybrid, press_cache,
+from .methods import (BASELINES, Method, as_tokens, bucket, has_local_layers, kept_bytes, on_hybrid, press_cache,
                       press_pools, prefilled_baseline, ratio_axis, run_slots, stack)
 
 PROTOCOLS = ("agnostic", "aware")
@@ -85,6 +87,9 @@ class Config:
                                              "rings); false: every layer of a full cache")
     stack_bytes: float = option(2e9, min=1.0, help="most cache bytes scored as one batch: methods with the "
                                                    "same cache layout are stacked along the batch up to this")
+    ring_lengths: tuple[int, ...] = option((), min=32, help=(
+        "context lengths at which the window and sinks rings run (empty: every length); each ring "
+        "size is its own prefill and scoring programs, the slowest baselines to compile"))
     time_budget_s: float = option(0.0, min=0.0, help="stop starting new (model, length) blocks after this "
                                                      "many seconds (0: no limit); what was skipped is reported")
 
@@ -116,13 +121,14 @@ def validate(run_cfg) -> None:
         check_model(f"long_press_benchmark.models[{i}]", name)
 
 
-def methods(c: Config, cfg) -> list[Method]:
+def methods(c: Config, cfg, length: int | None = None) -> list[Method]:
     out = [Method("dense", "dense", None)]
     out += [Method(b, b, None) for b in c.baselines if b in ("int8", "kivi2", "kivi4")]
     if "hybrid" in c.baselines and has_local_layers(cfg):
         out.append(Method("hybrid", "hybrid", None))
     out += [Method(re.sub(r"\s+", "", p), "press", r) for p in c.presses for r in c.ratios]
-    out += [Method(b, b, r) for b in c.baselines if b in ("window", "sinks") for r in c.ratios]
+    if length is None or not c.ring_lengths or length in c.ring_lengths:
+        out += [Method(b, b, r) for b in c.baselines if b in ("window", "sinks") for r in c.ratios]
     return out
 
 
@@ -130,11 +136,33 @@ def methods(c: Config, cfg) -> list[Method]:
 
 @dataclass
 class Batch:
-    """One (task, length)'s samples as the two protocols see them."""
+    """One (task, length)'s samples as the two protocols see them. The shapes are one per length
+    (and protocol), taken over every task of it, so the tasks of a length share every compiled
+    program: `context_width` (the padded compressed chunk, both protocols), `room` (cache slots
+    after the context), `question_width` (the padded question chunk); the last two per protocol
+    (query-aware feeds one question token)."""
     task: str
     length: int
     samples: list
     answers: list
+    context_width: int
+    room: dict
+    question_width: dict
+    answer_width: int
+
+
+def batches(suite: dict, tasks, length: int, max_new_tokens: int) -> list[Batch]:
+    """The (task, length) batches of a suite with shapes shared across its tasks."""
+    every = [s for t in tasks for s in suite[(t, length)]]
+    answers = [s.answer_ids for s in every]
+    questions = {"agnostic": [s.question_ids for s in every], "aware": [s.question_ids[-1:] for s in every]}
+    shapes = dict(
+        context_width=bucket(max(len(s.context_ids) + len(s.question_ids) - 1 for s in every)),
+        room={p: scoring.room(q, answers, max_new_tokens) for p, q in questions.items()},
+        question_width={p: bucket(max(len(x) for x in q), scoring.BUCKET) for p, q in questions.items()},
+        answer_width=bucket(max(len(a) for a in answers), 8))
+    return [Batch(t, length, suite[(t, length)], [list(s.answer_ids) for s in suite[(t, length)]], **shapes)
+            for t in tasks]
 
 
 def _protocol_rows(batch: Batch, aware: bool) -> tuple[list, list]:
@@ -145,19 +173,25 @@ def _protocol_rows(batch: Batch, aware: bool) -> tuple[list, list]:
     return [list(s.context_ids) for s in batch.samples], [list(s.question_ids) for s in batch.samples]
 
 
-def _groups(c: Config, cfg, ms: list, presses: dict, n: int, room: int, B: int) -> list:
+def _groups(c: Config, cfg, ms: list, presses: dict, width: int, room: int, B: int) -> list:
     """Methods whose caches share one layout and shape, so their rows are scored as one batch:
-    dense; per ratio, the per-head presses; per ratio, the pooling presses; each baseline
-    alone. Groups are split to stay under `stack_bytes` of cache. Returns [(slots, [Method])]."""
+    dense; per ratio, the per-head presses (full or hybrid cache); per ratio, the pooling
+    presses; each baseline alone. Every ratio's group of a layout gets the same slot count
+    (the largest budget of any ratio: a ratio is data, not a new program), and groups are
+    split to stay under `stack_bytes` of cache. Returns [(slots, [Method])]."""
     dense = [m for m in ms if m.family == "dense"]
-    out = [(n + room, dense)] if dense else []
+    out = [(width + room, dense)] if dense else []
     layout = lambda m: (press_pools(presses[(m.name, m.ratio)]),  # noqa: E731
                         on_hybrid(cfg, presses[(m.name, m.ratio)], c.hybrid_presses))
     for key in ((False, False), (False, True), (True, False)):
+        mine = [m for m in ms if m.family == "press" and layout(m) == key]
+        if not mine:
+            continue
+        slots = run_slots(cfg, [presses[(m.name, m.ratio)] for m in mine], width, room)
         for ratio in c.ratios:
-            group = [m for m in ms if m.family == "press" and m.ratio == ratio and layout(m) == key]
+            group = [m for m in mine if m.ratio == ratio]
             if group:
-                out.append((run_slots(cfg, [presses[(m.name, ratio)] for m in group], n, room), group))
+                out.append((slots, group))
     split = []
     for slots, group in out:
         per = B * P.cache_bytes(cfg, 1, [slots] * cfg.num_layers)
@@ -176,17 +210,18 @@ def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list,
     for protocol in c.protocols:
         aware = protocol == "aware"
         ctx_rows, questions = _protocol_rows(batch, aware)
-        tokens, lens = as_tokens(ctx_rows)
-        n = int(lens.max())
-        room = scoring.room(questions, batch.answers, c.max_new_tokens)
+        tokens, lens = as_tokens(ctx_rows, width=batch.context_width)
+        n, width = int(lens.max()), batch.context_width
+        room = batch.room[protocol]
         t0 = time.perf_counter()
-        pre = capture(cfg, params, tokens, lens, attention=attention)
-        capture_s = time.perf_counter() - t0
+        with compile_watch() as w:
+            pre = jax.block_until_ready(capture(cfg, params, tokens, lens, attention=attention))
+        capture_s, capture_compile_s = time.perf_counter() - t0, w.compile_s
         dense_bytes = kept_bytes(cfg, Method("dense", "dense", None), None, n, kivi, c.num_sinks)
-        for slots, group in _groups(c, cfg, ms, presses, n, room, B):
+        for slots, group in _groups(c, cfg, ms, presses, width, room, B):
             if aware and group[0].family not in ("press", "dense"):
                 continue                                        # baselines do not look at the query
-            caches, build = [], {}
+            caches, build, build_compile = [], {}, {}
             hybrid = group[0].family == "press" and on_hybrid(cfg, presses[(group[0].name, group[0].ratio)],
                                                               c.hybrid_presses)
             for m in group:
@@ -194,32 +229,54 @@ def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list,
                 t0 = time.perf_counter()
                 with compile_watch() as w:
                     if slots is not None:
-                        caches.append(press_cache(cfg, pre, press, B, slots, hybrid))
+                        built = press_cache(cfg, pre, press, B, slots, hybrid)
                     else:
-                        caches.append(prefilled_baseline(cfg, params, m, tokens, lens, n, room, kivi, c.num_sinks))
-                build[m] = time.perf_counter() - t0
+                        built = prefilled_baseline(cfg, params, m, tokens, lens, width + room, kivi, c.num_sinks)
+                    caches.append(jax.block_until_ready(built))
+                build[m], build_compile[m] = time.perf_counter() - t0, w.compile_s
                 compiled.setdefault((m.name if m.family == "press" else m.family, protocol), w.compile_s)
             cache = stack(caches)
             k = len(group)
             t0 = time.perf_counter()
-            ll, alen = scoring.answer_loglik(cfg, params, cache, questions * k, batch.answers * k)
-            texts = scoring.greedy_answers(cfg, params, tok, cache, questions * k, c.max_new_tokens)
-            score_s = (time.perf_counter() - t0) / k
+            with compile_watch() as w:
+                ll, alen = scoring.answer_loglik(cfg, params, cache, questions * k, batch.answers * k, room,
+                                                 batch.answer_width)
+                texts = scoring.greedy_answers(cfg, params, tok, cache, questions * k, c.max_new_tokens,
+                                               batch.question_width[protocol])
+            score_s, score_compile_s = (time.perf_counter() - t0) / k, w.compile_s / k
             for i, m in enumerate(group):
                 part = slice(i * B, (i + 1) * B)
-                em = [bool(kvjax.ruler.exact_match(t, s)) for t, s in zip(texts[part], batch.samples)]
-                b = kept_bytes(cfg, m, presses.get((m.name, m.ratio)), n, kivi, c.num_sinks, hybrid)
-                rows.append({"model": model, "length": batch.length, "context_tokens": n, "task": batch.task,
-                             "protocol": protocol, "method": m.name, "family": m.family, "ratio": m.ratio,
-                             "cache": "hybrid" if hybrid or m.family == "hybrid" else "full",
-                             "ratio_axis": ratio_axis(m, b, dense_bytes), "accuracy": float(np.mean(em)),
-                             "answer_loglik": float(np.mean(ll[part])), "answer_loglik_per_token":
-                             float(np.sum(ll[part]) / max(1, int(alen[part].sum()))), "bytes": b,
-                             "bytes_vs_dense": b / dense_bytes, "build_s": build[m], "score_s": score_s,
-                             "capture_s": capture_s, "samples": len(em), "stacked": k,
-                             "example": texts[part][0][:80]})
+                rows.append(_row(c, cfg, model, batch, protocol, m, presses.get((m.name, m.ratio)), hybrid, n,
+                                 texts[part], ll[part], alen[part], dense_bytes,
+                                 build=build[m], score=score_s, capture=capture_s, stacked=k,
+                                 compile=build_compile[m] + score_compile_s, capture_compile=capture_compile_s))
                 ctx.log(rows[-1])
     return rows
+
+
+def _row(c: Config, cfg, model: str, batch: Batch, protocol: str, m: Method, press, hybrid: bool, n: int,
+         texts: list, ll, alen, dense_bytes: int, **seconds) -> dict:
+    """One metrics row: a method's scores on a batch, its bytes and timings (`seconds`)."""
+    kivi = (c.kivi_group_size, c.kivi_residual_length)
+    em = [bool(kvjax.ruler.exact_match(t, s)) for t, s in zip(texts, batch.samples)]
+    b = kept_bytes(cfg, m, press, n, kivi, c.num_sinks, hybrid)
+    return {"model": model, "length": batch.length, "context_tokens": n, "task": batch.task,
+            "protocol": protocol, "method": m.name, "family": m.family, "ratio": m.ratio,
+            "cache": "hybrid" if hybrid or m.family == "hybrid" else "full",
+            "ratio_axis": ratio_axis(m, b, dense_bytes), "accuracy": float(np.mean(em)),
+            "answer_loglik": float(np.mean(ll)),
+            "answer_loglik_per_token": float(np.sum(ll) / max(1, int(np.sum(alen)))), "bytes": b,
+            "bytes_vs_dense": b / dense_bytes, **{f"{k}_s": v for k, v in seconds.items() if k != "stacked"},
+            "samples": len(em), "stacked": seconds["stacked"], "rss_gb": _rss_gb(), "example": texts[0][:80]}
+
+
+def _rss_gb() -> float:
+    """This process's resident memory now, GB (Linux /proc; 0.0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 # ----------------------------------------------------------------------------- the run
@@ -227,25 +284,28 @@ def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list,
 def run(ctx, c: Config) -> dict:
     from kvjax import ruler
 
-    start, rows, skipped, compiled = time.perf_counter(), [], [], {}
-    for model in c.models:
-        cfg, params, tok = load_named("long_press_benchmark.models", model)
-        ms = methods(c, cfg)
-        chat = c.chat and ruler.has_chat_template(tok)
-        ctx.note(f"{model}: {cfg.num_layers} layers ({sum(cfg.layer_window(l) is not None for l in range(cfg.num_layers))} "
-                 f"sliding), {cfg.num_kv_heads} kv heads, head_dim {cfg.head_dim}; "
-                 f"{'chat template' if chat else 'plain prompt format'}; {len(ms)} methods.")
-        for length in c.lengths:
+    start, rows, skipped, compiled, loaded = time.perf_counter(), [], [], {}, {}
+    for length in c.lengths:                 # length-major: a time budget cuts the longest contexts
+        for model in c.models:
             if c.time_budget_s and time.perf_counter() - start > c.time_budget_s:
                 skipped.append(f"{model} at {length}")
                 continue
+            if model not in loaded:
+                cfg, params, tok = load_named("long_press_benchmark.models", model)
+                chat = c.chat and ruler.has_chat_template(tok)
+                loaded[model] = (cfg, params, tok, chat)
+                ctx.note(f"{model}: {cfg.num_layers} layers ({sum(cfg.layer_window(l) is not None for l in range(cfg.num_layers))} "
+                         f"sliding), {cfg.num_kv_heads} kv heads, head_dim {cfg.head_dim}; "
+                         f"{'chat template' if chat else 'plain prompt format'}.")
+            cfg, params, tok, chat = loaded[model]
+            ms = methods(c, cfg, length)
             suite = ruler.make_suite(tok, c.tasks, [length], c.samples, seed=ctx.seed, chat=chat)
             with ctx.progress(len(c.tasks), f"{model} {length}") as advance:
-                for task in c.tasks:
-                    samples = suite[(task, length)]
-                    batch = Batch(task, length, samples, [list(s.answer_ids) for s in samples])
+                for batch in batches(suite, c.tasks, length, c.max_new_tokens):
                     rows += _block(ctx, c, model, cfg, params, tok, batch, ms, compiled)
-                    advance(note=task)
+                    advance(note=batch.task)
+            ctx.note(f"{model} at {length} tokens: {len(ms)} methods, done at "
+                     f"{time.perf_counter() - start:.0f} s")
     if skipped:
         ctx.note(f"Time budget of {c.time_budget_s:.0f} s reached; not run: {', '.join(skipped)}")
     return _report(ctx, c, rows, compiled, skipped)

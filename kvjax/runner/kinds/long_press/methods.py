@@ -26,6 +26,13 @@ from kvjax import press as P
 from kvjax.decode.shared import apply_press
 
 BASELINES = ("dense", "int8", "kivi2", "kivi4", "window", "sinks", "hybrid")
+CONTEXT_BUCKET = 128   # cache shapes follow the context rounded up to this: tasks share programs
+
+
+def bucket(n: int, multiple: int = CONTEXT_BUCKET) -> int:
+    """n rounded up to a multiple: every shape derived from a context length goes through it, so
+    the tasks of one length (fitted to 97-100% of it) compile each 30-layer program once."""
+    return -(-max(1, int(n)) // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,9 @@ def press_pools(press) -> bool:
 def run_slots(cfg, presses: list, n: int, room: int) -> int:
     """One slot count per layer for every press's run cache at context n: the largest budget
     (per kv head for a pooling press) plus the room after the context."""
-    need = [-(-max(P.layer_budgets(p, cfg, n)) // (cfg.num_kv_heads if press_pools(p) else 1))
+    need = [-(-max(P.layer_budgets(p, cfg, bucket(n))) // (cfg.num_kv_heads if press_pools(p) else 1))
             for p in presses]
-    return max(need, default=n) + room
+    return max(need, default=bucket(n)) + room
 
 
 def on_hybrid(cfg, press, enabled: bool) -> bool:
@@ -65,24 +72,26 @@ def run_cache(cfg, B: int, slots: int, press, hybrid: bool = False):
 
 
 def ring_size(n: int, ratio: float) -> int:
-    return max(1, int(n * (1.0 - ratio)))
+    """Slots of a window / sinks ring keeping (1 - ratio) of the context's bucket (one ring size
+    per length, not per task)."""
+    return max(1, int(bucket(n) * (1.0 - ratio)))
 
 
-def baseline_cache(cfg, m: Method, B: int, n: int, room: int, kivi: tuple[int, int], num_sinks: int):
-    """An empty cache of baseline m with room for a context of n tokens and `room` more."""
+def baseline_cache(cfg, m: Method, B: int, n: int, slots: int, kivi: tuple[int, int], num_sinks: int):
+    """An empty cache of baseline m for a context of n tokens: `slots` of capacity for the full
+    caches (context, question and answer), rings of (1 - ratio) of the context's bucket."""
     group, residual = kivi
     if m.family == "int8":
-        return kvjax.init_cache(cfg, B, n + room, kind="int8", hybrid=False)
+        return kvjax.init_cache(cfg, B, slots, kind="int8", hybrid=False)
     if m.family in ("kivi2", "kivi4"):
-        slots = -(-(n + room) // residual) * residual
-        return kvjax.init_cache(cfg, B, slots, kind="kivi", bits=int(m.family[-1]), group_size=group,
-                                residual_length=residual)
+        return kvjax.init_cache(cfg, B, bucket(slots, residual), kind="kivi", bits=int(m.family[-1]),
+                                group_size=group, residual_length=residual)
     if m.family == "window":
         return kvjax.init_cache(cfg, B, ring_size(n, m.ratio), kind="window")
     if m.family == "sinks":
         return kvjax.init_cache(cfg, B, ring_size(n, m.ratio), kind="sinks", num_sinks=num_sinks)
     if m.family == "hybrid":
-        return kvjax.init_cache(cfg, B, n + room, hybrid=True)
+        return kvjax.init_cache(cfg, B, slots, hybrid=True)
     raise ValueError(f"no baseline cache for {m.family!r}")
 
 
@@ -93,6 +102,8 @@ def kept_bytes(cfg, m: Method, press, n: int, kivi: tuple[int, int], num_sinks: 
         budgets = P.layer_budgets(press, cfg, n)
         if press_pools(press):
             return kvjax.cache_bytes(cfg, 1, -(-max(budgets) // cfg.num_kv_heads), hybrid=False)
+        if hybrid:   # the hybrid cache's full layers share one slot count: the largest budget
+            budgets = [max(budgets)] * len(budgets)
         return P.cache_bytes(cfg, 1, budgets, hybrid=hybrid)
     if m.family == "dense":
         return kvjax.cache_bytes(cfg, 1, n, hybrid=False)
@@ -116,9 +127,9 @@ def press_cache(cfg, pre, press, B: int, slots: int, hybrid: bool = False):
     return apply_press(cfg, pre, press, run_cache(cfg, B, slots, press, hybrid))
 
 
-def prefilled_baseline(cfg, params, m: Method, tokens, lens, n: int, room: int, kivi, num_sinks: int):
-    """A baseline's cache after `kvjax.prefill` of the context."""
-    cache = baseline_cache(cfg, m, tokens.shape[0], n, room, kivi, num_sinks)
+def prefilled_baseline(cfg, params, m: Method, tokens, lens, slots: int, kivi, num_sinks: int):
+    """A baseline's cache after `kvjax.prefill` of the context (`slots` of capacity)."""
+    cache = baseline_cache(cfg, m, tokens.shape[0], int(np.max(lens)), slots, kivi, num_sinks)
     return kvjax.prefill(cfg, params, tokens, lens, cache)[1]
 
 

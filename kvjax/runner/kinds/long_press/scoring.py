@@ -20,7 +20,7 @@ import numpy as np
 import kvjax
 from kvjax.decode import append_chunk
 
-from .methods import as_tokens
+from .methods import as_tokens, bucket
 
 
 @partial(jax.jit, static_argnums=(0,))
@@ -35,11 +35,14 @@ def _answer_logprobs(cfg, params, seq, lens, cache, targets, at):
 BUCKET = 32   # chunk widths are rounded up to a multiple of this: batches share programs
 
 
-def answer_loglik(cfg, params, cache, questions: list, answers: list) -> tuple[np.ndarray, np.ndarray]:
+def answer_loglik(cfg, params, cache, questions: list, answers: list, width: int | None = None,
+                  answer_width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sum of log p over each answer's tokens [B], answer token counts [B]) after each row's
-    question, teacher-forced, on `cache` (not donated)."""
-    seq, lens = as_tokens([list(q) + list(a) for q, a in zip(questions, answers)], BUCKET)
-    A = max(len(a) for a in answers)
+    question, teacher-forced, on `cache` (not donated); the chunk is `width` wide (default: the
+    longest question + answer rounded up to BUCKET), the answers `answer_width` (default: the
+    longest rounded up to 8)."""
+    seq, lens = as_tokens([list(q) + list(a) for q, a in zip(questions, answers)], BUCKET, width)
+    A = answer_width or bucket(max(len(a) for a in answers), 8)
     targets, alens = as_tokens([list(a) for a in answers], width=A)
     q = np.array([len(x) for x in questions], np.int32)
     at = np.minimum(q[:, None] - 1 + np.arange(A)[None, :], seq.shape[1] - 1).astype(np.int32)
@@ -49,9 +52,11 @@ def answer_loglik(cfg, params, cache, questions: list, answers: list) -> tuple[n
     return np.where(mask, lp, 0.0).sum(1), alens
 
 
-def greedy_answers(cfg, params, tok, cache, questions: list, max_new_tokens: int) -> list[str]:
-    """The text each row generates greedily after its question (cache donated), cut at EOS."""
-    prompt, lens = as_tokens([list(q) for q in questions], BUCKET)
+def greedy_answers(cfg, params, tok, cache, questions: list, max_new_tokens: int,
+                   width: int | None = None) -> list[str]:
+    """The text each row generates greedily after its question (cache donated), cut at EOS; the
+    questions padded to `width` (default: the longest rounded up to BUCKET)."""
+    prompt, lens = as_tokens([list(q) for q in questions], BUCKET, width)
     eos = [e for e in tok.eos_ids if e < cfg.vocab_size]
     out = kvjax.generate(cfg, params, prompt, lens, max_new_tokens=max_new_tokens, cache=cache,
                          eos_token_id=eos or None, prefill_chunk=None)
@@ -67,5 +72,5 @@ def greedy_answers(cfg, params, tok, cache, questions: list, max_new_tokens: int
 def room(questions: list, answers: list, max_new_tokens: int) -> int:
     """Slots a method's cache needs after the context: the longer of the teacher-forced chunk
     and the question plus the generated answer."""
-    return max(max(len(q) + len(a) for q, a in zip(questions, answers)),
-               max(len(q) for q in questions) + max_new_tokens)
+    return bucket(max(max(len(q) + bucket(len(a), 8) for q, a in zip(questions, answers)),
+                      max(len(q) for q in questions) + max_new_tokens), BUCKET)

@@ -12,8 +12,9 @@ makes one from the target's first layers (self-speculation through its final nor
 
 Exactness: greedy rows emit exactly plain greedy decoding's tokens; sampling rows are drawn
 from exactly the target's distribution (verify.py: the speculative sampling rule). Caches:
-dense and int8 (a rejected token is a length that does not advance); rings, pressed and KIVI
-caches are refused with what to pass instead.
+dense, int8 and hybrid (a rejected token is a length that does not advance; the hybrid
+cache's rings get `num_tokens` slack slots); window/sinks rings, pressed and KIVI caches are
+refused with what to pass instead.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..cache import KVCache, init_cache
-from ..config import ModelConfig
+from ...cache import KVCache, init_cache
+from ...config import ModelConfig
 from .loop import SpecPlan, SpecStats, speculative_loop
 
 __all__ = ["PromptLookup", "DraftModel", "SpecStats", "SpeculativeOutput", "generate_speculative"]
@@ -115,15 +116,22 @@ class SpeculativeOutput(NamedTuple):
     stats: SpecStats       # proposed / accepted / target forwards per row
 
 
-def check_cache(cache: KVCache, where: str = "generate(speculate=...)") -> None:
-    """Speculation rolls a rejected token back by not advancing the row's length: caches whose
-    slots are positions (dense, int8) only."""
-    if cache.pressed or cache.kind not in ("dense", "int8") or cache.slot_pos is not None or cache.hybrid:
-        what = ("a pressed cache" if cache.pressed else "a hybrid cache (ring layers)" if cache.hybrid
-                else f"a {cache.kind!r} cache")
-        raise ValueError(f"{where}: speculative decoding runs on dense and int8 caches; this is {what}. "
-                         f"Pass cache_kind='dense' or 'int8' (and hybrid=False for a model with "
-                         f"sliding-window layers), without a press")
+def check_cache(cfg: ModelConfig, cache: KVCache, num_tokens: int, where: str = "generate(speculate=...)") -> None:
+    """Speculation rolls a rejected token back by not advancing the row's length (and, on a
+    hybrid cache's rings, forgetting the positions past it): dense and int8 caches, hybrid
+    ones whose rings hold at least `num_tokens` slots more than their layer's window (a
+    verify chunk then never overwrites a key the next query still needs)."""
+    if cache.pressed or cache.kind not in ("dense", "int8") or (cache.slot_pos is not None and not cache.hybrid):
+        what = "a pressed cache" if cache.pressed else f"a {cache.kind!r} cache"
+        raise ValueError(f"{where}: speculative decoding runs on dense, int8 and hybrid caches; this is {what}. "
+                         f"Pass cache_kind='dense' or 'int8' without a press")
+    short = [(i, r, cfg.layer_window(i)) for i, r in enumerate(cache.rings)
+             if r and r - cfg.layer_window(i) < num_tokens]
+    if short:
+        i, r, w = short[0]
+        raise ValueError(f"{where}: layer {i}'s ring holds {r} slots for a window of {w}; speculating "
+                         f"{num_tokens} tokens needs {w + num_tokens} (init_cache(..., ring_slack={num_tokens}); "
+                         f"generate allocates that itself when it makes the cache)")
 
 
 def generate_speculative(cfg: ModelConfig, params, logits, cache: KVCache, prompt_tok: np.ndarray,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..sampling import filter_logits
+from ...sampling import filter_logits
 
 
 def target_probs(logits, temperature, top_k, top_p):

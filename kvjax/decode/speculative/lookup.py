@@ -10,7 +10,6 @@ and step as plain decoding does.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 

@@ -1,0 +1,177 @@
+"""The speculative decode loop: propose, verify in one target forward, accept, roll back,
+all inside one jit with fixed shapes and every row independent.
+
+Axis letters: B batch, k proposed tokens, V vocab, N new tokens, H history capacity.
+
+Invariant of every iteration: the target's cache (and a draft model's) holds the prompt and
+every emitted token but the last, `pending`. An iteration feeds [pending, d_1 .. d_k] as one
+chunk (a row writes only its 1 + n_valid real tokens), verifies the proposals against the
+logits after each (`verify.accept`), emits the m accepted proposals and the token after them
+(1 + m tokens, cut at EOS and max_new_tokens) and rolls the cache back by setting its
+lengths to what was committed: slots past a row's length are never read and are
+overwritten by its next chunk. When no row proposes anything the iteration is a plain one-
+token decode step (`lax.cond`), so rows without proposals cost what plain decoding costs.
+
+Adaptive switch: each row keeps a running acceptance rate (an exponential average of
+accepted / proposed over its proposing iterations); when it falls below `min_accept` the
+row stops proposing for `cooldown` iterations, then tries again from `min_accept` x 2.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ..programs import append_chunk, decode_tokens
+from ...sampling import Knobs, pick
+from . import lookup
+from .verify import accept, target_probs
+
+EMA = 0.7   # weight of the past in a row's running acceptance rate
+
+
+class SpecStats(NamedTuple):
+    """Per-row counters of a speculative generate (int32 [B] each)."""
+    proposed: jax.Array   # proposals verified (a row's real proposals, summed over iterations)
+    accepted: jax.Array   # proposals accepted and emitted
+    forwards: jax.Array   # target forwards after the prefill (one per iteration the row ran)
+
+    @property
+    def acceptance(self):
+        """accepted / proposed over the batch (nan when nothing was proposed)."""
+        return float(jnp.sum(self.accepted)) / max(1, int(jnp.sum(self.proposed))) \
+            if int(jnp.sum(self.proposed)) else float("nan")
+
+    @property
+    def mean_accepted_length(self):
+        """Tokens emitted per target forward over the batch (1.0 is plain decoding): each forward
+        emits its accepted proposals and one token of its own."""
+        f = int(jnp.sum(self.forwards))
+        return (float(jnp.sum(self.accepted)) + f) / f if f else float("nan")
+
+
+class SpecPlan(NamedTuple):
+    """The static part of a speculative loop (hashable: a jit static argument)."""
+    num_tokens: int
+    max_ngram: int = 3             # prompt lookup
+    min_ngram: int = 1
+    draft_cfg: object = None       # a DraftModel's config (None: prompt lookup)
+    min_accept: float = 0.25
+    cooldown: int = 16
+
+
+def _draft(plan: SpecPlan, dparams, dcache, pending, active, knobs: Knobs, key):
+    """k proposals of a draft model from `pending` on: (drafts [B, k], their distributions q
+    [B, k, V] filtered as the target's, the draft cache holding pending and d_1 .. d_k)."""
+    dcfg = plan.draft_cfg
+    greedy = knobs.temperature <= 0
+
+    def step(carry, i):
+        tok, cache = carry
+        logits, cache = decode_tokens(dcfg, dparams, tok, cache, active)
+        q = target_probs(logits[:, None], knobs.temperature, knobs.top_k, knobs.top_p)[:, 0]
+        drawn = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q), axis=-1).astype(jnp.int32)
+        d = jnp.where(greedy, jnp.argmax(logits, -1).astype(jnp.int32), drawn)
+        return (d, cache), (d, q)
+
+    (last, dcache), (drafts, q) = jax.lax.scan(step, (pending, dcache), jnp.arange(plan.num_tokens))
+    _, dcache = decode_tokens(dcfg, dparams, last, dcache, active)       # d_k too: the cache in step
+    return drafts.T, jnp.swapaxes(q, 0, 1), dcache
+
+
+class _State(NamedTuple):
+    it: jax.Array          # iterations run
+    pending: jax.Array     # [B] the last emitted token, not yet in the cache
+    cache: object
+    dcache: object         # a DraftModel's cache (None for prompt lookup)
+    done: jax.Array        # [B]
+    hist: jax.Array        # [B, H] prompt + emitted tokens
+    hlen: jax.Array        # [B]
+    out: jax.Array         # [B, N + k + 1] emitted tokens, pad after
+    n_out: jax.Array       # [B]
+    stats: SpecStats
+    rate: jax.Array        # [B] running acceptance rate
+    off: jax.Array         # [B] iterations left without proposals
+
+
+def speculative_loop(cfg, params, logits, cache, hist, hist_len, N: int, knobs: Knobs, plan: SpecPlan,
+                     dparams=None, dcache=None):
+    """Generate N tokens per row from the prefill's last-token logits [B, V], `cache` (holding
+    the prompt) and the rows' token histories hist [B, H] (prompt, room for N more).
+    Returns (tokens [B, N] (pad after a row's end), lengths [B], cache holding prompt + every
+    emitted token, SpecStats)."""
+    B = logits.shape[0]
+    first, _, done = pick(logits, 0, jnp.zeros((B,), bool), knobs)
+    out = jnp.full((B, N + plan.num_tokens + 1), knobs.pad, jnp.int32).at[:, 0].set(first)
+    hist = hist.at[jnp.arange(B), hist_len].set(first, mode="drop")
+    zeros = jnp.zeros((B,), jnp.int32)
+    state = _State(jnp.int32(0), first, cache, dcache, done | (N <= 1), hist, hist_len + 1, out,
+                   jnp.ones((B,), jnp.int32), SpecStats(zeros, zeros, zeros), jnp.ones((B,), jnp.float32), zeros)
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done),
+                           lambda s: _iteration(cfg, params, N, knobs, plan, dparams, s), state)
+    _, cache = decode_tokens(cfg, params, s.pending, s.cache, jnp.ones((B,), bool))  # the last token too
+    return s.out[:, :N], s.n_out, cache, s.stats
+
+
+def _iteration(cfg, params, N: int, knobs: Knobs, plan: SpecPlan, dparams, s: _State) -> _State:
+    """Propose, verify in one forward (or a plain step when no row proposes), commit."""
+    B, k = s.pending.shape[0], plan.num_tokens
+    active = ~s.done
+    k_draft, k_verify = jax.random.split(jax.random.fold_in(knobs.key, s.it + 1))
+    dcache, q = s.dcache, None
+    if plan.draft_cfg is None:
+        drafts, nv = lookup.propose(s.hist, s.hlen, k, plan.max_ngram, plan.min_ngram)
+    else:
+        drafts, q, dcache = _draft(plan, dparams, dcache, s.pending, active, knobs, k_draft)
+        nv = jnp.full((B,), k, jnp.int32)
+    nv = jnp.where(active & (s.off <= 0), jnp.clip(jnp.minimum(nv, N - s.n_out - 1), 0, k), 0)
+
+    def verify(c):
+        chunk = jnp.concatenate([s.pending[:, None], drafts], axis=1)                # [B, k + 1]
+        lg, c = append_chunk(cfg, params, chunk, jnp.where(active, 1 + nv, 0), c, every_logit=True)
+        return accept(lg, drafts, nv, knobs, k_verify, q) + (c,)
+
+    def plain(c):
+        lg, c = decode_tokens(cfg, params, s.pending, c, active)
+        return (jnp.zeros((B,), jnp.int32), pick(lg, s.it + 1, jnp.zeros((B,), bool), knobs)[0], c)
+
+    start = s.cache.lengths
+    m, nxt, cache = jax.lax.cond(jnp.any(nv > 0), verify, plain, s.cache)
+    return _commit(s._replace(cache=cache, dcache=dcache), start, drafts, nv, m, nxt, N, knobs, plan)
+
+
+def _commit(s: _State, start, drafts, nv, m, nxt, N: int, knobs: Knobs, plan: SpecPlan) -> _State:
+    """Emit the m accepted proposals and the next token (cut at EOS and N), roll the caches back
+    to what was committed, count, and update the adaptive switch."""
+    k = plan.num_tokens
+    active = ~s.done
+    rows, i = jnp.arange(drafts.shape[0])[:, None], jnp.arange(k + 1)[None, :]
+    emitted = jnp.where(i < m[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
+                        jnp.where(i == m[:, None], nxt[:, None], knobs.pad))          # [B, k + 1]
+    is_eos = (emitted[..., None] == knobs.eos[None, None, :]).any(-1) & (i <= m[:, None])
+    first_eos = jnp.argmax(is_eos, axis=1)
+    c = jnp.where(is_eos.any(1), first_eos + 1, m + 1)
+    c = jnp.where(active, jnp.minimum(c, N - s.n_out), 0)                              # tokens emitted
+    hit_eos = is_eos.any(1) & (first_eos + 1 <= c)
+    out = s.out.at[rows, jnp.where(i < c[:, None], s.n_out[:, None] + i, s.out.shape[1])].set(
+        emitted, mode="drop")
+    hist = s.hist.at[rows, jnp.where(i < c[:, None], s.hlen[:, None] + i, s.hist.shape[1])].set(
+        emitted, mode="drop")
+    last = jnp.take_along_axis(emitted, jnp.maximum(c - 1, 0)[:, None], axis=1)[:, 0]
+    lengths = jnp.where(active, start + c, start)          # committed: pending + the emitted but last
+    dcache = None if s.dcache is None else s.dcache.replace(lengths=lengths)
+    used = jnp.minimum(m, c)
+    stats = SpecStats(s.stats.proposed + nv, s.stats.accepted + jnp.where(active, used, 0),
+                      s.stats.forwards + active.astype(jnp.int32))
+    tried = nv > 0
+    rate = jnp.where(tried, EMA * s.rate + (1 - EMA) * used / jnp.maximum(nv, 1), s.rate)
+    low = tried & (rate < plan.min_accept)
+    n_out = s.n_out + c
+    cache = s.cache.replace(lengths=lengths)
+    if cache.slot_pos is not None:          # a hybrid cache's rings: forget the rejected positions
+        cache = cache.replace(slot_pos=jnp.where(cache.slot_pos >= lengths[:, None], -1, cache.slot_pos))
+    return _State(s.it + 1, jnp.where(active, last, s.pending), cache, dcache,
+                  s.done | (active & (hit_eos | (n_out >= N))), hist, s.hlen + c, out, n_out, stats,
+                  jnp.where(low, 2 * plan.min_accept, rate),
+                  jnp.where(low, plan.cooldown, jnp.maximum(s.off - 1, 0)))

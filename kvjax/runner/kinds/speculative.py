@@ -1,0 +1,239 @@
+"""speculative: how much faster speculative decoding generates, and the check that it is exact.
+
+Workload per model: prompts built from text shipped with Python, offline. Input-grounded
+tasks, whose answers copy spans of the prompt (where prompt lookup should shine):
+`repeat_code` (a standard-library function, "repeat it exactly"), `edit_code` (the same
+function, "rename a variable"), `quote` (a documentation passage, "quote the sentence
+about ..."); and open-ended chat, `chat` (a short creative request, nothing to copy), where
+speculation must cost little. The model's chat template where it has one.
+
+For each (model, task, batch size, proposer): plain `kvjax.generate` and the speculative
+one on the same prompts (greedy, `new_tokens` each, the same cache kind and max_len), both
+timed warm (`kvjax.timing.measure`: calibrated, medians, compile excluded); tokens/s,
+speedup, the mean accepted length (tokens per target forward) and acceptance; and the
+exactness check on every output (the speculative tokens must equal the plain ones).
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+import kvjax
+from kvjax.timing import measure
+
+from .. import plots
+from ..models import check_model, load_named
+from ..schema import ConfigError, option
+
+TASKS = ("repeat_code", "edit_code", "quote", "chat")
+GROUNDED = ("repeat_code", "edit_code", "quote")
+
+
+def _sources() -> list[str]:
+    """Standard-library functions of 10-30 lines, docstrings removed (shipped with Python:
+    offline, deterministic for a Python version)."""
+    import colorsys
+    import fnmatch
+    import heapq
+    import statistics
+    import textwrap
+    out = []
+    for mod in (textwrap, fnmatch, colorsys, heapq, statistics):
+        for _, fn in sorted(inspect.getmembers(mod, inspect.isfunction)):
+            if fn.__module__ != mod.__name__:
+                continue
+            try:
+                src = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            src = re.sub(r'\n\s*"""[\s\S]*?"""', "", src, count=1).rstrip()
+            if 10 <= src.count("\n") <= 30:
+                out.append(src)
+    return out
+
+
+def _passages() -> list[str]:
+    from pydoc_data.topics import topics
+    out = []
+    for key in sorted(topics):
+        text = " ".join(topics[key].split())
+        sentences = re.split(r"(?<=[.!?]) ", text)
+        if len(sentences) >= 6:
+            out.append(" ".join(sentences[:8]))
+    return out
+
+
+CHAT = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
+        "Describe your ideal weekend in a few sentences.",
+        "Give three tips for learning a new language.",
+        "Write a poem about autumn leaves.",
+        "Explain why the sky is blue to a ten-year-old.",
+        "Invent a new board game and describe its rules.",
+        "What would you pack for a week-long hiking trip?",
+        "Write a letter to your future self.",
+        "Describe a city of the future.",
+        "Tell me about a memorable meal, real or imagined.",
+        "Write a dialogue between a cat and a dog.",
+        "Suggest a name and a slogan for a bakery.",
+        "Describe the ocean to someone who has never seen it.",
+        "Write a short fable with a moral.",
+        "List some fun things to do on a rainy day.",
+        "Write a product description for a magical umbrella."]
+
+
+def prompts(task: str, n: int, seed: int) -> list[str]:
+    """n user messages of `task` (deterministic for a seed)."""
+    rng = np.random.default_rng(seed)
+    if task == "chat":
+        return [CHAT[i % len(CHAT)] for i in rng.permutation(max(n, len(CHAT)))[:n]]
+    if task == "quote":
+        ps = _passages()
+        out = []
+        for i in rng.choice(len(ps), n, replace=len(ps) < n):
+            sentences = re.split(r"(?<=[.!?]) ", ps[i])
+            word = max(re.findall(r"[A-Za-z_]{5,}", sentences[2]), key=len, default="the")
+            out.append(f"{ps[i]}\n\nQuote, word for word, the sentences of the text above starting from "
+                       f"the one that contains the word \"{word}\".")
+        return out
+    srcs = _sources()
+    out = []
+    for i in rng.choice(len(srcs), n, replace=len(srcs) < n):
+        src = srcs[i]
+        if task == "repeat_code":
+            out.append(f"```python\n{src}\n```\n\nRepeat the code above exactly, in a code block.")
+        else:
+            names = sorted(set(re.findall(r"\b([a-z_][a-z0-9_]{2,})\s*=", src)) or {"result"})
+            old = names[int(rng.integers(len(names)))]
+            out.append(f"```python\n{src}\n```\n\nRewrite the code above with the variable `{old}` renamed "
+                       f"to `{old}_value`. Change nothing else.")
+    return out
+
+
+@dataclass(frozen=True)
+class Config:
+    models: tuple[str, ...] = option(("smollm2-135m-instruct", "text"), min_items=1,
+                                     help="models by kvjax.load_model name")
+    tasks: tuple[str, ...] = option(TASKS, choices=TASKS, min_items=1, help="workloads")
+    batch_sizes: tuple[int, ...] = option((1, 4, 16), min=1, min_items=1, help="rows per generate call")
+    proposers: tuple[str, ...] = option(("prompt-lookup:4",), min_items=1, help=(
+        "prompt-lookup:K (K proposed tokens) or early-exit:LAYERS:K (the target's first LAYERS layers "
+        "as its own draft; LAYERS below 1 is a share of the model's layers, e.g. 0.25)"))
+    max_ngram: int = option(3, min=1, help="prompt lookup's longest n-gram")
+    new_tokens: int = option(128, min=1, help="tokens generated per row")
+    chat: bool = option(True, help="use the model's chat template where it has one")
+    repeats: int = option(3, min=1, help="timed measurements per (plain, speculative) call (median)")
+    min_seconds: float = option(0.0, min=0.0, help="calibrated length of one measurement (s)")
+
+
+def parse_proposer(spec: str, cfg, params, max_ngram: int):
+    """'prompt-lookup:K' or 'early-exit:LAYERS:K' -> a kvjax proposer (ValueError otherwise)."""
+    parts = spec.split(":")
+    try:
+        if parts[0] == "prompt-lookup" and len(parts) == 2:
+            return kvjax.PromptLookup(num_tokens=int(parts[1]), max_ngram=max_ngram)
+        if parts[0] == "early-exit" and len(parts) == 3:
+            share, k = float(parts[1]), int(parts[2])
+            if share <= 0 or (share >= 1 and share != int(share)):
+                raise ValueError("LAYERS must be a whole number of layers or a share in (0, 1)")
+            if cfg is None:
+                return None
+            layers = int(share) if share >= 1 else max(1, round(share * cfg.num_layers))
+            return kvjax.DraftModel.early_exit(cfg, params, layers, num_tokens=k)
+    except ValueError as e:
+        raise ValueError(f"{spec!r}: {e}") from None
+    raise ValueError(f"{spec!r}: expected prompt-lookup:K or early-exit:LAYERS:K")
+
+
+def validate(run_cfg) -> None:
+    c: Config = run_cfg.settings
+    for i, p in enumerate(c.proposers):
+        try:
+            parse_proposer(p, None, None, c.max_ngram)
+        except ValueError as e:
+            raise ConfigError(f"speculative.proposers[{i}]: {e}") from None
+    for i, name in enumerate(c.models):
+        check_model(f"speculative.models[{i}]", name)
+
+
+def _measure(c: Config, cfg, params, tok, ids: list) -> list[dict]:
+    """Plain and speculative generate of the prompts `ids`, timed warm; one row per proposer."""
+    lens = np.array([len(x) for x in ids], np.int32)
+    prompt = np.zeros((len(ids), int(lens.max())), np.int32)
+    for i, x in enumerate(ids):
+        prompt[i, :len(x)] = x
+    eos = [e for e in tok.eos_ids if e < cfg.vocab_size] or None
+    kw = dict(max_new_tokens=c.new_tokens, eos_token_id=eos, max_len=int(lens.max()) + c.new_tokens)
+    plain_out, plain = measure(lambda _: kvjax.generate(cfg, params, prompt, lens, **kw),
+                               repeats=c.repeats, min_seconds=c.min_seconds)
+    n_tokens = int(np.asarray(plain_out.lengths).sum())
+    rows = []
+    for spec in c.proposers:
+        proposer = parse_proposer(spec, cfg, params, c.max_ngram)
+        out, t = measure(lambda _: kvjax.generate(cfg, params, prompt, lens, speculate=proposer, **kw),
+                         repeats=c.repeats, min_seconds=c.min_seconds)
+        exact = bool(np.array_equal(np.asarray(out.tokens), np.asarray(plain_out.tokens))
+                     and np.array_equal(np.asarray(out.lengths), np.asarray(plain_out.lengths)))
+        s = out.stats
+        rows.append({"proposer": spec, "prompt_tokens": int(lens.max()), "tokens": n_tokens,
+                     "plain_s": plain.median_s, "spec_s": t.median_s, "plain_tok_s": n_tokens / plain.median_s,
+                     "spec_tok_s": n_tokens / t.median_s, "speedup": plain.median_s / t.median_s,
+                     "mean_accepted_length": s.mean_accepted_length, "acceptance": s.acceptance,
+                     "exact": exact, "valid": plain.valid and t.valid,
+                     "example": tok.decode([int(x) for x in np.asarray(out.tokens)[0][:40]])[:80]})
+    return rows
+
+
+def _encode(tok, text: str, chat: bool) -> list[int]:
+    if chat:
+        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+    return list(tok.encode(text))
+
+
+def run(ctx, c: Config) -> dict:
+    from kvjax.ruler import has_chat_template
+    rows = []
+    for model in c.models:
+        cfg, params, tok = load_named("speculative.models", model)
+        chat = c.chat and has_chat_template(tok)
+        ctx.note(f"{model}: {cfg.num_layers} layers, vocabulary {cfg.vocab_size}; "
+                 f"{'chat template' if chat else 'plain prompts'}.")
+        for task in ctx.track(c.tasks, f"{model} tasks"):
+            for B in c.batch_sizes:
+                ids = [_encode(tok, p, chat) for p in prompts(task, B, ctx.seed)]
+                if cfg.positions == "learned" and max(map(len, ids)) + c.new_tokens > cfg.max_position:
+                    ctx.note(f"{model} {task} B={B}: prompt + new tokens exceed max_position; skipped")
+                    continue
+                for row in _measure(c, cfg, params, tok, ids):
+                    row = {"model": model, "task": task, "grounded": task in GROUNDED, "batch_size": B, **row}
+                    ctx.log(row)
+                    rows.append(row)
+    if not rows:
+        raise RuntimeError("speculative measured nothing")
+    ctx.table("Speculative decoding against plain decoding (greedy, same prompts and cache)",
+              ["model", "task", "batch", "proposer", "plain tok/s", "spec tok/s", "speedup",
+               "tokens / forward", "acceptance", "exact"],
+              [[r["model"], r["task"], r["batch_size"], r["proposer"], r["plain_tok_s"], r["spec_tok_s"],
+                r["speedup"], r["mean_accepted_length"], r["acceptance"], "yes" if r["exact"] else "NO"]
+               for r in rows])
+    inexact = [r for r in rows if not r["exact"]]
+    if inexact:
+        ctx.note(f"{len(inexact)} row(s) NOT exact: " + "; ".join(
+            f"{r['model']} {r['task']} B={r['batch_size']} {r['proposer']}" for r in inexact))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        fig, ax = plots.figure(ncols=1)
+        ax = ax[0] if isinstance(ax, (list, tuple, np.ndarray)) else ax
+        mine = [r for r in rows if r["model"] == model]
+        bs = sorted({r["batch_size"] for r in mine})
+        series = {}
+        for r in mine:
+            series.setdefault(f"{r['task']} {r['proposer']}", {})[r["batch_size"]] = r["speedup"]
+        plots.lines(ax, bs, {k: [v.get(b) for b in bs] for k, v in series.items()}, xlabel="batch size",
+                    ylabel="speedup over plain decoding", title=f"Speculative decoding, {model}", logx=True)
+        ctx.save_figure(fig, f"speculative_{re.sub(r'[^A-Za-z0-9]+', '_', model)}.png")
+    head = {"rows": len(rows), "inexact_rows": len(inexact)}
+    for r in rows:
+        head[f"{r['model']}_{r['task']}_b{r['batch_size']}_{r['proposer']}_speedup"] = r["speedup"]
+    return head
