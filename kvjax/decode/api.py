@@ -217,9 +217,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         validate.check_room(cfg, lens, np.full_like(lens, max_new_tokens), limit, "generate")
         return generate_nocache(cfg, params, tok, lens, max_new_tokens, knobs)
     if speculate is not None:
-        _check_speculate(cfg, speculate, press)
-        if cache is None and cache_kind in ("dense", "int8"):   # rings with room for the lookahead
-            cache_options.setdefault("ring_slack", int(speculate.num_tokens))
+        _check_speculate(cfg, speculate, press, cache is None and cache_kind in ("dense", "int8"), cache_options)
     cache = _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
                             cache_options)
     if speculate is not None:
@@ -236,11 +234,15 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
               budgets)
 
 
-def _check_speculate(cfg, speculate, press) -> None:
+def _check_speculate(cfg, speculate, press, allocates: bool, cache_options: dict) -> None:
+    """Refuse what cannot speculate; a cache generate allocates gets rings with room for the
+    lookahead (`ring_slack`)."""
     if press is not None:
         raise ValueError("generate: speculate= and press= cannot be combined (speculation runs on "
-                         "dense and int8 caches)")
+                         "dense, int8 and hybrid caches)")
     speculate.check(cfg)
+    if allocates:
+        cache_options.setdefault("ring_slack", int(speculate.num_tokens))
 
 
 def _speculative(cfg, params, tok, lens, N: int, knobs, cache: KVCache, speculate, C: int):
