@@ -16,14 +16,23 @@ def figure(ncols: int = 1, width: float = 5.2, height: float = 3.6):
 
 
 def lines(ax, x, series: dict, *, xlabel: str, ylabel: str, title: str, logx=False, logy=False,
-          markers=True):
-    """One line per entry of `series` ({label: y values}) against shared x values."""
-    for label, y in series.items():
+          markers=True, legend: str | None = "inside"):
+    """One line per entry of `series` ({label: y values}) against shared x values.
+
+    More than ten series get twenty colours and alternating markers and line styles (the
+    default cycle repeats after ten). legend: "inside", "outside" (right of the axes) or None."""
+    many = len(series) > 10
+    for i, (label, y) in enumerate(series.items()):
         pts = [(a, b) for a, b in zip(x, y) if b is not None]
         if not pts:
             continue
-        ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o" if markers else None,
-                markersize=4, label=label)
+        style = {}
+        if many:
+            import matplotlib
+            style = dict(color=matplotlib.colormaps["tab20"](i % 20), linestyle=("-", "--", ":")[i % 3])
+        ax.plot([a for a, _ in pts], [b for _, b in pts],
+                marker=("o", "s", "^", "D", "v")[i % 5 if many else 0] if markers else None,
+                markersize=4, label=label, **style)
     if logx:
         ax.set_xscale("log", base=2)
     if logy:
@@ -32,8 +41,10 @@ def lines(ax, x, series: dict, *, xlabel: str, ylabel: str, title: str, logx=Fal
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    if len(series) > 1:
+    if len(series) > 1 and legend == "inside":
         ax.legend(fontsize=8)
+    elif len(series) > 1 and legend == "outside":
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def bars(ax, labels, values, *, ylabel: str, title: str):

@@ -345,7 +345,7 @@ def _report(ctx, c: Config, rows: list, compiled: dict, skipped: list) -> dict:
     for model in dict.fromkeys(s["model"] for s in summary):
         for protocol in dict.fromkeys(s["protocol"] for s in summary if s["model"] == model):
             mine = [s for s in summary if s["model"] == model and s["protocol"] == protocol]
-            _leaderboard(ctx, model, protocol, mine)
+            leaderboard(ctx, model, protocol, mine)
             dense = next((s for s in mine if s["family"] == "dense"), None)
             if dense:
                 headline[f"{model}_{protocol}_dense_accuracy"] = dense["accuracy"]
@@ -362,7 +362,7 @@ def _report(ctx, c: Config, rows: list, compiled: dict, skipped: list) -> dict:
     return headline
 
 
-def _leaderboard(ctx, model: str, protocol: str, summary: list) -> None:
+def leaderboard(ctx, model: str, protocol: str, summary: list) -> None:
     """kvpress's layout: accuracy and answer log-likelihood against compression ratio, one line
     per method (ratio-free baselines as single points at the memory they save)."""
     fig, (acc, ll) = plots.figure(ncols=2)
@@ -377,5 +377,5 @@ def _leaderboard(ctx, model: str, protocol: str, summary: list) -> None:
             pts = {round(s["ratio_axis"], 3): s[metric] for s in ss}
             series[method] = [pts.get(x) for x in xs]
         plots.lines(ax, xs, series, xlabel="compression ratio (share of the cache dropped)", ylabel=label,
-                    title=f"{model}, query-{protocol}")
+                    title=f"{model}, query-{protocol}", legend="outside" if ax is ll else None)
     ctx.save_figure(fig, f"leaderboard_{re.sub(r'[^A-Za-z0-9]+', '_', model)}_{protocol}.png")
