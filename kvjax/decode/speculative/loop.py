@@ -70,7 +70,9 @@ def _draft(plan: SpecPlan, dparams, dcache, pending, active, knobs: Knobs, key):
     def step(carry, i):
         tok, cache = carry
         logits, cache = decode_tokens(dcfg, dparams, tok, cache, active)
-        q = target_probs(logits[:, None], knobs.temperature, knobs.top_k, knobs.top_p)[:, 0]
+        q = jax.lax.cond(jnp.all(greedy), lambda lg: jnp.zeros(lg.shape, jnp.float32),   # greedy: no sort
+                         lambda lg: target_probs(lg[:, None], knobs.temperature, knobs.top_k, knobs.top_p)[:, 0],
+                         logits)
         drawn = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q), axis=-1).astype(jnp.int32)
         d = jnp.where(greedy, jnp.argmax(logits, -1).astype(jnp.int32), drawn)
         return (d, cache), (d, q)
@@ -123,7 +125,12 @@ def _iteration(cfg, params, N: int, knobs: Knobs, plan: SpecPlan, dparams, s: _S
     if plan.draft_cfg is None:
         drafts, nv = lookup.propose(s.hist, s.hlen, k, plan.max_ngram, plan.min_ngram)
     else:
-        drafts, q, dcache = _draft(plan, dparams, dcache, s.pending, active, knobs, k_draft)
+        def catch_up(dc):   # no row proposes: the draft cache only takes the token that commits
+            _, dc = decode_tokens(plan.draft_cfg, dparams, s.pending, dc, active)
+            return (jnp.zeros((B, k), jnp.int32), jnp.zeros((B, k, cfg.vocab_size), jnp.float32), dc)
+        drafts, q, dcache = jax.lax.cond(
+            jnp.any(active & (s.off <= 0)),
+            lambda dc: _draft(plan, dparams, dc, s.pending, active, knobs, k_draft), catch_up, dcache)
         nv = jnp.full((B,), k, jnp.int32)
     nv = jnp.where(active & (s.off <= 0), jnp.clip(jnp.minimum(nv, N - s.n_out - 1), 0, k), 0)
 
