@@ -46,7 +46,7 @@ from ...schema import ConfigError, option
 from ..press_benchmark import SCORERS, WRAPPERS, parse_press
 from ..press_benchmark import make_press as _press_from_name
 from . import scoring
-from .methods import (BASELINES, Method, as_tokens, bucket, has_local_layers, kept_bytes, on_hybrid, press_cache,
+from .methods import (BASELINES, Method, as_tokens, bucket, kept_bytes, on_hybrid, press_cache,
                       press_pools, prefilled_baseline, ratio_axis, run_slots, stack)
 
 PROTOCOLS = ("agnostic", "aware")
@@ -124,7 +124,8 @@ def validate(run_cfg) -> None:
 def methods(c: Config, cfg, length: int | None = None) -> list[Method]:
     out = [Method("dense", "dense", None)]
     out += [Method(b, b, None) for b in c.baselines if b in ("int8", "kivi2", "kivi4")]
-    if "hybrid" in c.baselines and has_local_layers(cfg):
+    windows = [w for w in (cfg.layer_window(i) for i in range(cfg.num_layers)) if w is not None]
+    if "hybrid" in c.baselines and windows and (length is None or min(windows) < length):  # a ring possible
         out.append(Method("hybrid", "hybrid", None))
     out += [Method(re.sub(r"\s+", "", p), "press", r) for p in c.presses for r in c.ratios]
     if length is None or not c.ring_lengths or length in c.ring_lengths:
