@@ -11,24 +11,22 @@ against dense, and what each method covers (lengths, tasks, samples).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 
-from kvjax.runner.kinds.long_press import leaderboard, summarise
+from kvjax.runner.kinds.long_press import best_per_ratio, leaderboard, summarise
+from kvjax.runner.plots import png_bytes
 
 
 class _Figures:
-    """The one method of an experiment context `_leaderboard` uses: save_figure."""
+    """The one method of an experiment context `leaderboard` uses: save_figure."""
 
     def __init__(self, out: Path, prefix: str):
         self.out, self.prefix = out, prefix
 
     def save_figure(self, fig, name: str) -> Path:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         path = self.out / f"{self.prefix}{name}"
-        path.write_bytes(buf.getvalue())
+        path.write_bytes(png_bytes(fig))
         return path
 
 
@@ -50,9 +48,7 @@ def best_table(summary: list[dict]) -> list[str]:
         if dense:
             lines.append(f"| {model} | {protocol} | 0 (dense) | dense | {dense['accuracy']:.2f} | "
                          f"{dense['answer_loglik_per_token']:.3f} | 1.00 |")
-        for ratio in sorted({s["ratio"] for s in mine if s["ratio"] is not None}):
-            top = max((s for s in mine if s["ratio"] == ratio),
-                      key=lambda s: (s["answer_loglik_per_token"], s["accuracy"]))
+        for ratio, top in best_per_ratio(mine).items():
             lines.append(f"| {model} | {protocol} | {ratio} | {top['method']} | {top['accuracy']:.2f} | "
                          f"{top['answer_loglik_per_token']:.3f} | {top['bytes_vs_dense']:.2f} |")
     return lines

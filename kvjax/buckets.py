@@ -6,6 +6,11 @@ so lengths that vary from call to call cost O(log n) compilations, not one each.
 from __future__ import annotations
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` >= n (and >= multiple)."""
+    return -(-max(1, int(n)) // multiple) * multiple
+
+
 def pow2(n: int, floor: int = 1, cap: int | None = None) -> int:
     """The smallest power of two >= n (and >= floor), capped at `cap` when given."""
     b = max(1 << max(int(n) - 1, 0).bit_length(), floor)

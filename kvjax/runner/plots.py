@@ -6,7 +6,16 @@ headless and never changes a user's interactive session.
 """
 from __future__ import annotations
 
+import io
+
 from matplotlib.figure import Figure
+
+
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    """A Figure as PNG bytes (the results folder's and the report scripts' one encoding)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
 
 
 def figure(ncols: int = 1, width: float = 5.2, height: float = 3.6):

@@ -112,10 +112,9 @@ class ResultsFolder:
 
     def save_figure(self, fig, name: str) -> Path:
         """Save a matplotlib Figure as PNG (atomically)."""
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        from .plots import png_bytes
         self.plots.append(name)
-        return self.write_bytes(name, buf.getvalue())
+        return self.write_bytes(name, png_bytes(fig))
 
     # --------------------------------------------------------------------- content
 

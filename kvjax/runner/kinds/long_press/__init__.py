@@ -37,6 +37,7 @@ import numpy as np
 
 import kvjax
 from kvjax import press as P
+from kvjax.cache import layer_rings
 from kvjax.decode.shared import capture
 from kvjax.timing import compile_watch
 
@@ -121,14 +122,15 @@ def validate(run_cfg) -> None:
         check_model(f"long_press_benchmark.models[{i}]", name)
 
 
-def methods(c: Config, cfg, length: int | None = None) -> list[Method]:
+def methods(c: Config, cfg, length: int) -> list[Method]:
+    """The methods run at a context length: the hybrid cache where a layer's window is shorter
+    than the context (`layer_rings`: otherwise no ring exists), the rings at `ring_lengths`."""
     out = [Method("dense", "dense", None)]
     out += [Method(b, b, None) for b in c.baselines if b in ("int8", "kivi2", "kivi4")]
-    windows = [w for w in (cfg.layer_window(i) for i in range(cfg.num_layers)) if w is not None]
-    if "hybrid" in c.baselines and windows and (length is None or min(windows) < length):  # a ring possible
+    if "hybrid" in c.baselines and layer_rings(cfg, length):
         out.append(Method("hybrid", "hybrid", None))
     out += [Method(re.sub(r"\s+", "", p), "press", r) for p in c.presses for r in c.ratios]
-    if length is None or not c.ring_lengths or length in c.ring_lengths:
+    if not c.ring_lengths or length in c.ring_lengths:
         out += [Method(b, b, r) for b in c.baselines if b in ("window", "sinks") for r in c.ratios]
     return out
 
@@ -249,15 +251,16 @@ def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list,
                 part = slice(i * B, (i + 1) * B)
                 rows.append(_row(c, cfg, model, batch, protocol, m, presses.get((m.name, m.ratio)), hybrid, n,
                                  texts[part], ll[part], alen[part], dense_bytes,
-                                 build=build[m], score=score_s, capture=capture_s, stacked=k,
+                                 k, build=build[m], score=score_s, capture=capture_s,
                                  compile=build_compile[m] + score_compile_s, capture_compile=capture_compile_s))
                 ctx.log(rows[-1])
     return rows
 
 
 def _row(c: Config, cfg, model: str, batch: Batch, protocol: str, m: Method, press, hybrid: bool, n: int,
-         texts: list, ll, alen, dense_bytes: int, **seconds) -> dict:
-    """One metrics row: a method's scores on a batch, its bytes and timings (`seconds`)."""
+         texts: list, ll, alen, dense_bytes: int, stacked: int, **seconds) -> dict:
+    """One metrics row: a method's scores on a batch, its bytes, how many methods were scored
+    in its batch (`stacked`) and its timings (`seconds`: name -> s, logged as name_s)."""
     kivi = (c.kivi_group_size, c.kivi_residual_length)
     em = [bool(kvjax.ruler.exact_match(t, s)) for t, s in zip(texts, batch.samples)]
     b = kept_bytes(cfg, m, press, n, kivi, c.num_sinks, hybrid)
@@ -267,8 +270,8 @@ def _row(c: Config, cfg, model: str, batch: Batch, protocol: str, m: Method, pre
             "ratio_axis": ratio_axis(m, b, dense_bytes), "accuracy": float(np.mean(em)),
             "answer_loglik": float(np.mean(ll)),
             "answer_loglik_per_token": float(np.sum(ll) / max(1, int(np.sum(alen)))), "bytes": b,
-            "bytes_vs_dense": b / dense_bytes, **{f"{k}_s": v for k, v in seconds.items() if k != "stacked"},
-            "samples": len(em), "stacked": seconds["stacked"], "rss_gb": _rss_gb(), "example": texts[0][:80]}
+            "bytes_vs_dense": b / dense_bytes, **{f"{k}_s": v for k, v in seconds.items()},
+            "samples": len(em), "stacked": stacked, "rss_gb": _rss_gb(), "example": texts[0][:80]}
 
 
 def _rss_gb() -> float:
@@ -331,6 +334,18 @@ def summarise(rows: list) -> list[dict]:
     return out
 
 
+def best_per_ratio(summary: list, ratios=None) -> dict:
+    """{ratio: the summary row with the highest answer log-likelihood per token (then accuracy)}
+    over the rows of one model and protocol, for `ratios` in their order (default: every ratio
+    present, ascending); ratios without rows are left out."""
+    present = {s["ratio"] for s in summary if s["ratio"] is not None}
+    out = {}
+    for ratio in [r for r in ratios if r in present] if ratios is not None else sorted(present):
+        out[ratio] = max((s for s in summary if s["ratio"] == ratio),
+                         key=lambda s: (s["answer_loglik_per_token"], s["accuracy"]))
+    return out
+
+
 def _report(ctx, c: Config, rows: list, compiled: dict, skipped: list) -> dict:
     if not rows:
         raise RuntimeError("long_press_benchmark measured nothing (every block was skipped)")
@@ -350,13 +365,10 @@ def _report(ctx, c: Config, rows: list, compiled: dict, skipped: list) -> dict:
             dense = next((s for s in mine if s["family"] == "dense"), None)
             if dense:
                 headline[f"{model}_{protocol}_dense_accuracy"] = dense["accuracy"]
-            for ratio in c.ratios:
-                at = [s for s in mine if s["ratio"] == ratio]
-                if at:
-                    top = max(at, key=lambda s: (s["answer_loglik_per_token"], s["accuracy"]))
-                    best.append([model, protocol, ratio, top["method"], top["accuracy"],
-                                 top["answer_loglik_per_token"], top["bytes_vs_dense"]])
-                    headline[f"{model}_{protocol}_best_at_{ratio}"] = top["method"]
+            for ratio, top in best_per_ratio(mine, c.ratios).items():
+                best.append([model, protocol, ratio, top["method"], top["accuracy"],
+                             top["answer_loglik_per_token"], top["bytes_vs_dense"]])
+                headline[f"{model}_{protocol}_best_at_{ratio}"] = top["method"]
     ctx.table("Best method per ratio (highest answer log-likelihood per token)",
               ["model", "protocol", "ratio", "method", "accuracy", "answer log-lik / token", "memory vs dense"],
               best)

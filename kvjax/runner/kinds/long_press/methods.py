@@ -23,6 +23,7 @@ import numpy as np
 
 import kvjax
 from kvjax import press as P
+from kvjax.buckets import round_up
 from kvjax.decode.shared import apply_press
 
 BASELINES = ("dense", "int8", "kivi2", "kivi4", "window", "sinks", "hybrid")
@@ -32,7 +33,7 @@ CONTEXT_BUCKET = 128   # cache shapes follow the context rounded up to this: tas
 def bucket(n: int, multiple: int = CONTEXT_BUCKET) -> int:
     """n rounded up to a multiple: every shape derived from a context length goes through it, so
     the tasks of one length (fitted to 97-100% of it) compile each 30-layer program once."""
-    return -(-max(1, int(n)) // multiple) * multiple
+    return round_up(n, multiple)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def kept_bytes(cfg, m: Method, press, n: int, kivi: tuple[int, int], num_sinks: 
         return kvjax.cache_bytes(cfg, 1, n, hybrid=False)
     if m.family in ("kivi2", "kivi4"):
         group, residual = kivi
-        return kvjax.cache_bytes(cfg, 1, -(-n // residual) * residual, kind="kivi", bits=int(m.family[-1]),
+        return kvjax.cache_bytes(cfg, 1, bucket(n, residual), kind="kivi", bits=int(m.family[-1]),
                                  group_size=group, residual_length=residual)
     if m.family == "hybrid":
         return kvjax.cache_bytes(cfg, 1, n, hybrid=True)
@@ -159,7 +160,7 @@ def as_tokens(rows: list, multiple: int = 16, width: int | None = None) -> tuple
     """Right-padded int32 [B, W] and lengths [B]: W is `width`, or the longest row rounded up to
     `multiple` (fewer programs)."""
     lens = np.array([len(r) for r in rows], np.int32)
-    width = width or -(-max(1, int(lens.max())) // multiple) * multiple
+    width = width or bucket(lens.max(), multiple)
     out = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
