@@ -113,14 +113,19 @@ class Engine:
     (requests over "data", kv heads over "model"); cache_dtype: pool dtype (default the
     model's). decode_steps: decode steps per host round trip; prefill_chunk: prompt tokens
     prefilled per request per iteration (a long prompt does not stall decoding); seed:
-    derives the keys of requests without their own seed.
+    derives the keys of requests without their own seed. speculate: a `kvjax.PromptLookup` or
+    `kvjax.DraftModel` (early exit included): every request's decode proposes, verifies and
+    accepts its own number of tokens per step (engine/speculative.py); greedy requests give
+    exactly the tokens they give without it, sampled ones the target's distribution; stats()
+    counts spec_proposed / spec_accepted / spec_forwards.
     """
 
     def __init__(self, cfg: ModelConfig, params, max_slots: int = 8, max_len: int = 512,
                  page_size: int = 16, num_pages: int | None = None, prefix_cache: bool = True,
                  mesh=None, cache_dtype=None, decode_steps: int = 8, prefill_chunk: int = 128,
-                 seed: int = 0):
+                 seed: int = 0, speculate=None):
         _check_config(cfg, max_slots, max_len, page_size, decode_steps, prefill_chunk)
+        _check_speculate(cfg, speculate, mesh)
         self.cfg, self.max_slots, self.max_len, self.page_size = cfg, int(max_slots), int(max_len), int(page_size)
         self.pages_per_seq = -(-self.max_len // self.page_size)
         if num_pages is None:
@@ -130,10 +135,13 @@ class Engine:
         self.num_pages, self.decode_steps = int(num_pages), int(decode_steps)
         self.prefill_chunk, self.seed = int(prefill_chunk), int(seed)
         self.dtype = jnp.dtype(cache_dtype if cache_dtype is not None else cfg.dtype)
-        self.runner = Runner(cfg, params, mesh, self.num_pages, self.page_size, self.dtype, self.max_slots)
+        self.speculate = speculate
+        self.runner = Runner(cfg, params, mesh, self.num_pages, self.page_size, self.dtype, self.max_slots,
+                             speculate)
         self.mesh, self.params = self.runner.mesh, self.runner.params
         self.scheduler = Scheduler(self.max_slots, self.max_len, self.page_size, self.num_pages, prefix_cache,
-                                   self.decode_steps, self.prefill_chunk, self.runner.min_rows)
+                                   self.decode_steps, self.prefill_chunk, self.runner.min_rows,
+                                   int(speculate.num_tokens) if speculate is not None else 0)
 
         self._lock = threading.Condition()
         self._inbox: deque = deque()     # (Request, RequestHandle) submitted, not yet seen by the loop
@@ -190,7 +198,10 @@ class Engine:
     def stats(self) -> dict:
         """Counters and pool occupancy. pages_used: pages holding data (in use by requests or
         kept by the prefix cache); pages_in_use / pages_peak: pages requests hold now / at most
-        (the memory the workload needed); pages_held_peak: the peak of pages_used."""
+        (the memory the workload needed); pages_held_peak: the peak of pages_used. With
+        speculation: spec_proposed / spec_accepted (proposals verified / accepted), spec_forwards
+        (row-iterations of speculative decode calls) and spec_tokens_per_forward (tokens those
+        emitted per row-iteration: 1.0 is plain decoding)."""
         sched = self.scheduler
         with self._lock:
             waiting = len(sched.waiting) + len(self._inbox)
@@ -201,6 +212,12 @@ class Engine:
                    pages_cached=pool.cached, pages_evicted=pool.evictions,
                    page_size=self.page_size, running=len(sched.running), waiting=waiting,
                    max_slots=self.max_slots)
+        if self.speculate is None:
+            for k in _SPEC_COUNTERS:
+                out.pop(k)
+        else:
+            f = out["spec_forwards"]
+            out["spec_tokens_per_forward"] = (out["spec_accepted"] + f) / f if f else 0.0
         return out
 
     def close(self, drain: bool = True):
@@ -320,8 +337,10 @@ class Engine:
 
 
 # stats()'s counters, in its order (the scheduler's and the runner's, interleaved as they always were)
+_SPEC_COUNTERS = ("spec_proposed", "spec_accepted", "spec_forwards")
 _COUNTERS = ("prompt_tokens", "prefill_tokens_computed", "generated_tokens", "preemptions", "prefix_hits",
-             "cached_tokens", "compilations", "prefill_calls", "decode_calls", "finished", "aborted")
+             "cached_tokens", "compilations", "prefill_calls", "decode_calls", "finished", "aborted") \
+    + _SPEC_COUNTERS
 
 
 def _check_config(cfg: ModelConfig, max_slots, max_len, page_size, decode_steps, prefill_chunk):
@@ -337,6 +356,18 @@ def _check_config(cfg: ModelConfig, max_slots, max_len, page_size, decode_steps,
     if cfg.positions == "learned" and max_len > cfg.max_position:
         raise ValueError(f"Engine: max_len={max_len} exceeds the model's learned position table "
                          f"max_position={cfg.max_position}")
+
+
+def _check_speculate(cfg: ModelConfig, speculate, mesh):
+    if speculate is None:
+        return
+    from ..decode.speculative import DraftModel, PromptLookup
+    if not isinstance(speculate, (PromptLookup, DraftModel)):
+        raise ValueError(f"Engine: speculate must be a kvjax.PromptLookup or kvjax.DraftModel, got "
+                         f"{type(speculate).__name__}")
+    speculate.check(cfg)
+    if mesh is not None:
+        raise ValueError("Engine: speculate= on a mesh is not supported yet; pass mesh=None")
 
 
 def _check_prompt(prompt, vocab_size: int, max_len: int, where: str) -> list:

@@ -21,6 +21,7 @@ from ..cache.paged import init_pools
 from ..config import ModelConfig
 from . import programs
 from .scheduler import DecodeStep, PrefillStep
+from .speculative import spec_decode_steps
 
 
 @dataclass
@@ -36,22 +37,29 @@ class Runner:
     """Parameters and pools on the device (one, or a mesh: see `_Placement`), and the calls."""
 
     def __init__(self, cfg: ModelConfig, params, mesh, num_pages: int, page_size: int, dtype,
-                 max_slots: int):
+                 max_slots: int, speculate=None):
         self.cfg, self.num_pages, self.page_size, self.dtype = cfg, num_pages, page_size, dtype
         self._place = _Placement(cfg, mesh, max_slots)
         self.mesh, self.min_rows = self._place.mesh, self._place.min_rows
         self.params = self._place.params(params)
-        self.keys, self.values = self._new_pools()
+        # speculation (engine/speculative.py): the plan, and a draft model's parameters and
+        # pools (addressed by the target's page table: same pages, the draft's layers and heads)
+        self.plan = speculate.plan() if speculate is not None else None
+        self.draft_cfg = self.plan.draft_cfg if self.plan is not None else None
+        self.dparams = speculate.params if self.draft_cfg is not None else None
+        self.keys, self.values = self._new_pools(cfg)
+        self.dpools = self._new_pools(self.draft_cfg) if self.draft_cfg is not None else None
         self.counters = dict(compilations=0, prefill_calls=0, decode_calls=0)
 
-    def _new_pools(self):
-        c = self.cfg
+    def _new_pools(self, c: ModelConfig):
         return init_pools(c.num_layers, self.num_pages, c.num_kv_heads, self.page_size, c.head_dim,
                           self.dtype, self._place.pool_sharding)
 
     def reset_pools(self):
         """Fresh zeroed pools (after a failed call: the donated ones may be gone)."""
-        self.keys, self.values = self._new_pools()
+        self.keys, self.values = self._new_pools(self.cfg)
+        if self.draft_cfg is not None:
+            self.dpools = self._new_pools(self.draft_cfg)
 
     def prefill(self, step: PrefillStep) -> dict:
         """Run one prefill chunk; its outputs on the host (see Scheduler.update_from_output)."""
@@ -61,6 +69,10 @@ class Runner:
         out, self.keys, self.values = programs.prefill_chunk(
             self.cfg, self.params, self.keys, self.values, *args, step.logprobs, step.prompt_logprobs,
             self._place.pool_sharding)
+        if self.draft_cfg is not None:      # the draft's pools take the same tokens at the same pages
+            _, dk, dv = programs.prefill_chunk(self.draft_cfg, self.dparams, *self.dpools, *args, False, False,
+                                               self._place.pool_sharding)
+            self.dpools = (dk, dv)
         self.counters["compilations"] += programs.trace_count() - traces
         self.counters["prefill_calls"] += 1
         return jax.device_get(out)
@@ -75,21 +87,50 @@ class Runner:
         else:
             state, table = self._place.rows(step.state, step.table)
         traces = programs.trace_count()
-        toks, emitted, extra, final, self.keys, self.values = programs.decode_steps(
-            self.cfg, self.params, self.keys, self.values, state, table, step.steps, step.logprobs,
-            self._place.pool_sharding)
+        if self.plan is not None:
+            out, final, self.keys, self.values, self.dpools = spec_decode_steps(
+                self.cfg, self.params, self.keys, self.values, state, table, step.steps, step.logprobs,
+                self.plan, self._place.pool_sharding, self.dparams, self.dpools)
+            outputs = out
+        else:
+            toks, emitted, extra, final, self.keys, self.values = programs.decode_steps(
+                self.cfg, self.params, self.keys, self.values, state, table, step.steps, step.logprobs,
+                self._place.pool_sharding)
+            outputs = (toks, emitted, extra)
         self.counters["compilations"] += programs.trace_count() - traces
         self.counters["decode_calls"] += 1
-        return DecodeCall(step, state, final, (toks, emitted, extra))
+        return DecodeCall(step, state, final, outputs)
 
     def collect(self, call: DecodeCall) -> dict:
-        """A decode call's outputs on the host (waits for it): token and emitted [steps, B],
-        and logprob [steps, B], top, top_ids [steps, B, X] when the step asked for them."""
+        """A decode call's outputs on the host (waits for it): token and emitted [S, B] (a row's
+        tokens first, in order: emitted[:, b] is a prefix), and logprob [S, B], top, top_ids
+        [S, B, X] when the step asked for them. S is the call's steps; a speculative call packs
+        its iterations' accepted runs (S = steps x (k + 1)) and adds its proposal counts
+        (proposed / accepted / forwards [B]) and the rows' adaptive state (rate / off [B])."""
+        if self.plan is not None:
+            return _pack(*jax.device_get((call.outputs, {k: call.final[k] for k in ("rate", "off")})))
         toks, emitted, extra = jax.device_get(call.outputs)
         out = {"token": toks, "emitted": emitted}
         if extra is not None:
             out["logprob"], out["top"], out["top_ids"] = extra
         return out
+
+
+def _pack(out: dict, final: dict) -> dict:
+    """A speculative call's outputs in the plain call's layout: each row's emitted tokens of every
+    iteration (token [steps, B, k + 1], count [steps, B]) one after another from index 0."""
+    steps, B, k1 = out["token"].shape
+    S = steps * k1
+    keep = np.arange(k1)[None, None, :] < out["count"][..., None]               # [steps, B, k + 1]
+    order = np.argsort(~keep.transpose(1, 0, 2).reshape(B, S), axis=1, kind="stable")   # kept first
+    gather = lambda a: np.take_along_axis(a.transpose(1, 0, 2, *range(3, a.ndim)).reshape(B, S, *a.shape[3:]),  # noqa: E731
+                                          order.reshape(B, S, *([1] * (a.ndim - 3))), axis=1).swapaxes(0, 1)
+    packed = {"token": gather(out["token"]), "emitted": np.arange(S)[:, None] < out["count"].sum(0)[None, :]}
+    for name in ("logprob", "top", "top_ids"):
+        if name in out:
+            packed[name] = gather(out[name])
+    packed.update({name: out[name] for name in ("proposed", "accepted", "forwards")}, **final)
+    return packed
 
 
 class _Placement:

@@ -95,6 +95,8 @@ class Seq:
     phase: Phase = Phase.PREFILL
     tok: int = -1        # decode: the last sampled token, not yet written
     want_prompt_lp: bool = False
+    spec_rate: float = 1.0   # speculation: running acceptance rate (engine/speculative.py)
+    spec_off: int = 0        # speculation: iterations left without proposals
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,18 +141,24 @@ class Outputs:
 
 
 COUNTERS = ("prompt_tokens", "prefill_tokens_computed", "generated_tokens", "preemptions",
-            "prefix_hits", "cached_tokens", "finished", "aborted")
+            "prefix_hits", "cached_tokens", "finished", "aborted",
+            "spec_proposed", "spec_accepted", "spec_forwards")
 
 
 class Scheduler:
     """Requests, their pages and the batches of each call (see the module docstring).
 
-    min_rows: the narrowest batch (a mesh's data axis: rows are split over it)."""
+    min_rows: the narrowest batch (a mesh's data axis: rows are split over it).
+    speculate: tokens proposed per speculative iteration (0: no speculation). A speculative
+    decode call advances a row by 1 to speculate + 1 tokens per step, so the host takes pages
+    for that lookahead when the pool has them (only the plain need ever preempts), sends each
+    row's history and page capacity, and never chains calls (it cannot know the lengths)."""
 
     def __init__(self, max_slots: int, max_len: int, page_size: int, num_pages: int,
                  prefix_cache: bool = True, decode_steps: int = 8, prefill_chunk: int = 128,
-                 min_rows: int = 1):
+                 min_rows: int = 1, speculate: int = 0):
         self.max_slots, self.max_len, self.page_size, self.num_pages = max_slots, max_len, page_size, num_pages
+        self.speculate = speculate
         self.decode_steps, self.prefill_chunk, self.min_rows = decode_steps, prefill_chunk, min_rows
         self.pages_per_seq = -(-max_len // page_size)
         self.pool = PagePool(num_pages, page_size, prefix_cache)
@@ -333,7 +341,8 @@ class Scheduler:
         for s in [s for s in self.running if s.phase is Phase.DECODE]:   # oldest first
             if s not in self.running:
                 continue                                             # preempted for an older one
-            need = -(-(s.lens + min(k, s.req.max_n - len(s.req.generated))) // Z) - len(s.pages)
+            left = s.req.max_n - len(s.req.generated)
+            need = -(-(s.lens + min(k, left)) // Z) - len(s.pages)
             while need > 0:
                 got = self.pool.alloc(need)
                 if got is not None:
@@ -343,6 +352,11 @@ class Scheduler:
                 self._preempt(victim)
                 if victim is s:
                     break
+            if self.speculate and s in self.running:   # lookahead pages: never preempts or evicts
+                extra = min(-(-(s.lens + min(k * (self.speculate + 1), left)) // Z) - len(s.pages),
+                            len(self.pool.free))        # free pages only: cached prefixes stay
+                if extra > 0:
+                    s.pages += self.pool.alloc(extra)
         seqs = [s for s in self.running if s.phase is Phase.DECODE]
         return self._decode_step(seqs) if seqs else None
 
@@ -360,6 +374,15 @@ class Scheduler:
             state["stops"][b, :len(s.req.stops)] = sorted(s.req.stops)
             want_lp |= s.req.sp.logprobs is not None
         table = self._table(seqs, B, self.view(max(len(s.pages) for s in seqs)))
+        if self.speculate:
+            H = table.shape[1] * self.page_size
+            state.update(hist=np.zeros((B, H), np.int32), cap=np.zeros(B, np.int32),
+                         rate=np.ones(B, np.float32), off=np.zeros(B, np.int32))
+            for b, s in enumerate(seqs):
+                toks = s.req.prompt + s.req.generated          # pending (s.tok) last
+                state["hist"][b, :len(toks)] = toks
+                state["cap"][b] = len(s.pages) * self.page_size
+                state["rate"][b], state["off"][b] = s.spec_rate, s.spec_off
         return DecodeStep(tuple(seqs), table, state, self.decode_steps, want_lp, stop_w,
                           tuple(s.lens for s in seqs), tuple(len(s.req.generated) for s in seqs))
 
@@ -369,7 +392,7 @@ class Scheduler:
         (none has a stop token or reaches max_tokens in it), nothing has arrived (`arrivals`:
         a submission, a cancel, a close) and no request waits for a free place: the host's
         bookkeeping then overlaps the device's work. Takes the chained call's pages."""
-        if not self._can_chain(step, arrivals):
+        if self.speculate or not self._can_chain(step, arrivals):
             return None
         k, seqs = step.steps, step.seqs
         table = self._table(seqs, self.rows(len(seqs)), self.view(max(len(s.pages) for s in seqs)))
@@ -404,6 +427,11 @@ class Scheduler:
 
     def _update_decode(self, step: DecodeStep, out: dict):
         toks, counts, want_lp = out["token"], out["emitted"].sum(axis=0).tolist(), "logprob" in out
+        if "proposed" in out:               # a speculative call: its counts and adaptive state
+            for name in ("proposed", "accepted", "forwards"):
+                self.counters["spec_" + name] += int(out[name][:len(step.seqs)].sum())
+            for b, s in enumerate(step.seqs):
+                s.spec_rate, s.spec_off = float(out["rate"][b]), int(out["off"][b])
         for b, s in enumerate(step.seqs):
             if not counts[b] or s not in self.running:
                 continue                       # nothing new, or finished (or aborted) meanwhile
