@@ -593,3 +593,35 @@ def test_chat_template_flag_serves_chat_for_a_model_without_one(tmp_path, monkey
     monkeypatch.setattr(serve_cli, "load_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(UserError, match=r"--chat-template .*bad.jinja, line 1: "):
         serve_cli.build(parser.parse_args([*argv, "--chat-template", str(tmp_path / "bad.jinja")]))
+
+
+def test_speculate_flag(tmp_path):
+    """--speculate prompt-lookup:K and draft:PATH:K (the model as its own draft) answer exactly
+    what the plain server answers (greedy), count proposals in /metrics, and a bad spec is a
+    UserError naming the forms before anything is served."""
+    from starlette.testclient import TestClient
+    from test_gguf import _write_gguf
+
+    from kvjax.cli import UserError, build_parser
+    from kvjax.serve import cli as serve_cli
+
+    model = _write_gguf(tmp_path / "tiny.gguf")
+    parser = build_parser()
+    argv = ["serve", "--model", str(model), "--max-slots", "2", "--max-len", "64"]
+    body = {"model": str(model), "prompt": "abcabcabcabc", "max_tokens": 12, "temperature": 0}
+    answers = {}
+    for spec in (None, "prompt-lookup:3", f"draft:{model}:2"):
+        app, engine, _ = serve_cli.build(parser.parse_args(argv + (["--speculate", spec] if spec else [])))
+        try:
+            client = TestClient(app)
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            answers[spec] = r.json()["choices"][0]["text"]
+            metrics = client.get("/metrics").text
+            assert ("kvjax_engine_spec_proposed" in metrics) == (spec is not None)
+        finally:
+            engine.close()
+    assert len(set(answers.values())) == 1, answers
+    for bad in ("prompt-lookup", "lookahead:4", "draft::2", "prompt-lookup:0"):
+        with pytest.raises(UserError, match="speculate|num_tokens"):
+            serve_cli.build(parser.parse_args(argv + ["--speculate", bad]))

@@ -3,6 +3,7 @@
     kvjax serve --model NAME_OR_PATH [--host 127.0.0.1] [--port 8000]
                 [--dtype float32|bfloat16] [--max-slots 8] [--max-len 512] [--page-size 16]
                 [--api-key KEY] [--mesh data=D,model=M] [--chat-template FILE]
+                [--speculate prompt-lookup:K | early-exit:LAYERS:K | draft:PATH_OR_NAME:K]
 
 Lifecycle: read --chat-template (a Jinja file replacing the checkpoint's chat template;
 a bad one fails here, before anything loads), load the model (as `kvjax generate` does,
@@ -64,6 +65,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="tokens per KV-cache page; default %(default)s")
     p.add_argument("--num-pages", type=int_at_least(1), default=None, metavar="N",
                    help="pages in the KV pool; default: enough for max-slots x max-len")
+    p.add_argument("--speculate", default=None, metavar="SPEC",
+                   help="speculative decoding for every request (greedy output unchanged, sampled "
+                        "output from the same distribution): prompt-lookup:K (copy K tokens that "
+                        "followed the last n-gram's latest earlier occurrence), early-exit:LAYERS:K "
+                        "(the model's first LAYERS layers draft K tokens) or draft:PATH_OR_NAME:K "
+                        "(a second model sharing the vocabulary, loaded like --model); acceptance "
+                        "counts in /metrics (kvjax_engine_spec_*)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="do not keep and share prompt pages between requests")
     p.add_argument("--api-key", default=os.environ.get("KVJAX_API_KEY"), metavar="KEY",
@@ -140,9 +148,15 @@ def build(args):
             raise UserError(f"--mesh {args.mesh}: {e}") from None
     eos_ids = tuple(e for e in tok.eos_ids if e < cfg.vocab_size)
     try:
+        speculate = None
+        if getattr(args, "speculate", None):
+            from ..decode.speculative import parse_speculate
+
+            speculate = parse_speculate(args.speculate, cfg, params,
+                                        load=lambda where: load_model(where, args.dtype)[:2])
         engine = Engine(cfg, params, max_slots=args.max_slots, max_len=context,
                         page_size=args.page_size, num_pages=args.num_pages,
-                        prefix_cache=not args.no_prefix_cache, mesh=mesh)
+                        prefix_cache=not args.no_prefix_cache, mesh=mesh, speculate=speculate)
     except ValueError as e:
         raise UserError(str(e)) from None
     _say(f"loaded {args.model} ({cfg.name}, {cfg.dtype}) and built the engine in "

@@ -31,7 +31,10 @@ from ...cache import KVCache, init_cache
 from ...config import ModelConfig
 from .loop import SpecPlan, SpecStats, speculative_loop
 
-__all__ = ["PromptLookup", "DraftModel", "SpecStats", "SpeculativeOutput", "generate_speculative"]
+__all__ = ["PromptLookup", "DraftModel", "SpecStats", "SpeculativeOutput", "generate_speculative",
+           "parse_speculate"]
+
+SPEC_FORMS = "prompt-lookup:K, early-exit:LAYERS:K or draft:PATH_OR_NAME:K"
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,53 @@ class DraftModel:
     def plan(self) -> SpecPlan:
         return SpecPlan(int(self.num_tokens), draft_cfg=self.cfg, min_accept=float(self.min_accept),
                         cooldown=int(self.cooldown))
+
+
+def parse_speculate(spec: str, cfg: ModelConfig | None, params, load=None, max_ngram: int = 3):
+    """A proposer from its command-line form (`kvjax serve --speculate`, experiment configs):
+
+    prompt-lookup:K          PromptLookup(num_tokens=K, max_ngram)
+    early-exit:LAYERS:K      DraftModel.early_exit with the target's first LAYERS layers (a
+                             share in (0, 1) is rounded to a count of the target's layers)
+    draft:PATH_OR_NAME:K     DraftModel of the model `load(PATH_OR_NAME)` returns as (cfg, params)
+
+    cfg None only checks the form (returns None for early-exit and draft). ValueError naming
+    the spec on anything else."""
+    head, _, rest = spec.partition(":")
+    try:
+        if head == "prompt-lookup" and rest and ":" not in rest:
+            return PromptLookup(num_tokens=_count(rest), max_ngram=max_ngram)
+        if head == "early-exit" and rest.count(":") == 1:
+            share, k = rest.split(":")
+            share, k = float(share), _count(k)
+            if share <= 0 or (share >= 1 and share != int(share)):
+                raise ValueError("LAYERS must be a whole number of layers or a share in (0, 1)")
+            if cfg is None:
+                return None
+            layers = int(share) if share >= 1 else max(1, round(share * cfg.num_layers))
+            return DraftModel.early_exit(cfg, params, layers, num_tokens=k)
+        if head == "draft" and ":" in rest:
+            where, k = rest.rsplit(":", 1)
+            k = _count(k)
+            if not where:
+                raise ValueError("the draft model's path or name is empty")
+            if cfg is None:
+                return None
+            if load is None:
+                raise ValueError("no model loader given for a draft model")
+            dcfg, dparams = load(where)
+            draft = DraftModel(dcfg, dparams, num_tokens=k)
+            draft.check(cfg)
+            return draft
+    except ValueError as e:
+        raise ValueError(f"speculate {spec!r}: {e}") from None
+    raise ValueError(f"speculate {spec!r}: expected {SPEC_FORMS}")
+
+
+def _count(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError(f"K must be a whole number of proposed tokens, got {text!r}")
+    return int(text)
 
 
 def _check_common(p) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 import kvjax
 from kvjax.timing import measure
+from kvjax.decode.speculative import parse_speculate
 
 from .. import plots
 from ..models import check_model, load_named
@@ -129,22 +130,11 @@ class Config:
 
 
 def parse_proposer(spec: str, cfg, params, max_ngram: int):
-    """'prompt-lookup:K' or 'early-exit:LAYERS:K' -> a kvjax proposer (ValueError otherwise)."""
-    parts = spec.split(":")
-    try:
-        if parts[0] == "prompt-lookup" and len(parts) == 2:
-            return kvjax.PromptLookup(num_tokens=int(parts[1]), max_ngram=max_ngram)
-        if parts[0] == "early-exit" and len(parts) == 3:
-            share, k = float(parts[1]), int(parts[2])
-            if share <= 0 or (share >= 1 and share != int(share)):
-                raise ValueError("LAYERS must be a whole number of layers or a share in (0, 1)")
-            if cfg is None:
-                return None
-            layers = int(share) if share >= 1 else max(1, round(share * cfg.num_layers))
-            return kvjax.DraftModel.early_exit(cfg, params, layers, num_tokens=k)
-    except ValueError as e:
-        raise ValueError(f"{spec!r}: {e}") from None
-    raise ValueError(f"{spec!r}: expected prompt-lookup:K or early-exit:LAYERS:K")
+    """'prompt-lookup:K' or 'early-exit:LAYERS:K' (kvjax.decode.speculative.parse_speculate's
+    forms without a second checkpoint) -> a kvjax proposer (ValueError otherwise)."""
+    if spec.startswith("draft:"):
+        raise ValueError(f"{spec!r}: this benchmark takes prompt-lookup:K or early-exit:LAYERS:K")
+    return parse_speculate(spec, cfg, params, max_ngram=max_ngram)
 
 
 def validate(run_cfg) -> None:
