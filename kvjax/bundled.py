@@ -7,6 +7,8 @@ training summary with its held-out figures (train_summary.json).
 
   text    byte-level model of CPython's pydoc documentation (kvjax.data text task)
   recall  key-value recall model (kvjax.data.RecallTask; see train_config.json for its shape)
+  text-draft  a one-layer model of the same bytes: the text model's draft for speculative
+              decoding (experiments/train_text_draft.yaml)
 """
 from __future__ import annotations
 

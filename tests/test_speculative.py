@@ -274,8 +274,9 @@ def test_sampled_generate_runs_and_counts():
 
 
 def test_speculative_experiment_runs_on_the_bundled_model(tmp_path):
-    """experiments/speculative.yaml end to end at tiny size: rows for both proposers, every
-    output checked exact, a plot and a summary."""
+    """experiments/speculative.yaml end to end at tiny size: rows for prompt lookup and the
+    trained text-draft (early exit: the generate tests above), through generate and the Engine,
+    every output checked exact, a plot and a summary."""
     import json
     from pathlib import Path
 
@@ -285,10 +286,11 @@ def test_speculative_experiment_runs_on_the_bundled_model(tmp_path):
     assert main(["run", str(root / "experiments" / "speculative.yaml"), "--out", str(out),
                  "--set", "speculative.models=[text]", "--set", "speculative.tasks=[repeat_code]",
                  "--set", "speculative.batch_sizes=[2]", "--set", "speculative.new_tokens=8",
-                 "--set", "speculative.repeats=1"]) == 0
+                 "--set", "speculative.repeats=1",
+                 "--set", "speculative.proposers=[prompt-lookup:4,draft:text-draft:4]"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["exact"] for r in rows)
-    assert {r["proposer"] for r in rows} == {"prompt-lookup:4", "early-exit:0.25:3"}
-    assert all(r["speedup"] > 0 and r["mean_accepted_length"] >= 1 for r in rows)
+    assert len(rows) == 2 and all(r["exact"] and r["engine_exact"] for r in rows)
+    assert {r["proposer"] for r in rows} == {"prompt-lookup:4", "draft:text-draft:4"}
+    assert all(r["speedup"] > 0 and r["engine_speedup"] > 0 and r["mean_accepted_length"] >= 1 for r in rows)
     assert (out / "speculative_text.png").exists()
     assert json.loads((out / "summary.json").read_text())["inexact_rows"] == 0

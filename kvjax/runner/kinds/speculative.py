@@ -120,8 +120,12 @@ class Config:
     tasks: tuple[str, ...] = option(TASKS, choices=TASKS, min_items=1, help="workloads")
     batch_sizes: tuple[int, ...] = option((1, 4, 16), min=1, min_items=1, help="rows per generate call")
     proposers: tuple[str, ...] = option(("prompt-lookup:4",), min_items=1, help=(
-        "prompt-lookup:K (K proposed tokens) or early-exit:LAYERS:K (the target's first LAYERS layers "
-        "as its own draft; LAYERS below 1 is a share of the model's layers, e.g. 0.25)"))
+        "prompt-lookup:K (K proposed tokens), early-exit:LAYERS:K (the target's first LAYERS layers "
+        "as its own draft; LAYERS below 1 is a share of the model's layers, e.g. 0.25) or "
+        "draft:NAME:K (a second model by kvjax.load_model name; used only for the models whose "
+        "vocabulary it shares)"))
+    engine: bool = option(True, help="also time kvjax.Engine (max_slots = batch) with and without "
+                                     "the proposer on the same prompts")
     max_ngram: int = option(3, min=1, help="prompt lookup's longest n-gram")
     new_tokens: int = option(128, min=1, help="tokens generated per row")
     chat: bool = option(True, help="use the model's chat template where it has one")
@@ -130,11 +134,19 @@ class Config:
 
 
 def parse_proposer(spec: str, cfg, params, max_ngram: int):
-    """'prompt-lookup:K' or 'early-exit:LAYERS:K' (kvjax.decode.speculative.parse_speculate's
-    forms without a second checkpoint) -> a kvjax proposer (ValueError otherwise)."""
-    if spec.startswith("draft:"):
-        raise ValueError(f"{spec!r}: this benchmark takes prompt-lookup:K or early-exit:LAYERS:K")
-    return parse_speculate(spec, cfg, params, max_ngram=max_ngram)
+    """A proposer spec (kvjax.decode.speculative.parse_speculate's forms) -> a kvjax proposer,
+    or None for a draft model whose vocabulary differs from this target's (ValueError on a
+    bad spec; cfg None checks only the form)."""
+    def load(name):
+        dcfg, dparams, _ = load_named("speculative.proposers", name)
+        return dcfg, dparams
+
+    try:
+        return parse_speculate(spec, cfg, params, load=load, max_ngram=max_ngram)
+    except ValueError as e:
+        if spec.startswith("draft:") and "vocabulary" in str(e):
+            return None
+        raise
 
 
 def validate(run_cfg) -> None:
@@ -148,8 +160,24 @@ def validate(run_cfg) -> None:
         check_model(f"speculative.models[{i}]", name)
 
 
+def _engine_rate(c: Config, cfg, params, ids: list, eos, proposer, want: list) -> dict:
+    """kvjax.Engine (max_slots = rows, one page table per row) on the prompts, warm: tokens/s
+    and whether every request's tokens are `want`'s (the plain generate's, cut at its length)."""
+    max_len = max(map(len, ids)) + c.new_tokens
+    sp = kvjax.SamplingParams(max_tokens=c.new_tokens, stop_token_ids=tuple(eos or ()))
+    with kvjax.Engine(cfg, params, max_slots=len(ids), max_len=max_len, decode_steps=8,
+                      speculate=proposer) as eng:
+        outs, t = measure(lambda _: eng.generate(ids, sp), repeats=c.repeats, min_seconds=c.min_seconds,
+                          sync=lambda _: None)
+        stats = eng.stats()
+    n = sum(len(o.tokens) for o in outs)
+    return {"tok_s": n / t.median_s, "exact": all(o.tokens == w for o, w in zip(outs, want)),
+            "valid": t.valid, "tokens_per_forward": stats.get("spec_tokens_per_forward")}
+
+
 def _measure(c: Config, cfg, params, tok, ids: list) -> list[dict]:
-    """Plain and speculative generate of the prompts `ids`, timed warm; one row per proposer."""
+    """Plain and speculative generate of the prompts `ids`, timed warm; one row per proposer
+    (and, with c.engine, the Engine's rate with and without it)."""
     lens = np.array([len(x) for x in ids], np.int32)
     prompt = np.zeros((len(ids), int(lens.max())), np.int32)
     for i, x in enumerate(ids):
@@ -159,9 +187,13 @@ def _measure(c: Config, cfg, params, tok, ids: list) -> list[dict]:
     plain_out, plain = measure(lambda _: kvjax.generate(cfg, params, prompt, lens, **kw),
                                repeats=c.repeats, min_seconds=c.min_seconds)
     n_tokens = int(np.asarray(plain_out.lengths).sum())
+    want = [[int(x) for x in row[:n]] for row, n in zip(np.asarray(plain_out.tokens), np.asarray(plain_out.lengths))]
+    engine_plain = _engine_rate(c, cfg, params, ids, eos, None, want) if c.engine else None
     rows = []
     for spec in c.proposers:
         proposer = parse_proposer(spec, cfg, params, c.max_ngram)
+        if proposer is None:
+            continue                       # a draft of another vocabulary
         out, t = measure(lambda _: kvjax.generate(cfg, params, prompt, lens, speculate=proposer, **kw),
                          repeats=c.repeats, min_seconds=c.min_seconds)
         exact = bool(np.array_equal(np.asarray(out.tokens), np.asarray(plain_out.tokens))
@@ -173,6 +205,13 @@ def _measure(c: Config, cfg, params, tok, ids: list) -> list[dict]:
                      "mean_accepted_length": s.mean_accepted_length, "acceptance": s.acceptance,
                      "exact": exact, "valid": plain.valid and t.valid,
                      "example": tok.decode([int(x) for x in np.asarray(out.tokens)[0][:40]])[:80]})
+        if c.engine:
+            e = _engine_rate(c, cfg, params, ids, eos, proposer, want)
+            rows[-1].update(engine_plain_tok_s=engine_plain["tok_s"], engine_spec_tok_s=e["tok_s"],
+                            engine_speedup=e["tok_s"] / engine_plain["tok_s"],
+                            engine_tokens_per_forward=e["tokens_per_forward"],
+                            engine_exact=engine_plain["exact"] and e["exact"],
+                            valid=rows[-1]["valid"] and engine_plain["valid"] and e["valid"])
     return rows
 
 
@@ -208,7 +247,14 @@ def run(ctx, c: Config) -> dict:
               [[r["model"], r["task"], r["batch_size"], r["proposer"], r["plain_tok_s"], r["spec_tok_s"],
                 r["speedup"], r["mean_accepted_length"], r["acceptance"], "yes" if r["exact"] else "NO"]
                for r in rows])
-    inexact = [r for r in rows if not r["exact"]]
+    if c.engine:
+        ctx.table("The same through kvjax.Engine (paged pools, max_slots = batch; exact: equal to plain generate)",
+                  ["model", "task", "batch", "proposer", "plain tok/s", "spec tok/s", "speedup",
+                   "tokens / forward", "exact"],
+                  [[r["model"], r["task"], r["batch_size"], r["proposer"], r["engine_plain_tok_s"],
+                    r["engine_spec_tok_s"], r["engine_speedup"], r["engine_tokens_per_forward"],
+                    "yes" if r["engine_exact"] else "NO"] for r in rows])
+    inexact = [r for r in rows if not (r["exact"] and r.get("engine_exact", True))]
     if inexact:
         ctx.note(f"{len(inexact)} row(s) NOT exact: " + "; ".join(
             f"{r['model']} {r['task']} B={r['batch_size']} {r['proposer']}" for r in inexact))
