@@ -32,7 +32,7 @@ def attention_pattern(cfg: ModelConfig, cache: KVCache | None, layer: int = 0):
     window = cfg.layer_window(layer)
     sinks = cfg.attention_sinks if window is not None else 0
     if cache is not None and cache.kind in ("window", "sinks"):
-        ring = cache.max_len - cache.num_sinks
+        ring = cache.max_len - cache.num_sinks - cache.slack     # slack slots: not in the window
         window = ring if window is None else min(window, ring)
         sinks = cache.num_sinks
     return window, sinks

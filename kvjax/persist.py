@@ -67,7 +67,7 @@ def save_cache(path, cache: KVCache, cfg: ModelConfig | None = None) -> Path:
         # NumPy's .npz cannot describe bfloat16: store the raw bits, the dtype in the record.
         arrays[name] = host.view(np.uint16) if host.dtype == jnp.bfloat16 else host
     meta = {"format": FORMAT, "kind": cache.kind, "num_sinks": cache.num_sinks, "quant": list(cache.quant),
-            "rings": list(cache.rings),
+            "rings": list(cache.rings), "slack": cache.slack,
             "num_layers": len(cache.keys), "dtypes": dtypes,
             "config": None if cfg is None else config_record(cfg),
             "fingerprint": None if cfg is None else fingerprint(cfg)}
@@ -119,6 +119,7 @@ def load_cache(path, cfg: ModelConfig | None = None, kind: str | None = None, me
                     head_pos=per_layer("head_pos"), head_fill=per_layer("head_fill"),
                     head_owner=per_layer("head_owner"), extras=extras,
                     kind=meta["kind"], num_sinks=meta["num_sinks"], quant=tuple(meta.get("quant", ())),
+                    slack=int(meta.get("slack", 0)),
                     rings=tuple(meta.get("rings", ())))
     if mesh is not None:
         if cfg is None:

@@ -93,6 +93,25 @@ def test_int8_cache_and_unrelated_draft():
     assert (np.asarray(s.proposed) < 4 * np.asarray(s.forwards)).any()
 
 
+@pytest.mark.parametrize("name", ["llama-tiny", "gemma3-tiny"])
+def test_window_and_sinks_rings(name):
+    """A window (12 slots) and a sinks cache (3 sinks + 9) wrap several times over 40 tokens;
+    speculation's rings get num_tokens slack slots beyond the window they attend over, so a
+    rejected write never overwrites a key the next query still needs (without the slack,
+    llama-tiny's tokens differ: checked when this was written). Tokens equal plain decoding's
+    on the same kind; the returned cache records its slack."""
+    cfg, params = model(name)
+    tok, lens = _prompts(cfg, 3)
+    for kind, extra in (("window", {}), ("sinks", {"num_sinks": 3})):
+        kw = dict(max_new_tokens=40, max_len=12, cache_kind=kind, **extra)
+        ref = kvjax.generate(cfg, params, tok, lens, **kw)
+        for spec in (kvjax.PromptLookup(num_tokens=4), kvjax.DraftModel(cfg, params, num_tokens=3)):
+            out = kvjax.generate(cfg, params, tok, lens, speculate=spec, **kw)
+            np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+            np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
+            assert out.cache.slack == spec.num_tokens and out.cache.max_len == 12 + spec.num_tokens
+
+
 def test_self_draft_accepts_everything_and_eos_inside_a_run():
     cfg, params = model("llama-tiny")
     tok, lens = _prompts(cfg, 2)
@@ -144,8 +163,11 @@ def test_refusals():
     cfg, params = model("llama-tiny")
     tok, lens = _prompts(cfg)
     spec = kvjax.PromptLookup()
-    with pytest.raises(ValueError, match="dense, int8 and hybrid"):
-        kvjax.generate(cfg, params, tok, lens, max_new_tokens=4, cache_kind="window", speculate=spec)
+    with pytest.raises(ValueError, match="dense, int8, window, sinks and hybrid"):
+        kvjax.generate(cfg, params, tok, lens, max_new_tokens=4, max_len=128, cache_kind="kivi", speculate=spec)
+    window = kvjax.init_cache(cfg, tok.shape[0], 12, kind="window")    # a ring without slack slots
+    with pytest.raises(ValueError, match="0 slots beyond its window.*ring_slack=4"):
+        kvjax.generate(cfg, params, tok, lens, max_new_tokens=4, cache=window, speculate=spec)
     with pytest.raises(ValueError, match="press"):
         kvjax.generate(cfg, params, tok, lens, max_new_tokens=4, press=kvjax.press.SnapKVPress(0.5),
                        speculate=spec)

@@ -23,5 +23,8 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, mesh
                 residual_length=residual_length, hybrid=hybrid, ring_slack=ring_slack)
     if kind == "kivi":
         raise ValueError("a kivi cache cannot be sharded yet; create it without a mesh")
+    if kind in ("window", "sinks") and ring_slack:
+        raise ValueError(f"ring_slack on a {kind} cache cannot be sharded yet (speculative decoding "
+                         f"runs without a mesh); create it without a mesh")
     return init_sharded_cache(cfg, batch_size, max_len, mesh, dtype, kind, sinks_for(kind, num_sinks),
                               layer_rings(cfg, max_len, kind, hybrid, ring_slack))

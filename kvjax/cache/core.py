@@ -102,6 +102,8 @@ class KVCache:
     num_sinks: int = 0
     quant: tuple = ()       # kivi only: (bits, group_size, residual_length), static
     rings: tuple = ()       # hybrid only: per layer its ring size W, or 0 for a full layer; static
+    slack: int = 0          # window/sinks only: ring slots beyond the window (speculative decoding:
+                            # rejected tokens never overwrite what the window still needs); static
 
     @property
     def batch_size(self) -> int:
@@ -192,7 +194,7 @@ class KVCache:
 jax.tree_util.register_dataclass(
     KVCache, data_fields=["keys", "values", "lengths", "key_scales", "value_scales", "slot_pos",
                           "head_pos", "head_fill", "head_owner", "extras", "page_table"],
-    meta_fields=["kind", "num_sinks", "quant", "rings"])
+    meta_fields=["kind", "num_sinks", "quant", "rings", "slack"])
 
 
 def _resolve_dtype(cfg: ModelConfig, dtype) -> np.dtype:
@@ -256,11 +258,20 @@ def layer_rings(cfg: ModelConfig, max_len: int, kind: str = "dense", hybrid: boo
     return ()
 
 
-def _slot_layout(cfg: ModelConfig, max_len: int, kind: str, rings: tuple) -> tuple[list, int]:
-    """(slots of each layer's buffers, slots of `slot_pos` (0: none)) for init_cache and cache_bytes."""
+def _slot_layout(cfg: ModelConfig, max_len: int, kind: str, rings: tuple, slack: int = 0) -> tuple[list, int]:
+    """(slots of each layer's buffers, slots of `slot_pos` (0: none)) for init_cache and cache_bytes;
+    slack: a window/sinks cache's extra ring slots."""
+    if kind in ("window", "sinks"):
+        return [max_len + slack] * cfg.num_layers, max_len + slack
     slots = [r or max_len for r in rings] if rings else [max_len] * cfg.num_layers
-    ring_slots = max(rings) if rings else (max_len if kind in ("window", "sinks") else 0)
-    return slots, ring_slots
+    return slots, (max(rings) if rings else 0)
+
+
+def _ring_slack(kind: str, ring_slack) -> int:
+    """The extra slots of a window/sinks cache's ring (0 for other kinds: their rings are per layer)."""
+    if not isinstance(ring_slack, (int, np.integer)) or isinstance(ring_slack, bool) or ring_slack < 0:
+        raise ValueError(f"ring_slack must be an int >= 0, got {ring_slack!r}")
+    return int(ring_slack) if kind in ("window", "sinks") else 0
 
 
 def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kind: str = "dense",
@@ -296,7 +307,8 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kin
         rings = layer_rings(cfg, max_len, kind, hybrid) or (0,) * cfg.num_layers
         return (cache_bytes(cfg, batch_size, max_len, dtype, kind, hybrid=hybrid)
                 + sum(per_head if r else per_head * (max_len + 1) for r in rings))
-    slots, ring_slots = _slot_layout(cfg, max_len, kind, layer_rings(cfg, max_len, kind, hybrid, ring_slack))
+    slots, ring_slots = _slot_layout(cfg, max_len, kind, layer_rings(cfg, max_len, kind, hybrid, ring_slack),
+                                     _ring_slack(kind, ring_slack))
 
     def per_layer(slots):
         values = batch_size * cfg.num_kv_heads * slots * cfg.head_dim
@@ -319,7 +331,8 @@ def empty_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None,
     hybrid: on a model with windowed layers (layer_types / sliding_window), a dense or int8
     cache keeps only a ring of `window` slots on each windowed layer by default (see
     `layer_rings`); hybrid=False allocates max_len slots on every layer; ring_slack adds
-    slots to each ring (for speculative decoding).
+    slots to each ring (for speculative decoding; a window/sinks cache then holds max_len +
+    ring_slack slots and still attends over its window of max_len - num_sinks).
 
     dtype: storage dtype of dense/window/sinks buffers (default `cfg.dtype`; int8 ignores it).
     kind: "dense" | "int8" | "window" | "sinks" | "kivi"; num_sinks: sink slots for "sinks"
@@ -340,7 +353,8 @@ def empty_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None,
     rings = layer_rings(cfg, max_len, kind, hybrid, ring_slack)
     dt = jnp.int8 if kind == "int8" else _resolve_dtype(cfg, dtype)
     B, K, H = batch_size, cfg.num_kv_heads, cfg.head_dim
-    slots, ring_slots = _slot_layout(cfg, max_len, kind, rings)
+    slack = _ring_slack(kind, ring_slack)
+    slots, ring_slots = _slot_layout(cfg, max_len, kind, rings, slack)
     bufs = lambda tail, d: tuple(jnp.zeros((B, K, s, *tail), d) for s in slots)  # noqa: E731
     return KVCache(
         keys=bufs((H,), dt), values=bufs((H,), dt),
@@ -348,4 +362,4 @@ def empty_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None,
         key_scales=bufs((), jnp.float32) if kind == "int8" else (),
         value_scales=bufs((), jnp.float32) if kind == "int8" else (),
         slot_pos=jnp.full((B, ring_slots), -1, jnp.int32) if ring_slots else None,
-        kind=kind, num_sinks=sinks, rings=rings)
+        kind=kind, num_sinks=sinks, rings=rings, slack=slack)

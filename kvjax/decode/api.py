@@ -217,7 +217,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         validate.check_room(cfg, lens, np.full_like(lens, max_new_tokens), limit, "generate")
         return generate_nocache(cfg, params, tok, lens, max_new_tokens, knobs)
     if speculate is not None:
-        _check_speculate(cfg, speculate, press, cache is None and cache_kind in ("dense", "int8"), cache_options)
+        _check_speculate(cfg, speculate, press, cache is None and cache_kind in ("dense", "int8", "window", "sinks"),
+                         cache_options)
     cache = _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
                             cache_options)
     if speculate is not None:
@@ -239,7 +240,7 @@ def _check_speculate(cfg, speculate, press, allocates: bool, cache_options: dict
     lookahead (`ring_slack`)."""
     if press is not None:
         raise ValueError("generate: speculate= and press= cannot be combined (speculation runs on "
-                         "dense, int8 and hybrid caches)")
+                         "dense, int8, window, sinks and hybrid caches)")
     speculate.check(cfg)
     if allocates:
         cache_options.setdefault("ring_slack", int(speculate.num_tokens))
@@ -254,7 +255,8 @@ def _speculative(cfg, params, tok, lens, N: int, knobs, cache: KVCache, speculat
     used = sharding.to_host(cache.lengths)
     validate.check_room(cfg, used, lens + N, cache.max_len, f"generate (prompt + max_new_tokens={N})",
                         cache.bounded)
-    draft = speculative.draft_cache_for(speculate, tok.shape[0], int(lens.max()) + N, cache.kind)
+    draft = speculative.draft_cache_for(speculate, tok.shape[0], int(lens.max()) + N,
+                                        "int8" if cache.kind == "int8" else "dense")
     if draft is not None:
         if used.any():
             raise ValueError("generate(speculate=DraftModel(...)) continues only from an empty cache: the "

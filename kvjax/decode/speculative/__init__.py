@@ -12,9 +12,10 @@ makes one from the target's first layers (self-speculation through its final nor
 
 Exactness: greedy rows emit exactly plain greedy decoding's tokens; sampling rows are drawn
 from exactly the target's distribution (verify.py: the speculative sampling rule). Caches:
-dense, int8 and hybrid (a rejected token is a length that does not advance; the hybrid
-cache's rings get `num_tokens` slack slots); window/sinks rings, pressed and KIVI caches are
-refused with what to pass instead.
+dense, int8, window, sinks and hybrid (a rejected token is a length that does not advance;
+rings get `num_tokens` slack slots beyond the window they attend over, so a rejected write
+never overwrites a key still in the window); pressed and KIVI caches are refused with what
+to pass instead.
 """
 from __future__ import annotations
 
@@ -168,20 +169,23 @@ class SpeculativeOutput(NamedTuple):
 
 def check_cache(cfg: ModelConfig, cache: KVCache, num_tokens: int, where: str = "generate(speculate=...)") -> None:
     """Speculation rolls a rejected token back by not advancing the row's length (and, on a
-    hybrid cache's rings, forgetting the positions past it): dense and int8 caches, hybrid
-    ones whose rings hold at least `num_tokens` slots more than their layer's window (a
-    verify chunk then never overwrites a key the next query still needs)."""
-    if cache.pressed or cache.kind not in ("dense", "int8") or (cache.slot_pos is not None and not cache.hybrid):
+    ring, forgetting the positions past it): dense and int8 caches; window, sinks and hybrid
+    ones whose rings hold at least `num_tokens` slots more than the window they attend over
+    (a verify chunk then never overwrites a key the next query still needs)."""
+    if cache.pressed or cache.kind not in ("dense", "int8", "window", "sinks"):
         what = "a pressed cache" if cache.pressed else f"a {cache.kind!r} cache"
-        raise ValueError(f"{where}: speculative decoding runs on dense, int8 and hybrid caches; this is {what}. "
-                         f"Pass cache_kind='dense' or 'int8' without a press")
+        raise ValueError(f"{where}: speculative decoding runs on dense, int8, window, sinks and hybrid caches; "
+                         f"this is {what}. Pass cache_kind='dense' or 'int8' without a press")
+    fix = (f"(init_cache(..., ring_slack={num_tokens}); generate allocates that itself when it makes the cache)")
+    if cache.kind in ("window", "sinks") and cache.slack < num_tokens:
+        raise ValueError(f"{where}: this {cache.kind} cache's ring has {cache.slack} slots beyond its window; "
+                         f"speculating {num_tokens} tokens needs {num_tokens} {fix}")
     short = [(i, r, cfg.layer_window(i)) for i, r in enumerate(cache.rings)
              if r and r - cfg.layer_window(i) < num_tokens]
     if short:
         i, r, w = short[0]
         raise ValueError(f"{where}: layer {i}'s ring holds {r} slots for a window of {w}; speculating "
-                         f"{num_tokens} tokens needs {w + num_tokens} (init_cache(..., ring_slack={num_tokens}); "
-                         f"generate allocates that itself when it makes the cache)")
+                         f"{num_tokens} tokens needs {w + num_tokens} {fix}")
 
 
 def generate_speculative(cfg: ModelConfig, params, logits, cache: KVCache, prompt_tok: np.ndarray,

@@ -27,6 +27,7 @@ one line per method) and a table of the best method per ratio with its memory.
 """
 from __future__ import annotations
 
+import gc
 import os
 import re
 import time
@@ -271,7 +272,17 @@ def _row(c: Config, cfg, model: str, batch: Batch, protocol: str, m: Method, pre
             "answer_loglik": float(np.mean(ll)),
             "answer_loglik_per_token": float(np.sum(ll) / max(1, int(np.sum(alen)))), "bytes": b,
             "bytes_vs_dense": b / dense_bytes, **{f"{k}_s": v for k, v in seconds.items()},
-            "samples": len(em), "stacked": stacked, "rss_gb": _rss_gb(), "example": texts[0][:80]}
+            "samples": len(em), "stacked": stacked, "rss_gb": _rss_gb(), "maps": _maps(), "example": texts[0][:80]}
+
+
+def _maps() -> int:
+    """Memory mappings of this process (Linux; 0 elsewhere): compiled programs each add some,
+    and the kernel caps them (vm.max_map_count)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
 
 
 def _rss_gb() -> float:
@@ -310,6 +321,12 @@ def run(ctx, c: Config) -> dict:
                     advance(note=batch.task)
             ctx.note(f"{model} at {length} tokens: {len(ms)} methods, done at "
                      f"{time.perf_counter() - start:.0f} s")
+            # no program is shared across (model, length) blocks: free them. Each compiled CPU
+            # program keeps its own memory mappings; a full run compiles enough of them to hit
+            # the kernel's map limit (vm.max_map_count, 65530: LLVM "Cannot allocate memory",
+            # then a segfault, twice at Gemma 3 1k after SmolLM2 1k before this)
+            jax.clear_caches()
+            gc.collect()
     if skipped:
         ctx.note(f"Time budget of {c.time_budget_s:.0f} s reached; not run: {', '.join(skipped)}")
     return _report(ctx, c, rows, compiled, skipped)
