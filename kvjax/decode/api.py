@@ -217,8 +217,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         validate.check_room(cfg, lens, np.full_like(lens, max_new_tokens), limit, "generate")
         return generate_nocache(cfg, params, tok, lens, max_new_tokens, knobs)
     if speculate is not None:
-        _check_speculate(cfg, speculate, press, cache is None and cache_kind in ("dense", "int8", "window", "sinks"),
-                         cache_options)
+        _check_speculate(cfg, speculate, press, cache is None and cache_kind != "kivi", cache_options)
     cache = _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
                             cache_options)
     if speculate is not None:

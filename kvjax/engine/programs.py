@@ -41,17 +41,17 @@ def trace_count() -> int:
     return getattr(_traces, "n", 0)
 
 
-def _traced():
+def count_trace():
     """Called in a program's body, so it runs once per trace (not once per call)."""
     _traces.n = trace_count() + 1
 
 
-def _pin(pools, sharding):
+def pin_pools(pools, sharding):
     """Keep the pools in their placement across calls (a mesh: pages replicated, kv heads split)."""
     return pools if sharding is None else tuple(jax.lax.with_sharding_constraint(p, sharding) for p in pools)
 
 
-def _forward(cfg, params, keys, values, tokens, lengths, starts, page_table, logits_at, views=()):
+def forward_pages(cfg, params, keys, values, tokens, lengths, starts, page_table, logits_at, views=()):
     """tokens [B, T] appended at starts [B] -> (logits, new key pools, new value pools, new
     views (when given: dense copies of the rows' pages, see paged.paged_cache))."""
     T = tokens.shape[1]
@@ -97,10 +97,10 @@ def prefill_chunk(cfg, params, keys, values, tokens, lengths, starts, page_table
     mesh, kept. The sampled token is meaningful only for rows whose
     chunk ends their prompt. Returns (outputs dict, key pools, value pools).
     """
-    _traced()
+    count_trace()
     V = cfg.vocab_size
     last = jnp.maximum(lengths - 1, 0)
-    logits, keys, values, _ = _forward(cfg, params, keys, values, tokens, lengths, starts, page_table,
+    logits, keys, values, _ = forward_pages(cfg, params, keys, values, tokens, lengths, starts, page_table,
                                        None if prompt_logprobs else last)
     if prompt_logprobs:
         every = logits                                                           # [B, T, V]
@@ -113,7 +113,7 @@ def prefill_chunk(cfg, params, keys, values, tokens, lengths, starts, page_table
     if prompt_logprobs:
         out["p_logprob"], out["p_top"], out["p_top_ids"] = token_logprobs(every, samp["targets"],
                                                                            min(LOGPROBS_MAX, V))
-    return out, _pin(keys, pool_sharding), _pin(values, pool_sharding)
+    return out, pin_pools(keys, pool_sharding), pin_pools(values, pool_sharding)
 
 
 @partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=(2, 3))
@@ -129,13 +129,13 @@ def decode_steps(cfg, params, keys, values, state, page_table, steps: int, logpr
     None, the final tok/lens/n/active (a next call can continue from them), key pools,
     value pools).
     """
-    _traced()
+    count_trace()
     samp = {k: state[k] for k in ("temperature", "top_k", "top_p", "seed")}
     V = cfg.vocab_size
 
     def step(carry, _):
         keys, values, views, tok, lens, n, active = carry
-        logits, keys, values, views = _forward(cfg, params, keys, values, tok[:, None], active.astype(jnp.int32),
+        logits, keys, values, views = forward_pages(cfg, params, keys, values, tok[:, None], active.astype(jnp.int32),
                                                lens, page_table, jnp.zeros_like(lens), views)
         logits = logits[:, 0]
         new = sample_rows(logits, samp, n)
@@ -155,4 +155,4 @@ def decode_steps(cfg, params, keys, values, state, page_table, steps: int, logpr
     (keys, values, _, tok, lens, n, active), (toks, emitted, extra) = jax.lax.scan(step, init, None,
                                                                                     length=steps)
     final = {"tok": tok, "lens": lens, "n": n, "active": active}
-    return toks, emitted, extra, final, _pin(keys, pool_sharding), _pin(values, pool_sharding)
+    return toks, emitted, extra, final, pin_pools(keys, pool_sharding), pin_pools(values, pool_sharding)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from functools import partial
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ from ..cache.paged import gather_views
 from ..decode.speculative import lookup
 from ..decode.speculative.loop import EMA, SpecPlan
 from ..decode.speculative.verify import accept, target_probs
-from .programs import LOGPROBS_MAX, _forward, _pin, _traced, sample_rows, token_logprobs
+from .programs import LOGPROBS_MAX, count_trace, forward_pages, pin_pools, sample_rows, token_logprobs
 
 
 def _knobs(samp):
@@ -72,19 +73,32 @@ def accept_rows(logits, drafts, nv, samp, n, q=None):
     return jax.lax.cond(jnp.all(samp["temperature"] <= 0), batched, per_row, None)
 
 
-def _draft(plan: SpecPlan, dparams, pools, table, tok, lens, room, samp, n):
+class _Call(NamedTuple):
+    """What every iteration of one call reads (arrays traced, the rest static)."""
+    cfg: object
+    params: object
+    plan: SpecPlan
+    dparams: object
+    table: jax.Array       # [B, W]
+    samp: dict             # temperature, top_k, top_p, seed [B]
+    max_n: jax.Array       # [B]
+    cap: jax.Array         # [B] tokens the row's pages hold
+    stops: jax.Array       # [B, E]
+    logprobs: bool
+
+
+def _draft(call: _Call, pools, tok, lens, room, n):
     """k proposals of the draft model (its pools hold the row's committed tokens): feeds pending
     and d_1 .. d_k at lens .. lens + k (a row writes only positions its `room` allows), so the
     draft's pools hold every proposal afterwards. Returns (drafts [B, k], q [B, k, V] (zeros for
     an all-greedy batch), the draft's pools)."""
-    dcfg, k = plan.draft_cfg, plan.num_tokens
+    samp, k = call.samp, call.plan.num_tokens
     greedy = samp["temperature"] <= 0
-    zeros = jnp.zeros_like(lens)
 
     def feed(t, pools, i):
         dk, dv, dw = pools
-        lg, dk, dv, dw = _forward(dcfg, dparams, dk, dv, t[:, None], (i <= room).astype(jnp.int32),
-                                  lens + i, table, zeros, dw)
+        lg, dk, dv, dw = forward_pages(call.plan.draft_cfg, call.dparams, dk, dv, t[:, None],
+                                       (i <= room).astype(jnp.int32), lens + i, call.table, jnp.zeros_like(lens), dw)
         return lg[:, 0], (dk, dv, dw)
 
     def step(carry, i):
@@ -103,6 +117,95 @@ def _draft(plan: SpecPlan, dparams, pools, table, tok, lens, room, samp, n):
     return drafts.T, jnp.swapaxes(q, 0, 1), pools
 
 
+def _propose(call: _Call, dp, hist, tok, lens, n, active, proposing, room):
+    """(drafts [B, k], real proposals nv [B], q or None, the draft's pools): prompt lookup over
+    the rows' histories, or the draft model (only the pending token when no row proposes)."""
+    plan, B, k = call.plan, tok.shape[0], call.plan.num_tokens
+    if plan.draft_cfg is None:
+        drafts, nv = lookup.propose(hist, lens + 1, k, plan.max_ngram, plan.min_ngram)
+        return drafts, jnp.where(proposing, jnp.minimum(nv, room), 0), None, dp
+
+    def catch_up(dp):
+        dk, dv, dw = dp
+        _, dk, dv, dw = forward_pages(plan.draft_cfg, call.dparams, dk, dv, tok[:, None], active.astype(jnp.int32),
+                                      lens, call.table, jnp.zeros_like(lens), dw)
+        return jnp.zeros((B, k), jnp.int32), jnp.zeros((B, k, call.cfg.vocab_size), jnp.float32), (dk, dv, dw)
+
+    drafts, q, dp = jax.lax.cond(jnp.any(proposing),
+                                 lambda dp: _draft(call, dp, tok, lens, jnp.where(active, room, -1), n),
+                                 catch_up, dp)
+    return drafts, jnp.where(proposing, room, 0), q, dp
+
+
+def _emitted(drafts, m, nxt):
+    """[B, k + 1]: the m accepted proposals, then the next token, then zeros."""
+    i = jnp.arange(drafts.shape[1] + 1, dtype=jnp.int32)[None, :]
+    return jnp.where(i < m[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), jnp.where(i == m[:, None], nxt[:, None], 0))
+
+
+def _verify(call: _Call, pools, tok, drafts, nv, lens, n, active, q):
+    """One target forward: the chunk [pending, proposals] verified (or, when no row proposes, a
+    plain one-token step). Returns (accepted m [B], next token [B], logprob outputs or None,
+    pools)."""
+    X, k = min(LOGPROBS_MAX, call.cfg.vocab_size), call.plan.num_tokens
+
+    def verify(pools):
+        keys, values, views = pools
+        chunk = jnp.concatenate([tok[:, None], drafts], axis=1)                     # [B, k + 1]
+        lg, keys, values, views = forward_pages(call.cfg, call.params, keys, values, chunk,
+                                                jnp.where(active, 1 + nv, 0), lens, call.table, None, views)
+        m, nxt = accept_rows(lg, drafts, nv, call.samp, n, q)
+        extra = token_logprobs(lg, _emitted(drafts, m, nxt), X) if call.logprobs else None
+        return m, nxt, extra, (keys, values, views)
+
+    def plain(pools):
+        keys, values, views = pools
+        lg, keys, values, views = forward_pages(call.cfg, call.params, keys, values, tok[:, None],
+                                                active.astype(jnp.int32), lens, call.table, jnp.zeros_like(lens), views)
+        nxt = sample_rows(lg[:, 0], call.samp, n)
+        extra = None
+        if call.logprobs:   # position 0 only (one token), the rest padding
+            pad = lambda a: jnp.pad(a[:, None], ((0, 0), (0, k)) + ((0, 0),) * (a.ndim - 1))  # noqa: E731
+            extra = tuple(pad(a) for a in token_logprobs(lg[:, 0], nxt, X))
+        return jnp.zeros_like(lens), nxt, extra, (keys, values, views)
+
+    return jax.lax.cond(jnp.any(nv > 0), verify, plain, pools)
+
+
+def _iteration(call: _Call, carry, _):
+    """Propose, verify, commit: a row emits 1 + accepted tokens, cut at a stop token and
+    max_tokens; its length advances by what it emitted (the rejected slots lie past it)."""
+    pools, dp, tok, lens, n, alive, hist, rate, off, tot = carry
+    k, plan = call.plan.num_tokens, call.plan
+    # a row runs while its pages hold its pending token: one that filled them (it advanced
+    # faster than the host's plain need) idles to the end of the call, still alive
+    active = alive & (lens < call.cap)
+    room = jnp.where(active, jnp.clip(jnp.minimum(call.max_n - n - 1, call.cap - lens - 1), 0, k), 0)
+    proposing = active & (off <= 0) & (room > 0)
+    drafts, nv, q, dp = _propose(call, dp, hist, tok, lens, n, active, proposing, room)
+    m, nxt, extra, pools = _verify(call, pools, tok, drafts, nv, lens, n, active, q)
+
+    emitted = _emitted(drafts, m, nxt)                                                   # [B, k + 1]
+    i_k = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+    is_stop = (emitted[..., None] == call.stops[:, None, :]).any(-1) & (i_k <= m[:, None])
+    first = jnp.argmax(is_stop, axis=1)
+    c = jnp.where(active, jnp.minimum(jnp.where(is_stop.any(1), first + 1, m + 1), call.max_n - n), 0)
+    hit_stop = is_stop.any(1) & (first + 1 <= c)
+    hist = hist.at[jnp.arange(tok.shape[0])[:, None],
+                   jnp.where(i_k < c[:, None], lens[:, None] + 1 + i_k, hist.shape[1])].set(emitted, mode="drop")
+    last = jnp.take_along_axis(emitted, jnp.maximum(c - 1, 0)[:, None], axis=1)[:, 0]
+    used = jnp.minimum(m, c)
+    tot = (tot[0] + nv, tot[1] + jnp.where(active, used, 0), tot[2] + active.astype(jnp.int32))
+    tried = nv > 0
+    rate = jnp.where(tried, EMA * rate + (1 - EMA) * used / jnp.maximum(nv, 1), rate)
+    low = tried & (rate < plan.min_accept)
+    n, lens = n + c, lens + c               # pending and the emitted tokens but the last are written
+    alive = alive & ~(active & (hit_stop | (n >= call.max_n)))
+    carry = (pools, dp, jnp.where(c > 0, last, tok), lens, n, alive, hist, jnp.where(low, 2 * plan.min_accept, rate),
+             jnp.where(low, plan.cooldown, jnp.maximum(off - 1, 0)), tot)
+    return carry, (emitted, c, extra)
+
+
 @partial(jax.jit, static_argnums=(0, 6, 7, 8, 9), donate_argnums=(2, 3, 11))
 def spec_decode_steps(cfg, params, keys, values, state, page_table, steps: int, logprobs: bool,
                       plan: SpecPlan, pool_sharding=None, dparams=None, dpools=None):
@@ -115,103 +218,19 @@ def spec_decode_steps(cfg, params, keys, values, state, page_table, steps: int, 
     token [steps, B, k + 1], count [steps, B] emitted, proposed / accepted / forwards [B] summed
     over the call, logprob [steps, B, k + 1] and top / top_ids [steps, B, k + 1, X] when asked;
     the final state (tok, lens, n, active, rate, off); key pools; value pools; draft pools)."""
-    _traced()
-    k, V = plan.num_tokens, cfg.vocab_size
-    X = min(LOGPROBS_MAX, V)
+    count_trace()
     samp = {s: state[s] for s in ("temperature", "top_k", "top_p", "seed")}
-    max_n, cap, stops = state["max_n"], state["cap"], state["stops"]
-    i_k = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-    draft = plan.draft_cfg is not None
-
-    def iteration(carry, _):
-        keys, values, views, dp, tok, lens, n, alive, hist, rate, off, tot = carry
-        # a row runs while its pages hold its pending token: one that filled them (it advanced
-        # faster than the host's plain need) idles to the end of the call, still alive
-        active = alive & (lens < cap)
-        room = jnp.where(active, jnp.clip(jnp.minimum(max_n - n - 1, cap - lens - 1), 0, k), 0)
-        proposing = active & (off <= 0) & (room > 0)
-        if not draft:
-            drafts, nv = lookup.propose(hist, lens + 1, k, plan.max_ngram, plan.min_ngram)
-            q = None
-        else:
-            def catch_up(dp):    # no row proposes: the draft takes only the pending token
-                dk, dv, dw = dp
-                _, dk, dv, dw = _forward(plan.draft_cfg, dparams, dk, dv, tok[:, None], active.astype(jnp.int32),
-                                         lens, page_table, jnp.zeros_like(lens), dw)
-                return jnp.zeros((tok.shape[0], k), jnp.int32), jnp.zeros((tok.shape[0], k, V), jnp.float32), \
-                    (dk, dv, dw)
-            drafts, q, dp = jax.lax.cond(
-                jnp.any(proposing),
-                lambda dp: _draft(plan, dparams, dp, page_table, tok, lens, jnp.where(active, room, -1), samp, n),
-                catch_up, dp)
-            nv = jnp.full_like(lens, k)
-        nv = jnp.where(proposing, jnp.minimum(nv, room), 0)
-
-        def emitted_of(m, nxt):
-            return jnp.where(i_k < m[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
-                             jnp.where(i_k == m[:, None], nxt[:, None], 0))
-
-        def verify(c):
-            keys, values, views = c
-            chunk = jnp.concatenate([tok[:, None], drafts], axis=1)                     # [B, k + 1]
-            lg, keys, values, views = _forward(cfg, params, keys, values, chunk, jnp.where(active, 1 + nv, 0),
-                                               lens, page_table, None, views)
-            m, nxt = accept_rows(lg, drafts, nv, samp, n, q)
-            extra = token_logprobs(lg, emitted_of(m, nxt), X) if logprobs else None
-            return m, nxt, extra, (keys, values, views)
-
-        def plain(c):
-            keys, values, views = c
-            lg, keys, values, views = _forward(cfg, params, keys, values, tok[:, None], active.astype(jnp.int32),
-                                               lens, page_table, jnp.zeros_like(lens), views)
-            nxt = sample_rows(lg[:, 0], samp, n)
-            m = jnp.zeros_like(lens)
-            extra = None
-            if logprobs:   # position 0 only (one token), the rest padding
-                pick, top, ids = token_logprobs(lg[:, 0], nxt, X)
-                pad = lambda a: jnp.pad(a[:, None], ((0, 0), (0, k)) + ((0, 0),) * (a.ndim - 1))  # noqa: E731
-                extra = (pad(pick), pad(top), pad(ids))
-            return m, nxt, extra, (keys, values, views)
-
-        m, nxt, extra, (keys, values, views) = jax.lax.cond(jnp.any(nv > 0), verify, plain, (keys, values, views))
-
-        emitted = emitted_of(m, nxt)                                                     # [B, k + 1]
-        is_stop = (emitted[..., None] == stops[:, None, :]).any(-1) & (i_k <= m[:, None])
-        first = jnp.argmax(is_stop, axis=1)
-        c = jnp.where(is_stop.any(1), first + 1, m + 1)
-        c = jnp.where(active, jnp.minimum(c, max_n - n), 0)                             # tokens emitted
-        hit_stop = is_stop.any(1) & (first + 1 <= c)
-        rows = jnp.arange(tok.shape[0])[:, None]
-        hist = hist.at[rows, jnp.where(i_k < c[:, None], lens[:, None] + 1 + i_k, hist.shape[1])].set(
-            emitted, mode="drop")
-        last = jnp.take_along_axis(emitted, jnp.maximum(c - 1, 0)[:, None], axis=1)[:, 0]
-        used = jnp.minimum(m, c)
-        tot = (tot[0] + nv, tot[1] + jnp.where(active, used, 0), tot[2] + active.astype(jnp.int32))
-        tried = nv > 0
-        rate = jnp.where(tried, EMA * rate + (1 - EMA) * used / jnp.maximum(nv, 1), rate)
-        low = tried & (rate < plan.min_accept)
-        n = n + c
-        lens = lens + c                 # pending and the emitted tokens but the last are written
-        alive = alive & ~(active & (hit_stop | (n >= max_n)))
-        carry = (keys, values, views, dp, jnp.where(c > 0, last, tok), lens, n, alive, hist,
-                 jnp.where(low, 2 * plan.min_accept, rate),
-                 jnp.where(low, plan.cooldown, jnp.maximum(off - 1, 0)), tot)
-        return carry, (emitted, c, extra)
-
-    views = gather_views(keys, values, page_table)
-    if draft:
-        dkeys, dvalues = dpools
-        dp = (dkeys, dvalues, gather_views(dkeys, dvalues, page_table))
-    else:
-        dp = None
+    call = _Call(cfg, params, plan, dparams, page_table, samp, state["max_n"], state["cap"], state["stops"], logprobs)
+    pools = (keys, values, gather_views(keys, values, page_table))
+    dp = None if dpools is None else (*dpools, gather_views(*dpools, page_table))
     zeros = jnp.zeros_like(state["lens"])
-    init = (keys, values, views, dp, state["tok"], state["lens"], state["n"], state["active"], state["hist"],
+    init = (pools, dp, state["tok"], state["lens"], state["n"], state["active"], state["hist"],
             state["rate"], state["off"], (zeros, zeros, zeros))
-    carry, (toks, counts, extra) = jax.lax.scan(iteration, init, None, length=steps)
-    keys, values, _, dp, tok, lens, n, active, _, rate, off, tot = carry
+    carry, (toks, counts, extra) = jax.lax.scan(partial(_iteration, call), init, None, length=steps)
+    (keys, values, _), dp, tok, lens, n, active, _, rate, off, tot = carry
     out = {"token": toks, "count": counts, "proposed": tot[0], "accepted": tot[1], "forwards": tot[2]}
     if logprobs:
         out["logprob"], out["top"], out["top_ids"] = extra
     final = {"tok": tok, "lens": lens, "n": n, "active": active, "rate": rate, "off": off}
-    dpools = None if dp is None else (_pin(dp[0], pool_sharding), _pin(dp[1], pool_sharding))
-    return out, final, _pin(keys, pool_sharding), _pin(values, pool_sharding), dpools
+    dpools = None if dp is None else (pin_pools(dp[0], pool_sharding), pin_pools(dp[1], pool_sharding))
+    return out, final, pin_pools(keys, pool_sharding), pin_pools(values, pool_sharding), dpools
