@@ -112,6 +112,27 @@ def test_window_and_sinks_rings(name):
             assert out.cache.slack == spec.num_tokens and out.cache.max_len == 12 + spec.num_tokens
 
 
+def test_kivi_cache():
+    """KIVI (2-bit, residual 8, so a block completes every 8 tokens): a verify chunk never
+    completes a residual block and an iteration where a row's pending token completes one is
+    a plain step, so the tokens equal one-token decoding's and every stored array too (codes
+    exactly, scales and the residual to float32 rounding; without those two rules tokens and
+    cache differ: checked when this was written)."""
+    cfg, params = model("llama-tiny")
+    tok, lens = _prompts(cfg, 4)
+    kw = dict(max_new_tokens=40, max_len=80, cache_kind="kivi", bits=2, group_size=4, residual_length=8)
+    ref = kvjax.generate(cfg, params, tok, lens, **kw)
+    for spec in (kvjax.PromptLookup(num_tokens=4), kvjax.DraftModel(cfg, params, num_tokens=4)):
+        out = kvjax.generate(cfg, params, tok, lens, speculate=spec, **kw)
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+        for a, b in zip(jax.tree.leaves(out.cache), jax.tree.leaves(ref.cache)):   # codes, scales, residual
+            a, b = np.asarray(a), np.asarray(b)
+            if np.issubdtype(a.dtype, np.floating):     # a chunk's projections round apart from one token's
+                np.testing.assert_allclose(a, b, atol=2e-5)
+            else:
+                np.testing.assert_array_equal(a, b)
+
+
 def test_self_draft_accepts_everything_and_eos_inside_a_run():
     cfg, params = model("llama-tiny")
     tok, lens = _prompts(cfg, 2)
@@ -163,8 +184,11 @@ def test_refusals():
     cfg, params = model("llama-tiny")
     tok, lens = _prompts(cfg)
     spec = kvjax.PromptLookup()
-    with pytest.raises(ValueError, match="dense, int8, window, sinks and hybrid"):
-        kvjax.generate(cfg, params, tok, lens, max_new_tokens=4, max_len=128, cache_kind="kivi", speculate=spec)
+    _, pressed = kvjax.prefill(cfg, params, tok, lens, kvjax.init_cache(cfg, tok.shape[0], 64),
+                               press=kvjax.press.KnormPress(0.5))
+    with pytest.raises(ValueError, match="dense, int8, window, sinks, KIVI and hybrid caches; this is a pressed"):
+        kvjax.generate(cfg, params, tok[:, :2], np.full(tok.shape[0], 2, np.int32), max_new_tokens=4,
+                       cache=pressed, speculate=spec)
     window = kvjax.init_cache(cfg, tok.shape[0], 12, kind="window")    # a ring without slack slots
     with pytest.raises(ValueError, match="0 slots beyond its window.*ring_slack=4"):
         kvjax.generate(cfg, params, tok, lens, max_new_tokens=4, cache=window, speculate=spec)

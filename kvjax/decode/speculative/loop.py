@@ -116,6 +116,20 @@ def speculative_loop(cfg, params, logits, cache, hist, hist_len, N: int, knobs: 
     return s.out[:, :N], s.n_out, cache, s.stats
 
 
+def kivi_room(lengths, residual_length: int):
+    """Proposals a KIVI row may verify [B]: its chunk [pending, d_1 .. d_n] must not complete a
+    residual block. A completed block is quantised at once (rejected tokens with it, past any
+    rollback), and one-token decoding quantises it as soon as it completes, so later queries of
+    a chunk crossing the boundary would read unquantised keys where decoding reads quantised
+    ones. With 1 + n tokens ending before the block's last position, the chunk's queries see
+    exactly what one-token decoding sees; a row at its block's end steps one token (which may
+    complete the block: that token is always committed). While any row's pending token completes
+    its block the whole iteration is a plain one-token step: inside a multi-token chunk that
+    token's query would read its own key unquantised, where decoding reads the completed block
+    quantised."""
+    return jnp.maximum(residual_length - 2 - lengths % residual_length, 0)
+
+
 def _iteration(cfg, params, N: int, knobs: Knobs, plan: SpecPlan, dparams, s: _State) -> _State:
     """Propose, verify in one forward (or a plain step when no row proposes), commit."""
     B, k = s.pending.shape[0], plan.num_tokens
@@ -133,6 +147,12 @@ def _iteration(cfg, params, N: int, knobs: Knobs, plan: SpecPlan, dparams, s: _S
             lambda dc: _draft(plan, dparams, dc, s.pending, active, knobs, k_draft), catch_up, dcache)
         nv = jnp.full((B,), k, jnp.int32)
     nv = jnp.where(active & (s.off <= 0), jnp.clip(jnp.minimum(nv, N - s.n_out - 1), 0, k), 0)
+    chunked = jnp.any(nv > 0)
+    if s.cache.kind == "kivi":   # a verify chunk never completes a residual block (see kivi_room)
+        nv = jnp.minimum(nv, kivi_room(s.cache.lengths, s.cache.quant[2]))
+        ends = active & (s.cache.lengths % s.cache.quant[2] == s.cache.quant[2] - 1)
+        chunked = jnp.any(nv > 0) & ~jnp.any(ends)
+        nv = jnp.where(chunked, nv, 0)
 
     def verify(c):
         chunk = jnp.concatenate([s.pending[:, None], drafts], axis=1)                # [B, k + 1]
@@ -144,7 +164,7 @@ def _iteration(cfg, params, N: int, knobs: Knobs, plan: SpecPlan, dparams, s: _S
         return (jnp.zeros((B,), jnp.int32), pick(lg, s.it + 1, jnp.zeros((B,), bool), knobs)[0], c)
 
     start = s.cache.lengths
-    m, nxt, cache = jax.lax.cond(jnp.any(nv > 0), verify, plain, s.cache)
+    m, nxt, cache = jax.lax.cond(chunked, verify, plain, s.cache)
     return _commit(s._replace(cache=cache, dcache=dcache), start, drafts, nv, m, nxt, N, knobs, plan)
 
 
