@@ -238,8 +238,8 @@ def _check_speculate(cfg, speculate, press, allocates: bool, cache_options: dict
     """Refuse what cannot speculate; a cache generate allocates gets rings with room for the
     lookahead (`ring_slack`)."""
     if press is not None:
-        raise ValueError("generate: speculate= and press= cannot be combined (speculation runs on "
-                         "dense, int8, window, sinks and hybrid caches)")
+        raise ValueError("generate: speculate= and press= cannot be combined in one call (a press compresses the "
+                         "prompt as it prefills); prefill with the press, then generate(cache=that cache, speculate=...)")
     speculate.check(cfg)
     if allocates:
         cache_options.setdefault("ring_slack", int(speculate.num_tokens))

@@ -173,10 +173,9 @@ def check_cache(cfg: ModelConfig, cache: KVCache, num_tokens: int, where: str = 
     never completes a residual block: loop.kivi_room); window, sinks and hybrid
     ones whose rings hold at least `num_tokens` slots more than the window they attend over
     (a verify chunk then never overwrites a key the next query still needs)."""
-    if cache.pressed or cache.kind not in ("dense", "int8", "window", "sinks", "kivi"):
-        what = "a pressed cache" if cache.pressed else f"a {cache.kind!r} cache"
-        raise ValueError(f"{where}: speculative decoding runs on dense, int8, window, sinks, KIVI and hybrid "
-                         f"caches; this is {what}. Pass cache_kind='dense' or 'int8' without a press")
+    if cache.kind not in ("dense", "int8", "window", "sinks", "kivi"):
+        raise ValueError(f"{where}: speculative decoding runs on dense, int8, window, sinks, KIVI, hybrid and "
+                         f"pressed caches; this is a {cache.kind!r} cache")
     fix = (f"(init_cache(..., ring_slack={num_tokens}); generate allocates that itself when it makes the cache)")
     if cache.kind in ("window", "sinks") and cache.slack < num_tokens:
         raise ValueError(f"{where}: this {cache.kind} cache's ring has {cache.slack} slots beyond its window; "

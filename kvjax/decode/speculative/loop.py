@@ -163,15 +163,32 @@ def _iteration(cfg, params, N: int, knobs: Knobs, plan: SpecPlan, dparams, s: _S
         lg, c = decode_tokens(cfg, params, s.pending, c, active)
         return (jnp.zeros((B,), jnp.int32), pick(lg, s.it + 1, jnp.zeros((B,), bool), knobs)[0], c)
 
-    start = s.cache.lengths
     m, nxt, cache = jax.lax.cond(chunked, verify, plain, s.cache)
-    return _commit(s._replace(cache=cache, dcache=dcache), start, drafts, nv, m, nxt, N, knobs, plan)
+    return _commit(s._replace(cache=cache, dcache=dcache), s.cache, drafts, nv, m, nxt, N, knobs, plan)
 
 
-def _commit(s: _State, start, drafts, nv, m, nxt, N: int, knobs: Knobs, plan: SpecPlan) -> _State:
+def roll_back(cache, before, lengths):
+    """The cache after a verify chunk, cut back to `lengths` [B] (what was committed): the
+    lengths; a ring's slots at positions past them forgotten; a pressed cache's per-head fills
+    set to what they were `before` the chunk plus the committed tokens (every head keeps every
+    decoded token; ring layers of a hybrid cache keep their placeholder fills) and its slots
+    past the lengths emptied."""
+    cache = cache.replace(lengths=lengths)
+    if cache.slot_pos is not None:
+        cache = cache.replace(slot_pos=jnp.where(cache.slot_pos >= lengths[:, None], -1, cache.slot_pos))
+    if cache.pressed:
+        c = (lengths - before.lengths)[:, None]
+        fill = tuple(f if p.shape[-1] == 0 else jnp.minimum(f + c, cache.layer_slots(i))
+                     for i, (f, p) in enumerate(zip(before.head_fill, cache.head_pos)))
+        pos = tuple(jnp.where(p >= lengths[:, None, None], -1, p) for p in cache.head_pos)
+        cache = cache.replace(head_fill=fill, head_pos=pos)
+    return cache
+
+
+def _commit(s: _State, before, drafts, nv, m, nxt, N: int, knobs: Knobs, plan: SpecPlan) -> _State:
     """Emit the m accepted proposals and the next token (cut at EOS and N), roll the caches back
     to what was committed, count, and update the adaptive switch."""
-    k = plan.num_tokens
+    k, start = plan.num_tokens, before.lengths
     active = ~s.done
     rows, i = jnp.arange(drafts.shape[0])[:, None], jnp.arange(k + 1)[None, :]
     emitted = jnp.where(i < m[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
@@ -195,9 +212,7 @@ def _commit(s: _State, start, drafts, nv, m, nxt, N: int, knobs: Knobs, plan: Sp
     rate = jnp.where(tried, EMA * s.rate + (1 - EMA) * used / jnp.maximum(nv, 1), s.rate)
     low = tried & (rate < plan.min_accept)
     n_out = s.n_out + c
-    cache = s.cache.replace(lengths=lengths)
-    if cache.slot_pos is not None:          # a hybrid cache's rings: forget the rejected positions
-        cache = cache.replace(slot_pos=jnp.where(cache.slot_pos >= lengths[:, None], -1, cache.slot_pos))
+    cache = roll_back(s.cache, before, lengths)
     return _State(s.it + 1, jnp.where(active, last, s.pending), cache, dcache,
                   s.done | (active & (hit_eos | (n_out >= N))), hist, s.hlen + c, out, n_out, stats,
                   jnp.where(low, 2 * plan.min_accept, rate),
