@@ -4,9 +4,10 @@ gives their prompt alone (the oracle of test_engine.py), whatever else runs, wit
 and max_tokens inside accepted runs, preemption and the prefix cache.
 
 Proposers: prompt lookup (prompts repeat a phrase, so rows propose; a random model rarely
-accepts), an early-exit draft (partial acceptance) and the target itself as its own draft
-(every proposal accepted: multi-token commits, lookahead pages and the cut at max_tokens and
-stop tokens are all exercised). The engine shares test_engine.py's shapes.
+accepts) and the target itself as its own draft (every proposal accepted: multi-token
+commits, lookahead pages, the draft's own pools and the cut at max_tokens and stop tokens
+are all exercised; an early-exit draft is a DraftModel too). The engine shares
+test_engine.py's shapes.
 """
 import numpy as np
 import pytest
@@ -36,11 +37,10 @@ def _engine(tiny, speculate, **kw):  # noqa: F811
 
 def _proposers(cfg, params):
     return {"lookup": kvjax.PromptLookup(num_tokens=4, max_ngram=3),
-            "early_exit": kvjax.DraftModel.early_exit(cfg, params, 1, num_tokens=3),
             "self_draft": kvjax.DraftModel(cfg, params, num_tokens=4)}
 
 
-@pytest.mark.parametrize("which", ["lookup", "early_exit", "self_draft"])
+@pytest.mark.parametrize("which", ["lookup", "self_draft"])
 def test_greedy_requests_equal_generate(tiny, oracle, which):  # noqa: F811
     """6 ragged requests through 4 slots, mixed max_tokens and stop tokens (one stop token
     inside the oracle's stream, so it may land inside an accepted run): each request's tokens
