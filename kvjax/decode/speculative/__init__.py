@@ -12,10 +12,12 @@ makes one from the target's first layers (self-speculation through its final nor
 
 Exactness: greedy rows emit exactly plain greedy decoding's tokens; sampling rows are drawn
 from exactly the target's distribution (verify.py: the speculative sampling rule). Caches:
-dense, int8, window, sinks and hybrid (a rejected token is a length that does not advance;
-rings get `num_tokens` slack slots beyond the window they attend over, so a rejected write
-never overwrites a key still in the window); pressed and KIVI caches are refused with what
-to pass instead.
+dense, int8, window, sinks, hybrid, KIVI and pressed (a rejected token is a length that
+does not advance; rings get `num_tokens` slack slots beyond the window they attend over, so
+a rejected write never overwrites a key still in the window; a KIVI verify chunk never
+completes a residual block; a pressed cache's rejected slots are emptied and its per-head
+fills set back: loop.roll_back). A press in the same call, DecodingPress and meshes are
+refused with what to do instead.
 """
 from __future__ import annotations
 
@@ -169,7 +171,8 @@ class SpeculativeOutput(NamedTuple):
 
 def check_cache(cfg: ModelConfig, cache: KVCache, num_tokens: int, where: str = "generate(speculate=...)") -> None:
     """Speculation rolls a rejected token back by not advancing the row's length (and, on a
-    ring, forgetting the positions past it): dense, int8 and KIVI caches (a KIVI verify chunk
+    ring, forgetting the positions past it; on a pressed cache, emptying its slots and setting
+    its fills back: loop.roll_back): dense, int8, pressed and KIVI caches (a KIVI verify chunk
     never completes a residual block: loop.kivi_room); window, sinks and hybrid
     ones whose rings hold at least `num_tokens` slots more than the window they attend over
     (a verify chunk then never overwrites a key the next query still needs)."""
