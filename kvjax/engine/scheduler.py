@@ -151,7 +151,8 @@ class Scheduler:
     min_rows: the narrowest batch (a mesh's data axis: rows are split over it).
     speculate: tokens proposed per speculative iteration (0: no speculation). A speculative
     decode call advances a row by 1 to speculate + 1 tokens per step, so the host takes pages
-    for that lookahead when the pool has them (only the plain need ever preempts), sends each
+    for that lookahead when the pool has them (free or evictable; only the plain need ever
+    preempts), sends each
     row's history and page capacity, and never chains calls (it cannot know the lengths)."""
 
     def __init__(self, max_slots: int, max_len: int, page_size: int, num_pages: int,
@@ -352,9 +353,9 @@ class Scheduler:
                 self._preempt(victim)
                 if victim is s:
                     break
-            if self.speculate and s in self.running:   # lookahead pages: never preempts or evicts
+            if self.speculate and s in self.running:   # lookahead pages, when the pool has them: never
                 extra = min(-(-(s.lens + min(k * (self.speculate + 1), left)) // Z) - len(s.pages),
-                            len(self.pool.free))        # free pages only: cached prefixes stay
+                            self.pool.available)        # preempts (cached prefixes go first, as for any page)
                 if extra > 0:
                     s.pages += self.pool.alloc(extra)
         seqs = [s for s in self.running if s.phase is Phase.DECODE]

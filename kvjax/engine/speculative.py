@@ -145,8 +145,8 @@ def _emitted(drafts, m, nxt):
 
 def _verify(call: _Call, pools, tok, drafts, nv, lens, n, active, q):
     """One target forward: the chunk [pending, proposals] verified (or, when no row proposes, a
-    plain one-token step). Returns (accepted m [B], next token [B], logprob outputs or None,
-    pools)."""
+    plain one-token step; when no row runs, nothing). Returns (accepted m [B], next token [B],
+    logprob outputs or None, pools)."""
     X, k = min(LOGPROBS_MAX, call.cfg.vocab_size), call.plan.num_tokens
 
     def verify(pools):
@@ -169,7 +169,16 @@ def _verify(call: _Call, pools, tok, drafts, nv, lens, n, active, q):
             extra = tuple(pad(a) for a in token_logprobs(lg[:, 0], nxt, X))
         return jnp.zeros_like(lens), nxt, extra, (keys, values, views)
 
-    return jax.lax.cond(jnp.any(nv > 0), verify, plain, pools)
+    def idle(pools):    # every row done or out of pages: no forward at all
+        extra = None
+        if call.logprobs:
+            B = tok.shape[0]
+            extra = (jnp.zeros((B, k + 1), jnp.float32), jnp.zeros((B, k + 1, X), jnp.float32),
+                     jnp.zeros((B, k + 1, X), jnp.int32))
+        return jnp.zeros_like(lens), tok, extra, pools
+
+    branch = jnp.where(jnp.any(nv > 0), 2, jnp.where(jnp.any(active), 1, 0))
+    return jax.lax.switch(branch, (idle, plain, verify), pools)
 
 
 def _iteration(call: _Call, carry, _):
