@@ -61,7 +61,8 @@ def test_recall_model_answers_through_the_cache_and_a_window_forgets_far_pairs()
 
 
 @pytest.mark.parametrize("name, config", [("recall", "train_recall_long.yaml"),
-                                          ("text", "train_tiny.yaml")])
+                                          ("text", "train_tiny.yaml"),
+                                          ("text-draft", "train_text_draft.yaml")])
 def test_bundled_model_was_trained_by_its_committed_config(name, config):
     """The recorded TrainConfig equals the one the committed YAML resolves to (fields that
     do not change the trajectory, and recall fields of the text task, aside)."""
@@ -73,7 +74,7 @@ def test_bundled_model_was_trained_by_its_committed_config(name, config):
     yaml_path = Path(__file__).resolve().parents[1] / "experiments" / config
     resolved = load_config(yaml_path).settings.to_dict()
     recorded = bundled.bundled_info(name)["train_config"]
-    skip = set(_RESUME_FREE) | ({k for k in resolved if k.startswith("recall_")} if name == "text" else set())
+    skip = set(_RESUME_FREE) | ({k for k in resolved if k.startswith("recall_")} if name != "recall" else set())
     differ = {k: (recorded.get(k), resolved[k]) for k in resolved
               if k not in skip and k in recorded and recorded[k] != resolved[k]}
     assert not differ
