@@ -28,6 +28,7 @@ argument: `measure(call, state)` calls `state = call(state)`.
 """
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -197,6 +198,16 @@ def measure(call, state=None, *, units: int = 1, repeats: int = 5, min_seconds: 
     t.compiles = first.compiles + calib.compiles + timed.compiles
     t.timed_compiles = timed.compiles
     return state, t.check()
+
+
+def release_compiled():
+    """Free every compiled program (`jax.clear_caches`) and what only they held. Each compiled
+    XLA CPU program keeps its own memory mappings, and a long run compiling many (models, shapes,
+    batch sizes) reaches the kernel's vm.max_map_count (65,530 by default), which LLVM reports
+    as "Cannot allocate memory" before a segfault. Call it between measurements that share no
+    program."""
+    jax.clear_caches()
+    gc.collect()
 
 
 def timed_once(fn, *args, **kwargs):

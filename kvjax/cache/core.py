@@ -245,8 +245,7 @@ def layer_rings(cfg: ModelConfig, max_len: int, kind: str = "dense", hybrid: boo
         reason = (f"the model keeps attention_sinks={cfg.attention_sinks} first tokens visible, "
                   f"which a ring of the window would drop")
     else:
-        if not isinstance(slack, (int, np.integer)) or slack < 0:
-            raise ValueError(f"ring_slack must be an int >= 0, got {slack!r}")
+        slack = _check_slack(slack)
         rings = tuple(w + slack if (w := cfg.layer_window(i)) is not None and w + slack < max_len else 0
                       for i in range(cfg.num_layers))
         if any(rings):
@@ -267,11 +266,16 @@ def _slot_layout(cfg: ModelConfig, max_len: int, kind: str, rings: tuple, slack:
     return slots, (max(rings) if rings else 0)
 
 
-def _ring_slack(kind: str, ring_slack) -> int:
-    """The extra slots of a window/sinks cache's ring (0 for other kinds: their rings are per layer)."""
+def _check_slack(ring_slack) -> int:
     if not isinstance(ring_slack, (int, np.integer)) or isinstance(ring_slack, bool) or ring_slack < 0:
         raise ValueError(f"ring_slack must be an int >= 0, got {ring_slack!r}")
-    return int(ring_slack) if kind in ("window", "sinks") else 0
+    return int(ring_slack)
+
+
+def _ring_slack(kind: str, ring_slack) -> int:
+    """The extra slots of a window/sinks cache's ring (0 for other kinds: their rings are per layer)."""
+    slack = _check_slack(ring_slack)
+    return slack if kind in ("window", "sinks") else 0
 
 
 def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None, kind: str = "dense",

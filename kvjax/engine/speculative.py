@@ -40,8 +40,8 @@ import jax.numpy as jnp
 
 from ..cache.paged import gather_views
 from ..decode.speculative import lookup
-from ..decode.speculative.loop import EMA, SpecPlan
-from ..decode.speculative.verify import accept, target_probs
+from ..decode.speculative.loop import SpecPlan, adapt, cut_run, emitted_run
+from ..decode.speculative.verify import accept, draft_probs_of
 from .programs import LOGPROBS_MAX, count_trace, forward_pages, pin_pools, sample_rows, token_logprobs
 
 
@@ -104,9 +104,7 @@ def _draft(call: _Call, pools, tok, lens, room, n):
     def step(carry, i):
         t, pools = carry
         lg, pools = feed(t, pools, i)
-        q = jax.lax.cond(jnp.all(greedy), lambda l: jnp.zeros(l.shape, jnp.float32),
-                         lambda l: target_probs(l[:, None], samp["temperature"], samp["top_k"],
-                                                samp["top_p"])[:, 0], lg)
+        q = draft_probs_of(lg, samp["temperature"], samp["top_k"], samp["top_p"])
         keys = jax.vmap(lambda s, j: jax.random.fold_in(_row_key(s, j), 1000 + i))(samp["seed"], n)
         drawn = jax.vmap(lambda key, p: jax.random.categorical(key, jnp.log(p)))(keys, q).astype(jnp.int32)
         d = jnp.where(greedy, jnp.argmax(lg, -1).astype(jnp.int32), drawn)
@@ -137,12 +135,6 @@ def _propose(call: _Call, dp, hist, tok, lens, n, active, proposing, room):
     return drafts, jnp.where(proposing, room, 0), q, dp
 
 
-def _emitted(drafts, m, nxt):
-    """[B, k + 1]: the m accepted proposals, then the next token, then zeros."""
-    i = jnp.arange(drafts.shape[1] + 1, dtype=jnp.int32)[None, :]
-    return jnp.where(i < m[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), jnp.where(i == m[:, None], nxt[:, None], 0))
-
-
 def _verify(call: _Call, pools, tok, drafts, nv, lens, n, active, q):
     """One target forward: the chunk [pending, proposals] verified (or, when no row proposes, a
     plain one-token step; when no row runs, nothing). Returns (accepted m [B], next token [B],
@@ -155,7 +147,7 @@ def _verify(call: _Call, pools, tok, drafts, nv, lens, n, active, q):
         lg, keys, values, views = forward_pages(call.cfg, call.params, keys, values, chunk,
                                                 jnp.where(active, 1 + nv, 0), lens, call.table, None, views)
         m, nxt = accept_rows(lg, drafts, nv, call.samp, n, q)
-        extra = token_logprobs(lg, _emitted(drafts, m, nxt), X) if call.logprobs else None
+        extra = token_logprobs(lg, emitted_run(drafts, m, nxt), X) if call.logprobs else None
         return m, nxt, extra, (keys, values, views)
 
     def plain(pools):
@@ -194,24 +186,18 @@ def _iteration(call: _Call, carry, _):
     drafts, nv, q, dp = _propose(call, dp, hist, tok, lens, n, active, proposing, room)
     m, nxt, extra, pools = _verify(call, pools, tok, drafts, nv, lens, n, active, q)
 
-    emitted = _emitted(drafts, m, nxt)                                                   # [B, k + 1]
+    emitted = emitted_run(drafts, m, nxt)                                                # [B, k + 1]
+    c, hit_stop = cut_run(emitted, m, call.stops, call.max_n - n, active)
     i_k = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-    is_stop = (emitted[..., None] == call.stops[:, None, :]).any(-1) & (i_k <= m[:, None])
-    first = jnp.argmax(is_stop, axis=1)
-    c = jnp.where(active, jnp.minimum(jnp.where(is_stop.any(1), first + 1, m + 1), call.max_n - n), 0)
-    hit_stop = is_stop.any(1) & (first + 1 <= c)
     hist = hist.at[jnp.arange(tok.shape[0])[:, None],
                    jnp.where(i_k < c[:, None], lens[:, None] + 1 + i_k, hist.shape[1])].set(emitted, mode="drop")
     last = jnp.take_along_axis(emitted, jnp.maximum(c - 1, 0)[:, None], axis=1)[:, 0]
     used = jnp.minimum(m, c)
     tot = (tot[0] + nv, tot[1] + jnp.where(active, used, 0), tot[2] + active.astype(jnp.int32))
-    tried = nv > 0
-    rate = jnp.where(tried, EMA * rate + (1 - EMA) * used / jnp.maximum(nv, 1), rate)
-    low = tried & (rate < plan.min_accept)
+    rate, off = adapt(rate, off, nv, used, plan)
     n, lens = n + c, lens + c               # pending and the emitted tokens but the last are written
     alive = alive & ~(active & (hit_stop | (n >= call.max_n)))
-    carry = (pools, dp, jnp.where(c > 0, last, tok), lens, n, alive, hist, jnp.where(low, 2 * plan.min_accept, rate),
-             jnp.where(low, plan.cooldown, jnp.maximum(off - 1, 0)), tot)
+    carry = (pools, dp, jnp.where(c > 0, last, tok), lens, n, alive, hist, rate, off, tot)
     return carry, (emitted, c, extra)
 
 

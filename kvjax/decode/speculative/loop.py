@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from ..programs import append_chunk, decode_tokens
 from ...sampling import Knobs, pick
 from . import lookup
-from .verify import accept, target_probs
+from .verify import accept, draft_probs_of
 
 EMA = 0.7   # weight of the past in a row's running acceptance rate
 
@@ -70,9 +70,7 @@ def _draft(plan: SpecPlan, dparams, dcache, pending, active, knobs: Knobs, key):
     def step(carry, i):
         tok, cache = carry
         logits, cache = decode_tokens(dcfg, dparams, tok, cache, active)
-        q = jax.lax.cond(jnp.all(greedy), lambda lg: jnp.zeros(lg.shape, jnp.float32),   # greedy: no sort
-                         lambda lg: target_probs(lg[:, None], knobs.temperature, knobs.top_k, knobs.top_p)[:, 0],
-                         logits)
+        q = draft_probs_of(logits, knobs.temperature, knobs.top_k, knobs.top_p)
         drawn = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q), axis=-1).astype(jnp.int32)
         d = jnp.where(greedy, jnp.argmax(logits, -1).astype(jnp.int32), drawn)
         return (d, cache), (d, q)
@@ -185,19 +183,40 @@ def roll_back(cache, before, lengths):
     return cache
 
 
+def emitted_run(drafts, m, nxt):
+    """[B, k + 1]: the m accepted proposals, then the next token, then zeros (never emitted)."""
+    i = jnp.arange(drafts.shape[1] + 1, dtype=jnp.int32)[None, :]
+    return jnp.where(i < m[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), jnp.where(i == m[:, None], nxt[:, None], 0))
+
+
+def cut_run(emitted, m, stops, left, active):
+    """(tokens each row emits [B], whether it emitted a stop token [B]): the run of m accepted
+    proposals and the next token, cut after its first stop token (stops [B or 1, E], -1 padded)
+    and at `left` [B] tokens; inactive rows emit nothing."""
+    i = jnp.arange(emitted.shape[1], dtype=jnp.int32)[None, :]
+    is_stop = (emitted[..., None] == stops[:, None, :]).any(-1) & (i <= m[:, None])
+    first = jnp.argmax(is_stop, axis=1)
+    c = jnp.where(active, jnp.minimum(jnp.where(is_stop.any(1), first + 1, m + 1), left), 0)
+    return c, is_stop.any(1) & (first + 1 <= c)
+
+
+def adapt(rate, off, nv, used, plan: SpecPlan):
+    """The adaptive switch after an iteration: (running acceptance rate, iterations left without
+    proposals) per row, from its nv proposals of which `used` were emitted."""
+    tried = nv > 0
+    rate = jnp.where(tried, EMA * rate + (1 - EMA) * used / jnp.maximum(nv, 1), rate)
+    low = tried & (rate < plan.min_accept)
+    return jnp.where(low, 2 * plan.min_accept, rate), jnp.where(low, plan.cooldown, jnp.maximum(off - 1, 0))
+
+
 def _commit(s: _State, before, drafts, nv, m, nxt, N: int, knobs: Knobs, plan: SpecPlan) -> _State:
     """Emit the m accepted proposals and the next token (cut at EOS and N), roll the caches back
     to what was committed, count, and update the adaptive switch."""
     k, start = plan.num_tokens, before.lengths
     active = ~s.done
     rows, i = jnp.arange(drafts.shape[0])[:, None], jnp.arange(k + 1)[None, :]
-    emitted = jnp.where(i < m[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
-                        jnp.where(i == m[:, None], nxt[:, None], knobs.pad))          # [B, k + 1]
-    is_eos = (emitted[..., None] == knobs.eos[None, None, :]).any(-1) & (i <= m[:, None])
-    first_eos = jnp.argmax(is_eos, axis=1)
-    c = jnp.where(is_eos.any(1), first_eos + 1, m + 1)
-    c = jnp.where(active, jnp.minimum(c, N - s.n_out), 0)                              # tokens emitted
-    hit_eos = is_eos.any(1) & (first_eos + 1 <= c)
+    emitted = emitted_run(drafts, m, nxt)                                              # [B, k + 1]
+    c, hit_eos = cut_run(emitted, m, knobs.eos[None, :], N - s.n_out, active)          # tokens emitted
     out = s.out.at[rows, jnp.where(i < c[:, None], s.n_out[:, None] + i, s.out.shape[1])].set(
         emitted, mode="drop")
     hist = s.hist.at[rows, jnp.where(i < c[:, None], s.hlen[:, None] + i, s.hist.shape[1])].set(
@@ -208,12 +227,8 @@ def _commit(s: _State, before, drafts, nv, m, nxt, N: int, knobs: Knobs, plan: S
     used = jnp.minimum(m, c)
     stats = SpecStats(s.stats.proposed + nv, s.stats.accepted + jnp.where(active, used, 0),
                       s.stats.forwards + active.astype(jnp.int32))
-    tried = nv > 0
-    rate = jnp.where(tried, EMA * s.rate + (1 - EMA) * used / jnp.maximum(nv, 1), s.rate)
-    low = tried & (rate < plan.min_accept)
+    rate, off = adapt(s.rate, s.off, nv, used, plan)
     n_out = s.n_out + c
     cache = roll_back(s.cache, before, lengths)
     return _State(s.it + 1, jnp.where(active, last, s.pending), cache, dcache,
-                  s.done | (active & (hit_eos | (n_out >= N))), hist, s.hlen + c, out, n_out, stats,
-                  jnp.where(low, 2 * plan.min_accept, rate),
-                  jnp.where(low, plan.cooldown, jnp.maximum(s.off - 1, 0)))
+                  s.done | (active & (hit_eos | (n_out >= N))), hist, s.hlen + c, out, n_out, stats, rate, off)

@@ -33,6 +33,13 @@ def target_probs(logits, temperature, top_k, top_p):
     return jax.nn.softmax(filter_logits(flat, rep(top_k), rep(top_p)), axis=-1).reshape(B, T, V)
 
 
+def draft_probs_of(logits, temperature, top_k, top_p):
+    """A draft step's q: float32 [B, V] distributions of its logits [B, V] filtered as the
+    target's (`target_probs`), or zeros when every row is greedy (q is then never read: no sort)."""
+    return jax.lax.cond(jnp.all(temperature <= 0), lambda lg: jnp.zeros(lg.shape, jnp.float32),
+                        lambda lg: target_probs(lg[:, None], temperature, top_k, top_p)[:, 0], logits)
+
+
 def accept(logits, drafts, n_valid, knobs, key, draft_probs=None):
     """(accepted [B], next token [B]).
 

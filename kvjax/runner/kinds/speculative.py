@@ -19,11 +19,10 @@ import inspect
 import re
 from dataclasses import dataclass
 
-import jax
 import numpy as np
 
 import kvjax
-from kvjax.timing import measure
+from kvjax.timing import measure, release_compiled
 from kvjax.decode.speculative import parse_speculate
 
 from .. import plots
@@ -240,10 +239,7 @@ def run(ctx, c: Config) -> dict:
                     row = {"model": model, "task": task, "grounded": task in GROUNDED, "batch_size": B, **row}
                     ctx.log(row)
                     rows.append(row)
-                # free this batch size's programs (none is reused by the next): every compiled CPU
-                # program keeps memory mappings, and a long run otherwise reaches the kernel's
-                # vm.max_map_count (LLVM "Cannot allocate memory", a segfault: seen at 20 min)
-                jax.clear_caches()
+                release_compiled()   # none is reused by the next (a run died at the map limit without)
     if not rows:
         raise RuntimeError("speculative measured nothing")
     ctx.table("Speculative decoding against plain decoding (greedy, same prompts and cache)",

@@ -27,7 +27,6 @@ one line per method) and a table of the best method per ratio with its memory.
 """
 from __future__ import annotations
 
-import gc
 import os
 import re
 import time
@@ -40,7 +39,7 @@ import kvjax
 from kvjax import press as P
 from kvjax.cache import layer_rings
 from kvjax.decode.shared import capture
-from kvjax.timing import compile_watch
+from kvjax.timing import compile_watch, release_compiled
 
 from ... import plots
 from ...models import check_model, load_named
@@ -321,12 +320,9 @@ def run(ctx, c: Config) -> dict:
                     advance(note=batch.task)
             ctx.note(f"{model} at {length} tokens: {len(ms)} methods, done at "
                      f"{time.perf_counter() - start:.0f} s")
-            # no program is shared across (model, length) blocks: free them. Each compiled CPU
-            # program keeps its own memory mappings; a full run compiles enough of them to hit
-            # the kernel's map limit (vm.max_map_count, 65530: LLVM "Cannot allocate memory",
-            # then a segfault, twice at Gemma 3 1k after SmolLM2 1k before this)
-            jax.clear_caches()
-            gc.collect()
+            # no program is shared across (model, length) blocks: free them (without this, a
+            # full run died twice at Gemma 3 1k after SmolLM2 1k, at the kernel's map limit)
+            release_compiled()
     if skipped:
         ctx.note(f"Time budget of {c.time_budget_s:.0f} s reached; not run: {', '.join(skipped)}")
     return _report(ctx, c, rows, compiled, skipped)
