@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import sharding, validate
-from ..cache import KVCache, init_cache, layout_name, mesh_of
+from ..cache import KVCache, as_pressed, init_cache, layout_name, mesh_of
 from ..config import ModelConfig
 from ..press import host
 from ..press.decoding import DecodingPress
@@ -197,10 +197,10 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     but each row's last chunk on the host, then the last chunk and the whole decode loop in
     one program); None or 0: the prompt in one call. Presses, KIVI and pressed caches always
     prefill in one call.
-    `speculate`: a `kvjax.PromptLookup` or `kvjax.DraftModel`: speculative decoding (dense and
-    int8 caches), the same tokens as without it for greedy rows and the same distribution for
-    sampled ones; returns a `kvjax.speculative.SpeculativeOutput` (GenerateOutput's fields
-    plus `stats`).
+    `speculate`: a `kvjax.PromptLookup` or `kvjax.DraftModel`: speculative decoding (every
+    cache kind, `press` and DecodingPress included; not on a mesh), the same tokens as without
+    it for greedy rows and the same distribution for sampled ones; returns a
+    `kvjax.speculative.SpeculativeOutput` (GenerateOutput's fields plus `stats`).
     """
     tok = validate.as_tokens(prompt_tokens, "prompt_tokens")
     lens = validate.as_lengths(prompt_lengths, tok, "prompt_lengths")
@@ -217,11 +217,11 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         validate.check_room(cfg, lens, np.full_like(lens, max_new_tokens), limit, "generate")
         return generate_nocache(cfg, params, tok, lens, max_new_tokens, knobs)
     if speculate is not None:
-        _check_speculate(cfg, speculate, press, cache is None and cache_kind != "kivi", cache_options)
+        _check_speculate(cfg, speculate, cache is None and cache_kind != "kivi", cache_options)
     cache = _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
                             cache_options)
     if speculate is not None:
-        return _speculative(cfg, params, tok, lens, int(max_new_tokens), knobs, cache, speculate, C)
+        return _speculative(cfg, params, tok, lens, int(max_new_tokens), knobs, cache, speculate, C, press)
     mesh = mesh_of(cache)
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, B)
@@ -234,26 +234,28 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
               budgets)
 
 
-def _check_speculate(cfg, speculate, press, allocates: bool, cache_options: dict) -> None:
+def _check_speculate(cfg, speculate, allocates: bool, cache_options: dict) -> None:
     """Refuse what cannot speculate; a cache generate allocates gets rings with room for the
     lookahead (`ring_slack`)."""
-    if press is not None:
-        raise ValueError("generate: speculate= and press= cannot be combined in one call (a press compresses the "
-                         "prompt as it prefills); prefill with the press, then generate(cache=that cache, speculate=...)")
     speculate.check(cfg)
     if allocates:
         cache_options.setdefault("ring_slack", int(speculate.num_tokens))
 
 
-def _speculative(cfg, params, tok, lens, N: int, knobs, cache: KVCache, speculate, C: int):
-    """generate(speculate=...): prefill (chunked as usual), then the speculative loop."""
+def _speculative(cfg, params, tok, lens, N: int, knobs, cache: KVCache, speculate, C: int, press=None):
+    """generate(speculate=...): prefill (chunked as usual; with `press` as plain generate
+    presses), then the speculative loop (a DecodingPress compacting on plain generate's
+    schedule)."""
     from . import speculative
     speculative.check_cache(cfg, cache, int(speculate.num_tokens))
     if mesh_of(cache) is not None:
         raise ValueError("generate(speculate=...): caches on a mesh are not supported yet; pass mesh=None")
     used = sharding.to_host(cache.lengths)
-    validate.check_room(cfg, used, lens + N, cache.max_len, f"generate (prompt + max_new_tokens={N})",
-                        cache.bounded)
+    if press is not None or cache.pressed:
+        _plan(cfg, cache, press, None, lens, N, tok.shape[1])        # plain generate's room checks
+    else:
+        validate.check_room(cfg, used, lens + N, cache.max_len, f"generate (prompt + max_new_tokens={N})",
+                            cache.bounded)
     draft = speculative.draft_cache_for(speculate, tok.shape[0], int(lens.max()) + N,
                                         "int8" if cache.kind == "int8" else "dense")
     if draft is not None:
@@ -261,8 +263,16 @@ def _speculative(cfg, params, tok, lens, N: int, knobs, cache: KVCache, speculat
             raise ValueError("generate(speculate=DraftModel(...)) continues only from an empty cache: the "
                              "draft model needs the whole history; pass the full prompt with cache=None")
         _, draft = prefill(speculate.cfg, speculate.params, tok, lens, draft, prefill_chunk=C)
-    logits, cache = prefill(cfg, params, tok, lens, cache, prefill_chunk=C)
-    return speculative.generate_speculative(cfg, params, logits, cache, tok, lens, N, knobs, speculate, draft)
+    plan = speculate.plan()
+    if isinstance(press, DecodingPress):
+        compressed = prefill_compresses(press, tok.shape[1])
+        logits, cache = prefill(cfg, params, tok, lens, as_pressed(cache), prefill_chunk=C)
+        cache = programs.compress_program(cache, press) if compressed else cache
+        plan = plan._replace(decoding=press, first_compression=press.compression_interval - (not compressed))
+    else:
+        logits, cache = prefill(cfg, params, tok, lens, cache, press=press, prefill_chunk=C)
+    return speculative.generate_speculative(cfg, params, logits, cache, tok, lens, N, knobs, plan,
+                                            speculate, draft)
 
 
 def _prefill_head(cfg, params, tok, lens, cache: KVCache, C: int, N: int):

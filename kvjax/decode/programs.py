@@ -8,7 +8,8 @@ Traced cores (plain functions, usable inside other jitted code): `append_chunk`,
 the steps it ran), `generate_core`. Jitted programs (config
 and plans static, the cache donated so XLA writes new K/V into its own memory):
 `forward_program`, `prefill_program`, `decode_program`, `decode_loop_program`,
-`generate_program`, `nocache_step_program`, and `mesh_programs(...)` for caches on a mesh.
+`generate_program`, `nocache_step_program`, `compress_program`, and `mesh_programs(...)`
+for caches on a mesh.
 Host checks live in api.py; these programs trust their inputs.
 
 The decode loop stops early: its steps run in `lax.while_loop`s that end once every row has
@@ -212,6 +213,8 @@ generate_program = jax.jit(generate_core, static_argnums=(0, 5), donate_argnums=
 # generate's decode loop on its own (benchmarks time it on a cache prefilled outside the timed region)
 decode_loop_program = jax.jit(decode_loop, static_argnums=(0, 4, 6, 7), donate_argnums=3)
 nocache_step_program = jax.jit(nocache_step, static_argnums=(0, 1), donate_argnums=3)
+# a DecodingPress compaction on its own (a speculative generate's prefill that compresses)
+compress_program = jax.jit(compress_cache, static_argnums=1, donate_argnums=0)
 
 
 @lru_cache(maxsize=None)

@@ -16,8 +16,9 @@ dense, int8, window, sinks, hybrid, KIVI and pressed (a rejected token is a leng
 does not advance; rings get `num_tokens` slack slots beyond the window they attend over, so
 a rejected write never overwrites a key still in the window; a KIVI verify chunk never
 completes a residual block; a pressed cache's rejected slots are emptied and its per-head
-fills set back: loop.roll_back). A press in the same call, DecodingPress and meshes are
-refused with what to do instead.
+fills set back: loop.roll_back); a press in the same call presses the prompt as plain
+generate does, and a DecodingPress compacts after the same committed tokens as plain
+decoding (a verify chunk never crosses a compaction). Meshes are refused.
 """
 from __future__ import annotations
 
@@ -192,9 +193,10 @@ def check_cache(cfg: ModelConfig, cache: KVCache, num_tokens: int, where: str = 
 
 
 def generate_speculative(cfg: ModelConfig, params, logits, cache: KVCache, prompt_tok: np.ndarray,
-                         prompt_lens: np.ndarray, N: int, knobs, speculate, draft_cache=None):
+                         prompt_lens: np.ndarray, N: int, knobs, plan: SpecPlan, speculate, draft_cache=None):
     """The speculative decode after a prefill (logits [B, V] of each row's last prompt token;
-    `cache` holds the prompt, `draft_cache` a DraftModel's prefill of it). Histories for prompt
+    `cache` holds the prompt, `draft_cache` a DraftModel's prefill of it; `plan`: the
+    proposer's `plan()`, with a DecodingPress's schedule where one runs). Histories for prompt
     lookup are the prompts [B, S] (host) plus room for N tokens."""
     B, S = prompt_tok.shape
     hist = np.zeros((B, S + N), np.int32)
@@ -202,7 +204,7 @@ def generate_speculative(cfg: ModelConfig, params, logits, cache: KVCache, promp
     dparams = speculate.params if isinstance(speculate, DraftModel) else None
     toks, n, cache, stats = speculative_program(cfg, params, logits, cache, jnp.asarray(hist),
                                                 jnp.asarray(prompt_lens, jnp.int32), int(N), knobs,
-                                                speculate.plan(), dparams, draft_cache)
+                                                plan, dparams, draft_cache)
     return SpeculativeOutput(toks, n, cache, stats)
 
 

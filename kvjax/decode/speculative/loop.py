@@ -15,6 +15,11 @@ token decode step (`lax.cond`), so rows without proposals cost what plain decodi
 Adaptive switch: each row keeps a running acceptance rate (an exponential average of
 accepted / proposed over its proposing iterations); when it falls below `min_accept` the
 row stops proposing for `cooldown` iterations, then tries again from `min_accept` x 2.
+
+DecodingPress: plain decoding compacts the cache after fixed decode steps (plans.
+decoding_segments); here a row's verify chunk ends at its next such step, and the rows whose
+committed tokens reach it are compacted before their next forward, so every query sees the
+cache plain decoding's sees.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ..programs import append_chunk, decode_tokens
+from ...press.decoding import compress_cache
 from ...sampling import Knobs, pick
 from . import lookup
 from .verify import accept, draft_probs_of
@@ -59,6 +65,27 @@ class SpecPlan(NamedTuple):
     draft_cfg: object = None       # a DraftModel's config (None: prompt lookup)
     min_accept: float = 0.25
     cooldown: int = 16
+    decoding: object = None        # a DecodingPress compacting on plain decoding's schedule
+    first_compression: int = 0     # ... after this many decode steps, then every interval
+
+
+def next_compression(plan: SpecPlan, steps):
+    """The decode step [B] (plain generate's count: step j writes the j-th emitted token) after
+    which a DecodingPress next compacts, for rows that have run `steps` [B] decode steps: the
+    first one after `first_compression` steps, then one every `compression_interval`
+    (plans.decoding_segments' schedule)."""
+    every = plan.decoding.compression_interval
+    late = jnp.maximum(0, -(-(steps + 1 - plan.first_compression) // every))
+    return plan.first_compression + late * every
+
+
+def compress_rows(cache, hit, press):
+    """The cache with rows `hit` [B] compacted by the DecodingPress (the others unchanged);
+    nothing runs when no row is hit."""
+    def some(c):
+        new = compress_cache(c, press)
+        return jax.tree.map(lambda a, b: jnp.where(hit.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, c)
+    return jax.lax.cond(jnp.any(hit), some, lambda c: c, cache)
 
 
 def _draft(plan: SpecPlan, dparams, dcache, pending, active, knobs: Knobs, key):
@@ -111,6 +138,8 @@ def speculative_loop(cfg, params, logits, cache, hist, hist_len, N: int, knobs: 
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.done),
                            lambda s: _iteration(cfg, params, N, knobs, plan, dparams, s), state)
     _, cache = decode_tokens(cfg, params, s.pending, s.cache, jnp.ones((B,), bool))  # the last token too
+    if plan.decoding is not None:     # that token is plain generate's last step: compacted if it is due
+        cache = compress_rows(cache, next_compression(plan, s.n_out - 1) == s.n_out, plan.decoding)
     return s.out[:, :N], s.n_out, cache, s.stats
 
 
@@ -145,6 +174,8 @@ def _iteration(cfg, params, N: int, knobs: Knobs, plan: SpecPlan, dparams, s: _S
             lambda dc: _draft(plan, dparams, dc, s.pending, active, knobs, k_draft), catch_up, dcache)
         nv = jnp.full((B,), k, jnp.int32)
     nv = jnp.where(active & (s.off <= 0), jnp.clip(jnp.minimum(nv, N - s.n_out - 1), 0, k), 0)
+    if plan.decoding is not None:   # a chunk ends at the step a DecodingPress compacts after
+        nv = jnp.minimum(nv, next_compression(plan, s.n_out - 1) - s.n_out)
     chunked = jnp.any(nv > 0)
     if s.cache.kind == "kivi":   # a verify chunk never completes a residual block (see kivi_room)
         nv = jnp.minimum(nv, kivi_room(s.cache.lengths, s.cache.quant[2]))
@@ -230,5 +261,7 @@ def _commit(s: _State, before, drafts, nv, m, nxt, N: int, knobs: Knobs, plan: S
     rate, off = adapt(s.rate, s.off, nv, used, plan)
     n_out = s.n_out + c
     cache = roll_back(s.cache, before, lengths)
+    if plan.decoding is not None:   # rows whose committed tokens reached a compaction step
+        cache = compress_rows(cache, active & (n_out - 1 == next_compression(plan, s.n_out - 1)), plan.decoding)
     return _State(s.it + 1, jnp.where(active, last, s.pending), cache, dcache,
                   s.done | (active & (hit_eos | (n_out >= N))), hist, s.hlen + c, out, n_out, stats, rate, off)
