@@ -71,18 +71,32 @@ class SamplingError(ValueError):
         self.param = param
 
 
+# Temperatures a float32 sampler divides by without overflow: 0 (greedy) or within these.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 1e5
+INT32_MAX = 2**31 - 1   # top_k lives in an int32 array on the device
+
+
 def check_sampling(temperature, top_k, top_p, where: str = "") -> None:
     """The one range check of sampling parameters (scalars or per-row arrays), used by
-    `generate`, `Engine` and `kvjax serve`: temperature finite and >= 0 (0: greedy), top_k an
-    int >= 0 (0 disables it), top_p in (0, 1] (1 disables it). Raises SamplingError naming
-    the parameter, its value and the limit."""
+    `generate`, `Engine` and `kvjax serve`: temperature 0 (greedy) or in [MIN_TEMPERATURE,
+    MAX_TEMPERATURE] (logits / temperature stays finite in float32), top_k an int in
+    [0, 2**31 - 1] (0 disables it; anything >= the vocabulary keeps every token), top_p in
+    (0, 1] (1 disables it). Raises SamplingError naming the parameter, its value and the limit."""
     pre = f"{where}: " if where else ""
-    temp = np.asarray(temperature, np.float64)
-    if (temp < 0).any() or not np.isfinite(temp).all():
-        raise SamplingError("temperature", f"{pre}temperature must be finite and >= 0, got {temperature!r}")
-    k = np.asarray(top_k)
-    if isinstance(top_k, bool) or not (np.issubdtype(k.dtype, np.integer) or k.size == 0) or (k < 0).any():
-        raise SamplingError("top_k", f"{pre}top_k must be >= 0 and an int (0 disables it), got {top_k!r}")
+    try:
+        temp = np.asarray(temperature, np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise SamplingError("temperature", f"{pre}temperature must be a number, got {temperature!r}") from None
+    out = (temp != 0) & ((temp < MIN_TEMPERATURE) | (temp > MAX_TEMPERATURE))
+    if not np.isfinite(temp).all() or out.any():
+        raise SamplingError("temperature", f"{pre}temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                                           f"{MAX_TEMPERATURE:g}], got {temperature!r}")
+    k = np.asarray(top_k, dtype=object if isinstance(top_k, int) else None)
+    ints = isinstance(top_k, (int, np.integer)) or np.issubdtype(k.dtype, np.integer) or k.size == 0 or \
+        (k.dtype == object and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in k.flat))
+    if isinstance(top_k, bool) or not ints or (k < 0).any() or (k > INT32_MAX).any():
+        raise SamplingError("top_k", f"{pre}top_k must be an int in [0, {INT32_MAX}] (0 disables it), "
+                                     f"got {top_k!r}")
     p = np.asarray(top_p, np.float64)
     if not np.isfinite(p).all() or ((p <= 0) | (p > 1)).any():
         raise SamplingError("top_p", f"{pre}top_p must be in (0, 1], got {top_p!r}")

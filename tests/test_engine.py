@@ -308,6 +308,8 @@ def test_bad_inputs_raise_before_anything_runs(tiny, engine, oracle):
         ([good], kvjax.SamplingParams(top_p=0.0), r"request 0: top_p"),
         ([good], kvjax.SamplingParams(logprobs=21), r"request 0: logprobs must be None or an int in \[0, 20\]"),
         ([good], kvjax.SamplingParams(stop_token_ids=(-1,)), r"request 0: stop token -1"),
+        ([good], kvjax.SamplingParams(top_k=2**31, temperature=1.0), r"request 0: top_k must be an int in \[0, 2147483647\]"),
+        ([good], kvjax.SamplingParams(temperature=1e-30), r"request 0: temperature must be 0 \(greedy\) or in"),
     ]
     for prompts, s, msg in cases:
         with pytest.raises(ValueError, match=msg):
@@ -320,6 +322,46 @@ def test_bad_inputs_raise_before_anything_runs(tiny, engine, oracle):
                                          r"8 tokens but the pool has num_pages=4"):
         make_engine(tiny, num_pages=4).generate([[1] * 40], kvjax.SamplingParams(max_tokens=24))
     assert engine.generate([good], sp)[0].tokens == oracle(good)[:4]         # still serving
+
+
+def test_a_request_failing_inside_the_engine_fails_alone(tiny, engine, oracle, caplog):
+    """A fault in an iteration (injected: any decode call holding the poisoned request raises,
+    after the pools were donated, as a device error would) fails that request alone, logged
+    with its id; the requests batched with it are rerun one at a time and finish with exactly
+    generate's tokens; no page leaks, the prefix cache keeps working and so does the engine."""
+    cfg, _ = tiny
+    prompts = prompts_of(cfg, [20, 27, 33, 24], seed=11)
+    sp = kvjax.SamplingParams(max_tokens=N_REF)
+    runner, real = engine.runner, engine.runner.dispatch_decode
+
+    def faulty(step, prev=None):
+        call = real(step, prev) if prev is not None else real(step)
+        if any(s.req.prompt == prompts[2] for s in step.seqs):
+            engine.runner.keys[0].delete()          # as a failed donated call leaves the pools
+            raise RuntimeError("injected device fault")
+        return call
+
+    runner.dispatch_decode = faulty
+    try:
+        with caplog.at_level("ERROR", logger="kvjax.engine"):
+            handles = [engine.submit(p, sp) for p in prompts]
+            results = []
+            for h in handles:
+                try:
+                    results.append(h.result(timeout=300))
+                except RuntimeError as e:
+                    results.append(e)
+    finally:
+        runner.dispatch_decode = real
+    assert isinstance(results[2], RuntimeError) and "injected device fault" in str(results[2])
+    assert f"request {handles[2].request_id} failed alone" in caplog.text
+    for p, r in zip(prompts[:2] + prompts[3:], results[:2] + results[3:]):
+        assert (r.tokens, r.finish_reason) == expect(oracle(p), sp)
+    assert engine.stats()["failed"] >= 1 and engine.scheduler.max_slots == engine.max_slots
+    check_drained(engine)
+    again = engine.generate(prompts[:2], sp)                      # batching again, prefix hits exact
+    assert [o.tokens for o in again] == [expect(oracle(p), sp)[0] for p in prompts[:2]]
+    assert engine.stats()["running"] == 0
 
 
 # ----------------------------------------------------------------------------- serving_bench

@@ -129,7 +129,7 @@ def test_smollm2_engine_and_server_answer_a_chat(smol):
                                                     stop_token_ids=list(tok.eos_ids)))[0]
         assert got.tokens == want
         app = create_app(engine, tok, "smollm2", context=128, vocab_size=cfg.vocab_size, eos_ids=tok.eos_ids)
-        with TestClient(app) as client:
+        with TestClient(app, base_url="http://127.0.0.1") as client:
             r = client.post("/v1/chat/completions", json={"model": "smollm2", "messages": CHAT,
                                                           "max_tokens": n, "temperature": 0})
         assert r.status_code == 200, r.text

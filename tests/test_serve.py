@@ -39,6 +39,7 @@ LONG = 110               # max_tokens of streams meant to be in flight (prompt +
 # the first two are checked against `kvjax generate` (same length: its programs compile once)
 PROMPTS = ["def foo(", "class A(", "import os\n", "Return the"]
 CHAT = "What is a list?"
+REQUEST_TIMEOUT = 3      # --request-timeout: headers, then the body, must arrive within this
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,7 +63,8 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [sys.executable, "-m", "kvjax.cli", "serve", "--model", "text", "--port", str(port),
            "--max-len", str(CONTEXT), "--max-slots", str(SLOTS), "--api-key", KEY,
-           "--max-request-bytes", str(MAX_BYTES), "--log-level", "warning"]
+           "--max-request-bytes", str(MAX_BYTES), "--log-level", "warning",
+           "--request-timeout", str(REQUEST_TIMEOUT)]
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -354,6 +356,18 @@ BAD = [  # (id, path, raw body or JSON, status, param)
     ("chat-unknown-model", "/v1/chat/completions",
      {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
     ("oversized-body", "/v1/completions", {"prompt": "x" * (MAX_BYTES + 1000)}, 413, None),
+    # once: past int32 in the engine's sampling arrays, failing every request in flight
+    ("top_k-2**31", "/v1/completions", {"prompt": "x", "temperature": 1, "top_k": 2**31}, 400, "top_k"),
+    ("top_k-2**63", "/v1/completions", {"prompt": "x", "temperature": 1, "top_k": 2**63}, 400, "top_k"),
+    ("temperature-underflows", "/v1/completions", {"prompt": "x", "temperature": 1e-30}, 400, "temperature"),
+    # once HTTP 500s: a lone surrogate (valid JSON, not valid Unicode), 10,000-deep nesting
+    ("lone-surrogate", "/v1/completions", b'{"prompt": "a\\ud800b"}', 400, "prompt"),
+    ("tokenize-lone-surrogate", "/tokenize", b'{"prompt": "a\\ud800b"}', 400, "prompt"),
+    ("chat-lone-surrogate", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "messages.0.content"),
+    ("deep-nesting", "/v1/completions", b'{"prompt": ' + b"[" * 10000 + b"]" * 10000 + b"}", 400, None),
+    ("nesting-past-limit", "/v1/completions", b'{"prompt": "x", "user": ' + b"[" * 40 + b"]" * 40 + b"}",
+     400, None),
 ]
 
 
@@ -370,6 +384,100 @@ def test_bad_request_gets_openai_error(http, path, body, status, param):
     # the server stays up and serves the next request normally
     ok = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_hostile_request_beside_streams_and_no_thread_per_request(ready, http, oracle):
+    """Four streams in flight, then hostile requests: each gets its 400 and the streams finish
+    with exactly their answers. The server holds no OS thread per request in flight."""
+    def threads() -> int:
+        status = Path(f"/proc/{ready.proc.pid}/status").read_text()
+        return int(status.split("Threads:")[1].split()[0])
+
+    def stream(p):
+        with http.stream("POST", "/v1/completions", json={"prompt": p, "max_tokens": N_NEW, "temperature": 0,
+                                                          "stream": True}) as r:
+            return "".join(e["choices"][0]["text"] for e in _sse_events(r.iter_lines()) if e != "[DONE]")
+
+    idle = threads()
+    with ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(stream, PROMPTS[i % 2]) for i in range(4)]
+        time.sleep(0.3)
+        busy = threads()
+        for body in ({"prompt": "x", "temperature": 1, "top_k": 2**63}, {"prompt": [0] * 20000}):
+            assert http.post("/v1/completions", json=body).status_code == 400
+        assert [f.result() for f in streams] == [oracle[PROMPTS[i % 2]] for i in range(4)]
+    assert busy - idle < 4, (idle, busy)
+
+
+def test_slow_clients_are_cut_off(ready):
+    """Headers that never end: the connection is closed after --request-timeout; a body that
+    never ends: 408. Neither holds the server (the SIGTERM test below drains)."""
+    port = int(ready.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        s.settimeout(REQUEST_TIMEOUT * 5)
+        t = time.perf_counter()
+        assert s.recv(1024) == b""                      # closed by the server
+        assert time.perf_counter() - t < REQUEST_TIMEOUT * 3
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode()
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        s.settimeout(REQUEST_TIMEOUT * 5)
+        assert s.recv(4096).startswith(b"HTTP/1.1 408")
+
+
+def _fake_app(**kw):
+    """create_app on an engine stand-in whose queue holds `waiting` requests (gate and
+    admission tests: nothing reaches an engine)."""
+    from kvjax.serve.app import create_app
+    from kvjax.tokenizer import ByteTokenizer
+
+    class Queued:
+        def __init__(self, waiting):
+            self.n = waiting
+
+        def waiting(self):
+            return self.n
+
+        def submit(self, *a):
+            raise AssertionError("the request reached the engine")
+
+        def stats(self):
+            return {"waiting": self.n}
+
+    waiting = kw.pop("waiting", 0)
+    return create_app(Queued(waiting), ByteTokenizer(), "m", context=64, vocab_size=260, **kw)
+
+
+def test_server_without_api_key_answers_only_local_json_requests():
+    """Without an API key: Host/Origin outside the allowed hosts -> 403 (DNS rebinding, a web
+    page driving a local server), a POST body that is not JSON -> 415; loopback names pass."""
+    from starlette.testclient import TestClient
+
+    local = TestClient(_fake_app(), base_url="http://127.0.0.1:8000")
+    assert local.get("/v1/models").status_code == 200
+    assert local.get("/v1/models", headers={"Origin": "http://localhost:3000"}).status_code == 200
+    for headers in ({"Host": "evil.example"}, {"Origin": "http://evil.example"}, {"Origin": "null"}):
+        r = local.get("/v1/models", headers=headers)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", r.text
+    r = local.post("/v1/completions", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    anywhere = TestClient(_fake_app(allowed_hosts=("*",)), base_url="http://evil.example")
+    assert anywhere.get("/v1/models").status_code == 200
+    keyed = TestClient(_fake_app(api_key="k"), base_url="http://evil.example")   # the key guards it
+    assert keyed.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_full_queue_answers_429_with_retry_after():
+    from starlette.testclient import TestClient
+
+    client = TestClient(_fake_app(waiting=8, max_waiting=8), base_url="http://127.0.0.1")
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+    assert r.json()["error"]["code"] == "server_busy"
+    metrics = client.get("/metrics").text
+    assert 'kvjax_requests_rejected_total{reason="queue_full"} 1.0' in metrics
+    assert 'kvjax_http_requests_total{route="/v1/completions",status="429"} 1.0' in metrics
 
 
 def test_oversized_chunked_body_and_unknown_route(http):
@@ -577,14 +685,14 @@ def test_chat_template_flag_serves_chat_for_a_model_without_one(tmp_path, monkey
     app, engine, model_id = serve_cli.build(parser.parse_args([*argv, "--chat-template", str(template)]))
     body = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     try:
-        r = TestClient(app).post("/v1/chat/completions", json=body)
+        r = TestClient(app, base_url="http://127.0.0.1").post("/v1/chat/completions", json=body)
         plain = GGUFTokenizer(GGUFFile(model))
         assert plain.chat_template is None
         want = len(use_chat_template(GGUFTokenizer(GGUFFile(model)), template.read_text())
                    .apply_chat_template(body["messages"]))
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == want, r.text
         bare = create_app(engine, plain, model_id, context=64, vocab_size=256)  # no --chat-template
-        r = TestClient(bare).post("/v1/chat/completions", json=body)
+        r = TestClient(bare, base_url="http://127.0.0.1").post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and "--chat-template FILE" in r.json()["error"]["message"]
         assert r.json()["error"]["param"] == "messages"
     finally:
@@ -613,7 +721,7 @@ def test_speculate_flag(tmp_path):
     for spec in (None, "prompt-lookup:3", f"draft:{model}:2"):
         app, engine, _ = serve_cli.build(parser.parse_args(argv + (["--speculate", spec] if spec else [])))
         try:
-            client = TestClient(app)
+            client = TestClient(app, base_url="http://127.0.0.1")
             r = client.post("/v1/completions", json=body)
             assert r.status_code == 200, r.text
             answers[spec] = r.json()["choices"][0]["text"]

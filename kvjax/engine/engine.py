@@ -29,6 +29,7 @@ those of runner.py.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -44,12 +45,15 @@ from .programs import LOGPROBS_MAX
 from .runner import Runner
 from .scheduler import Outputs, Scheduler
 
+log = logging.getLogger("kvjax.engine")
+
 _END = object()
 
 
 class RequestHandle:
     """One submitted request. Iterate it for token ids as they are produced (blocking);
-    `result()` waits for the Completion; `cancel()` stops it at the engine's next step."""
+    `result()` waits for the Completion; `cancel()` stops it at the engine's next step;
+    `subscribe(listener)` has updates pushed instead (no thread has to wait on it)."""
 
     def __init__(self, engine: "Engine", request_id: int, want_logprobs: bool):
         self._engine = engine
@@ -58,6 +62,8 @@ class RequestHandle:
         self._finished = threading.Event()
         self._completion: Completion | None = None
         self._error: BaseException | None = None
+        self._listener = None
+        self._lock = threading.Lock()
         self.logprobs: list | None = [] if want_logprobs else None
         self.submit_time = time.perf_counter()
         self.first_token_time: float | None = None
@@ -72,7 +78,7 @@ class RequestHandle:
             item = self._tokens.get()
             if item is _END:
                 if self._error is not None:
-                    raise RuntimeError(f"request {self.request_id} failed in the engine") from self._error
+                    raise self._failure()
                 return
             yield from item
 
@@ -80,7 +86,7 @@ class RequestHandle:
         if not self._finished.wait(timeout):
             raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
         if self._error is not None:
-            raise RuntimeError(f"request {self.request_id} failed in the engine") from self._error
+            raise self._failure()
         return self._completion
 
     def cancel(self):
@@ -89,19 +95,52 @@ class RequestHandle:
         if not self.done:
             self._engine._cancel(self.request_id)
 
+    def subscribe(self, listener):
+        """Push updates instead of queueing them: `listener(tokens, completion, error)` is called
+        on the engine's thread with each list of new token ids (completion and error None),
+        then once at the end with tokens [] and the Completion or (completion None) the error
+        the request failed with (a RuntimeError naming it). What arrived before is delivered first, in order.
+        The listener must be quick (e.g. hand the update to an event loop). Iterating the
+        handle afterwards sees nothing."""
+        with self._lock:
+            while not self._tokens.empty():
+                item = self._tokens.get_nowait()
+                if item is not _END:
+                    listener(item, None, None)
+            self._listener = listener
+            if self.done:
+                self._notify_end()
+
+    def _failure(self) -> RuntimeError:
+        err = RuntimeError(f"request {self.request_id} failed in the engine: {type(self._error).__name__}: "
+                           f"{self._error}")
+        err.__cause__ = self._error
+        return err
+
+    def _notify_end(self):
+        self._listener([], self._completion, None if self._error is None else self._failure())
+
     # called by the engine's loop thread
     def _emit(self, tokens: list, logprobs: list | None):
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
         if logprobs is not None and self.logprobs is not None:
             self.logprobs += logprobs
-        self._tokens.put(tokens)         # one put per call, not per token: iteration unpacks
+        with self._lock:
+            if self._listener is not None:
+                self._listener(tokens, None, None)
+            else:
+                self._tokens.put(tokens)         # one put per call, not per token: iteration unpacks
 
     def _finish(self, completion: Completion | None, error: BaseException | None = None):
-        self._completion, self._error = completion, error
-        self.finish_time = time.perf_counter()
-        self._tokens.put(_END)
-        self._finished.set()
+        with self._lock:
+            self._completion, self._error = completion, error
+            self.finish_time = time.perf_counter()
+            self._finished.set()
+            if self._listener is not None:
+                self._notify_end()
+            else:
+                self._tokens.put(_END)
 
 
 class Engine:
@@ -151,6 +190,7 @@ class Engine:
         self._drain = True
         self._next_id = 0
         self._handles: dict = {}         # request id -> RequestHandle (loop thread only)
+        self._suspects: set = set()      # ids running when an iteration failed, not yet finished
 
     @property
     def pool(self):
@@ -194,6 +234,11 @@ class Engine:
             sps = [sampling or SamplingParams()] * len(prompts)
         checked = [self._check(p, sp, f"request {i}") for i, (p, sp) in enumerate(zip(prompts, sps))]
         return self._enqueue(checked)
+
+    def waiting(self) -> int:
+        """Requests submitted and not yet running (waiting for a slot or for pages)."""
+        with self._lock:
+            return len(self.scheduler.waiting) + len(self._inbox)
 
     def stats(self) -> dict:
         """Counters and pool occupancy. pages_used: pages holding data (in use by requests or
@@ -300,13 +345,41 @@ class Engine:
                             return
                     continue
                 self._iteration()
-            except BaseException as e:   # noqa: BLE001 - fail the requests, keep serving
-                self._fail_all(e)
+            except BaseException as e:   # noqa: BLE001 - find the request at fault, keep serving
+                self._recover(e)
+
+    def _recover(self, error: BaseException):
+        """An iteration failed. The requests that were running go back to the queue (recomputed
+        from their tokens; fresh pools if the failed call took them) and, while any of them is
+        unfinished, run one at a time: a request that fails alone is failed alone, with the
+        error (logged with its id); the others finish with their exact tokens."""
+        sched = self.scheduler
+        if self._suspects and len(sched.running) == 1:
+            rid = sched.running[0].req.id
+            log.error("engine: request %d failed alone; failing it: %s: %s", rid, type(error).__name__, error)
+            self._suspects.discard(rid)
+            sched.fail(rid)
+            self._handles.pop(rid)._finish(None, error)
+        lost = self.runner.pools_lost()
+        if lost:
+            self.runner.reset_pools()
+        ids = sched.requeue_running(lost)
+        if not ids and not self._suspects:
+            log.error("engine: an iteration failed with no request running; failing the %d queued: %s: %s",
+                      len(self._handles), type(error).__name__, error)
+            self._fail_all(error)
+            return
+        log.error("engine: an iteration of requests %s failed (%s: %s); rerunning them one at a time",
+                  ids, type(error).__name__, error)
+        self._suspects.update(ids)
+        sched.max_slots = 1
 
     def _fail_all(self, error: BaseException):
         for handle in self._handles.values():
             handle._finish(None, error)
         self._handles.clear()
+        self._suspects.clear()
+        self.scheduler.max_slots = self.max_slots
         self.scheduler.reset()
         self.runner.reset_pools()
 
@@ -334,12 +407,16 @@ class Engine:
             handles[rid]._emit(tokens, lps)
         for completion in out.finished:
             handles.pop(completion.request_id)._finish(completion)
+            if self._suspects:
+                self._suspects.discard(completion.request_id)
+                if not self._suspects:          # every suspect finished or failed alone: batch again
+                    self.scheduler.max_slots = self.max_slots
 
 
 # stats()'s counters, in its order (the scheduler's and the runner's, interleaved as they always were)
 _SPEC_COUNTERS = ("spec_proposed", "spec_accepted", "spec_forwards")
 _COUNTERS = ("prompt_tokens", "prefill_tokens_computed", "generated_tokens", "preemptions", "prefix_hits",
-             "cached_tokens", "compilations", "prefill_calls", "decode_calls", "finished", "aborted") \
+             "cached_tokens", "compilations", "prefill_calls", "decode_calls", "finished", "aborted", "failed") \
     + _SPEC_COUNTERS
 
 

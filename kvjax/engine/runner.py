@@ -55,6 +55,12 @@ class Runner:
         return init_pools(c.num_layers, self.num_pages, c.num_kv_heads, self.page_size, c.head_dim,
                           self.dtype, self._place.pool_sharding)
 
+    def pools_lost(self) -> bool:
+        """Whether a failed call took the pools with it (donated, then not returned)."""
+        pools = list(self.keys) + list(self.values) + (list(self.dpools[0]) + list(self.dpools[1])
+                                                       if self.draft_cfg is not None else [])
+        return any(a.is_deleted() for a in pools)
+
     def reset_pools(self):
         """Fresh zeroed pools (after a failed call: the donated ones may be gone)."""
         self.keys, self.values = self._new_pools(self.cfg)

@@ -141,7 +141,7 @@ class Outputs:
 
 
 COUNTERS = ("prompt_tokens", "prefill_tokens_computed", "generated_tokens", "preemptions",
-            "prefix_hits", "cached_tokens", "finished", "aborted",
+            "prefix_hits", "cached_tokens", "finished", "aborted", "failed",
             "spec_proposed", "spec_accepted", "spec_forwards")
 
 
@@ -210,6 +210,36 @@ class Scheduler:
                 break
         self.counters["aborted"] += 1
         self._complete(req, "abort")
+
+    def requeue_running(self, pages_lost: bool) -> list:
+        """After a failed call: every running request back to the front of the queue, to be
+        recomputed from its prompt and the tokens it has (as preemption does); returns their
+        ids. pages_lost (the call took the pools with it): a fresh page pool, so no prefix-cache
+        entry points at lost data; otherwise their written pages stay in the prefix cache."""
+        ids = [s.req.id for s in self.running]
+        if pages_lost:
+            for s in reversed(self.running):
+                self.waiting.appendleft(s.req)
+            self.running.clear()
+            self.pool = PagePool(self.num_pages, self.page_size, self.pool.prefix_cache)
+        else:
+            for s in reversed(list(self.running)):
+                self._release(s)
+                self.waiting.appendleft(s.req)
+        return ids
+
+    def fail(self, rid: int):
+        """Drop a request that failed (its pages freed, no Completion: the caller reports the error)."""
+        req = self.live.pop(rid, None)
+        if req is None:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        for s in self.running:
+            if s.req is req:
+                self._release(s)
+                break
+        self.counters["failed"] += 1
 
     def reset(self):
         """Forget every request and page (after a failed call: the pools' contents are lost)."""

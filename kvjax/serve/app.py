@@ -31,23 +31,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as P
 from . import routes
-from .gate import DEFAULT_MAX_REQUEST_BYTES, Gate
+from .gate import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_REQUEST_BYTES, LOOPBACK, Gate
 from .generation import ServerState
 
 log = logging.getLogger("kvjax.serve")
 
 
 def create_app(engine, tokenizer, model_id: str, *, context: int, vocab_size: int, eos_ids=(),
-               api_key: str | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> Gate:
+               api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               max_waiting: int | None = None, allowed_hosts=LOOPBACK,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT) -> Gate:
     """The ASGI app serving `engine` (a started `kvjax.Engine`) under the name `model_id`.
 
     context: the most tokens a request may hold (prompt + max_tokens); vocab_size: the
     model's; eos_ids: tokens that end an answer (never shown as text). api_key: when set,
-    every route but /health and /metrics needs `Authorization: Bearer <api_key>`.
-    max_request_bytes: the largest body accepted (413 above).
+    every route but /health and /metrics needs `Authorization: Bearer <api_key>`; without
+    one, only `allowed_hosts` (None or "*": any) may be named by Host/Origin and POST bodies
+    must be JSON (see gate.py). max_request_bytes: the largest body accepted (413 above);
+    body_timeout: seconds a body may take to arrive (408 after). max_waiting: requests that
+    may wait for an engine slot (429 with Retry-After beyond; None: unbounded).
     """
-    state = ServerState(engine, tokenizer, model_id, context, vocab_size, eos_ids)
+    state = ServerState(engine, tokenizer, model_id, context, vocab_size, eos_ids, max_waiting)
     app = FastAPI(title="kvjax serve", version="1", docs_url="/docs", redoc_url=None)
     app.state.kvjax = state                     # what routes.server_state hands each handler
     for exc_class, handler in ERROR_HANDLERS:
@@ -55,12 +59,13 @@ def create_app(engine, tokenizer, model_id: str, *, context: int, vocab_size: in
     for method, path, handler in routes.ROUTES:
         app.add_api_route(path, handler, methods=[method], response_model=None)
     return Gate(app, api_key=api_key, max_request_bytes=max_request_bytes,
-                metrics=state.metrics, routes=routes.COUNTED_PATHS)
+                metrics=state.metrics, routes=routes.COUNTED_PATHS, allowed_hosts=allowed_hosts,
+                body_timeout=body_timeout)
 
 
 # ---------------------------------------------------------------- errors as OpenAI error objects
 async def api_error(request: Request, exc: P.APIError):
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException):

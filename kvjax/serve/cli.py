@@ -4,6 +4,7 @@
                 [--dtype float32|bfloat16] [--max-slots 8] [--max-len 512] [--page-size 16]
                 [--api-key KEY] [--mesh data=D,model=M] [--chat-template FILE]
                 [--speculate prompt-lookup:K | early-exit:LAYERS:K | draft:PATH_OR_NAME:K]
+                [--max-waiting 256] [--request-timeout 30] [--allowed-hosts HOST,...]
 
 Lifecycle: read --chat-template (a Jinja file replacing the checkpoint's chat template;
 a bad one fails here, before anything loads), load the model (as `kvjax generate` does,
@@ -83,10 +84,48 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     # gate.DEFAULT_MAX_REQUEST_BYTES, spelled out: this module imports nothing of the web stack
     p.add_argument("--max-request-bytes", type=int_at_least(1), default=8 * 1024 * 1024,
                    metavar="N", help="largest request body accepted (413 above); default %(default)s")
+    _add_guard_flags(p, int_at_least)
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"),
                    default="info", help="uvicorn's log level; default %(default)s")
     p.set_defaults(func=run)
     return p
+
+
+def _add_guard_flags(p, int_at_least):
+    """The flags that keep clients from breaking the server: queue bound, timeouts, hosts."""
+    p.add_argument("--max-waiting", type=int_at_least(0), default=256, metavar="N",
+                   help="requests that may wait for a slot; more get 429 with Retry-After (counted in "
+                        "/metrics as kvjax_requests_rejected_total); default %(default)s")
+    p.add_argument("--request-timeout", type=float_above_zero, default=30.0, metavar="SECONDS",
+                   help="a request's headers, and then its body, must arrive within this (the "
+                        "connection is closed, or answered 408); default %(default)s")
+    p.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST...]",
+                   help="without --api-key, the only Host/Origin names answered (403 otherwise: a web "
+                        "page cannot drive the server) and POST bodies must be JSON; default: "
+                        "localhost, 127.0.0.1, ::1 and the --host address; '*' allows any")
+
+
+def float_above_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def allowed_hosts(text: str | None, host: str) -> tuple:
+    """--allowed-hosts as names ('*' kept: any host), default the loopback names and --host."""
+    if text is None:
+        names = ["localhost", "127.0.0.1", "::1"]
+        if host not in ("0.0.0.0", "::", ""):
+            names.append(host)
+        return tuple(names)
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise UserError(f"--allowed-hosts {text!r}: give host names separated by commas, or '*'")
+    return names
 
 
 def parse_mesh(text: str | None) -> dict | None:
@@ -123,7 +162,7 @@ def build(args):
         raise UserError(f"{INSTALL_HINT} ({e.name} is missing)") from None
     import kvjax
 
-    from ..engine import Engine, SamplingParams
+    from ..engine import Engine
     from .app import create_app
 
     from ..generate_cli import read_chat_template_arg
@@ -161,18 +200,26 @@ def build(args):
         raise UserError(str(e)) from None
     _say(f"loaded {args.model} ({cfg.name}, {cfg.dtype}) and built the engine in "
          f"{time.perf_counter() - t0:.1f} s; warming up")
-    t0 = time.perf_counter()
-    # compile before serving what clients would otherwise wait for: the short-prompt prefill
-    # and the decode steps at every batch size the engine buckets to (powers of two)
-    warm = (tok.encode("Hello") or [0])[: max(1, min(5, context - 2))]
-    sp = SamplingParams(max_tokens=2, temperature=0.0)
-    for n in sorted({min(1 << i, args.max_slots) for i in range(args.max_slots.bit_length() + 1)}):
-        engine.generate([warm] * n, sp)
-    _say(f"warm-up done in {time.perf_counter() - t0:.1f} s")
+    _warm_up(engine, tok, context, args.max_slots)
     model_id = args.served_model_name or args.model
     app = create_app(engine, tok, model_id, context=context, vocab_size=cfg.vocab_size,
-                     eos_ids=eos_ids, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
+                     eos_ids=eos_ids, api_key=args.api_key, max_request_bytes=args.max_request_bytes,
+                     max_waiting=args.max_waiting, allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
+                     body_timeout=args.request_timeout)
     return app, engine, model_id
+
+
+def _warm_up(engine, tok, context: int, max_slots: int):
+    """Compile before serving what clients would otherwise wait for: the short-prompt prefill
+    and the decode steps at every batch size the engine buckets to (powers of two)."""
+    from ..engine import SamplingParams
+
+    t0 = time.perf_counter()
+    warm = (tok.encode("Hello") or [0])[: max(1, min(5, context - 2))]
+    sp = SamplingParams(max_tokens=2, temperature=0.0)
+    for n in sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)}):
+        engine.generate([warm] * n, sp)
+    _say(f"warm-up done in {time.perf_counter() - t0:.1f} s")
 
 
 def run(args) -> int:
@@ -184,8 +231,10 @@ def run(args) -> int:
         raise
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=args.log_level, lifespan="off",
-                            timeout_graceful_shutdown=None)
+    from .connection import timed_protocol
+
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="off", timeout_graceful_shutdown=None,
+                            http=timed_protocol(args.request_timeout))
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the
     # handlers it found. Found handlers that do nothing make that re-raise a no-op, so a

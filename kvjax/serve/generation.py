@@ -4,10 +4,11 @@
 builds one per app and the routes receive it by dependency injection.
 
 `Generation` submits one prompt (`Engine.submit` returns a handle at once; its own checks
-raise ValueError, the caller's 400) and starts a small thread that iterates the handle's
-blocking token iterator and hands each token to the event loop
-(`loop.call_soon_threadsafe`). The event loop never blocks on the engine; the engine
-batches every request in flight (continuous batching), whatever the HTTP concurrency.
+raise ValueError, the caller's 400) and subscribes to the handle: the engine's thread hands
+each update to the event loop (`loop.call_soon_threadsafe`), so a request in flight holds
+no thread of its own. The event loop never blocks on the engine; the engine batches every
+request in flight (continuous batching), whatever the HTTP concurrency. `ServerState.admit`
+refuses a request with 429 (Retry-After) once `max_waiting` requests wait for a slot.
 Tokens become text through `TextStream`; a stop string cancels the request in the engine.
 
 `submit_all` and `run_all` do the same for every prompt of a request: all are submitted
@@ -16,7 +17,6 @@ or none is, and a client that goes away cancels them all.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 from . import protocol as P
@@ -28,13 +28,26 @@ class ServerState:
     """What every route needs: the engine, the tokenizer, the limits, the metrics."""
 
     def __init__(self, engine, tokenizer, model_id: str, context: int, vocab_size: int,
-                 eos_ids=()):
+                 eos_ids=(), max_waiting: int | None = None):
         self.engine = engine
+        self.max_waiting = max_waiting
         self.tok = tokenizer
         self.limits = P.Limits(model_id=model_id, context=int(context), vocab_size=int(vocab_size),
                                eos_ids=tuple(int(e) for e in eos_ids))
         self.metrics = Metrics(engine)
         self.created = int(time.time())
+
+    def admit(self, prompts: int):
+        """429 with Retry-After when `prompts` more would take the engine's queue of requests
+        waiting for a slot past `max_waiting` (None: unbounded)."""
+        if self.max_waiting is None:
+            return
+        waiting = self.engine.waiting()
+        if waiting + prompts > self.max_waiting:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise P.APIError(429, f"the server is at capacity: {waiting} requests wait for a slot "
+                             f"(--max-waiting {self.max_waiting}); retry shortly", "rate_limit_error",
+                             None, "server_busy", headers={"Retry-After": "1"})
 
 
 class Generation:
@@ -58,16 +71,15 @@ class Generation:
         self.handle = state.engine.submit(self.prompt_ids, sampling)  # ValueError: caller's 400
         self.timer = RequestTimer(state.metrics)
         self.closed = False
-        threading.Thread(target=self._pump, daemon=True,
-                         name=f"kvjax-serve-req-{getattr(self.handle, 'request_id', '?')}").start()
+        self.handle.subscribe(self._update)
 
-    def _pump(self):  # runs in its own thread: the handle's iterator blocks
-        try:
-            for tok in self.handle:
-                self._put(("token", int(tok)))
-            self._put(("done", self.handle.result()))
-        except BaseException as e:  # noqa: BLE001  (handed to the event loop, raised there)
-            self._put(("error", e))
+    def _update(self, tokens, completion, error):  # on the engine's thread: hand it over
+        if error is not None:
+            self._put(("error", error))
+        elif completion is not None:
+            self._put(("done", completion))
+        elif tokens:
+            self._put(("tokens", [int(t) for t in tokens]))
 
     def _put(self, item):
         try:
@@ -108,8 +120,8 @@ class Generation:
             items.append(self.queue.get_nowait())
         new, done = [], None
         for kind, value in items:
-            if kind == "token":
-                new.append(value)
+            if kind == "tokens":
+                new += value
             elif kind == "done":
                 done = value
             else:
@@ -157,7 +169,9 @@ class Generation:
 
 
 def submit_all(state: ServerState, prepared: P.Prepared) -> list[Generation]:
-    """Submit every prompt; if the engine refuses one, withdraw those already submitted."""
+    """Submit every prompt; if the engine refuses one, withdraw those already submitted.
+    429 first when the engine's queue is full (`ServerState.admit`)."""
+    state.admit(len(prepared.prompts))
     gens = []
     try:
         for ids, sp in zip(prepared.prompts, prepared.sampling):
@@ -167,10 +181,11 @@ def submit_all(state: ServerState, prepared: P.Prepared) -> list[Generation]:
             g.abandon()
         param = "prompt" if len(prepared.prompts) == 1 else f"prompt.{len(gens)}"
         raise P.invalid(f"the engine refused the request: {e}", param) from None
-    except RuntimeError as e:   # a closed engine
+    except RuntimeError as e:   # a closed engine (shutting down)
         for g in gens:
             g.abandon()
-        raise P.APIError(503, f"the engine is not accepting requests: {e}", "server_error") from None
+        raise P.APIError(503, f"the engine is not accepting requests: {e}", "server_error",
+                         headers={"Retry-After": "5"}) from None
     return gens
 
 

@@ -71,6 +71,8 @@ class Metrics:
         self.cached_tokens = Counter("kvjax_prompt_tokens_cached",
                                      "prompt tokens served from the prefix cache", registry=r)
         self.generated_tokens = Counter("kvjax_generation_tokens", "tokens generated", registry=r)
+        self.rejected = Counter("kvjax_requests_rejected", "generation requests refused before the engine "
+                                "(queue_full: 429 at --max-waiting)", ["reason"], registry=r)
         self.ttft = Histogram("kvjax_time_to_first_token_seconds",
                               "from accepting a request to its first new token",
                               buckets=_LATENCY_BUCKETS, registry=r)

@@ -25,15 +25,17 @@ from ..sampling import SamplingError, check_sampling
 MAX_LOGPROBS = 20      # top alternatives per position (OpenAI allows 5 on completions, 20 on chat)
 MAX_STOP = 16          # stop strings per request
 MAX_PROMPTS = 64       # prompts in one batched /v1/completions request
+MAX_JSON_DEPTH = 32    # nesting of arrays and objects in a request body
 
 
 class APIError(Exception):
     """A request the server refuses: HTTP status + the OpenAI error object's fields."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -118,14 +120,19 @@ class DetokenizeRequest(_Request):
 
 # ---------------------------------------------------------------- parsing
 def parse_body(raw: bytes, model_cls: type[_Request]):
-    """Bytes of a request body -> a validated `model_cls`, or APIError 400."""
+    """Bytes of a request body -> a validated `model_cls`, or APIError 400 (not JSON, nested
+    deeper than MAX_JSON_DEPTH, a string that is not valid Unicode, a field's type or range)."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise invalid(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels",
+                      code="invalid_json") from None
     if not isinstance(data, dict):
         raise invalid(f"the request body must be a JSON object, got {type(data).__name__}",
                       code="invalid_json")
+    check_json(data)
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
@@ -136,6 +143,37 @@ def parse_body(raw: bytes, model_cls: type[_Request]):
         shown = json.dumps(value)[:80] if _jsonable(value) else repr(value)[:80]
         more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
         raise invalid(f"{param or 'body'}: {err['msg']}, got {shown}{more}", param=param) from None
+
+
+def check_json(data) -> None:
+    """APIError 400 for a body nested deeper than MAX_JSON_DEPTH or holding a string (a key or
+    a value) that is not valid Unicode (a lone surrogate such as "\\ud800" parses in JSON but
+    cannot be encoded, so no tokenizer can read it). Iterative: no recursion to exhaust."""
+    stack = [(data, 1, "body")]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, where)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise invalid(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels (at {where})",
+                          code="invalid_json")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _check_text(k, where)
+                stack.append((v, depth + 1, f"{where}.{k}" if where != "body" else k))
+        elif value and not isinstance(value[0], int):   # a list of token ids (the long ones) is
+            stack.extend((v, depth + 1, f"{where}.{i}") for i, v in enumerate(value))   # typed by pydantic
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise invalid(f"{where} is not valid Unicode: {e.reason} at character {e.start} "
+                      f"({text[e.start]!r})", param=None if where == "body" else where) from None
 
 
 def _is_union_branch(part) -> bool:

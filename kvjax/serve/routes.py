@@ -5,7 +5,9 @@ Every handler receives the app's `ServerState` by FastAPI dependency injection
 in closures, so each handler reads alone. A generation route reads the raw body itself
 (`protocol.parse_body`: JSON, strict types), has it checked and prepared by
 `protocol.prepare_*`, submits it (`generation.submit_all`) and answers with a whole body
-or a server-sent-event stream (`responses`). Any problem is a `protocol.APIError`, which
+or a server-sent-event stream (`responses`). A body of OFF_LOOP_BYTES or more is parsed and
+tokenized in a worker thread, so a large request never stalls the event loop (and with it
+every stream and /health). Any problem is a `protocol.APIError`, which
 the app answers as an OpenAI error object.
 
 /tokenize, /detokenize and /tokenizer_info are vLLM's tokenizer routes: lm-eval's
@@ -14,6 +16,8 @@ with the server's own tokenizer.
 """
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Depends, Request
 from fastapi.responses import Response
 
@@ -21,6 +25,17 @@ from . import protocol as P
 from .generation import ServerState, run_all, submit_all
 from .metrics import CONTENT_TYPE_LATEST
 from .responses import EventStream, chat_body, completion_body, stream_chat, stream_completion
+
+
+OFF_LOOP_BYTES = 64 * 1024
+
+
+async def _prepared(request: Request, prepare):
+    """prepare(raw body) on the event loop for a small body, in a worker thread for a large one."""
+    raw = await request.body()
+    if len(raw) < OFF_LOOP_BYTES:
+        return prepare(raw)
+    return await asyncio.to_thread(prepare, raw)
 
 
 async def server_state(request: Request) -> ServerState:
@@ -56,8 +71,8 @@ async def model(name: str, state: ServerState = Depends(server_state)):
 
 # ---------------------------------------------------------------- generation
 async def completions(request: Request, state: ServerState = Depends(server_state)):
-    req = P.parse_body(await request.body(), P.CompletionRequest)
-    prepared = P.prepare_completion(req, state.tok, state.limits)
+    prepared = await _prepared(request, lambda raw: P.prepare_completion(
+        P.parse_body(raw, P.CompletionRequest), state.tok, state.limits))
     gens = submit_all(state, prepared)
     if prepared.stream:
         return EventStream(stream_completion(state, gens[0], prepared), gens)
@@ -66,11 +81,15 @@ async def completions(request: Request, state: ServerState = Depends(server_stat
     return completion_body(state, gens, prepared)
 
 
-async def chat_completions(request: Request, state: ServerState = Depends(server_state)):
-    req = P.parse_body(await request.body(), P.ChatCompletionRequest)
+def _prepare_chat(raw: bytes, state: ServerState) -> P.Prepared:
+    req = P.parse_body(raw, P.ChatCompletionRequest)
     P.check_model(req, state.limits)
     ids = _render_chat(state.tok, P.chat_messages(req.messages))
-    prepared = P.prepare_chat(req, ids, state.limits)
+    return P.prepare_chat(req, ids, state.limits)
+
+
+async def chat_completions(request: Request, state: ServerState = Depends(server_state)):
+    prepared = await _prepared(request, lambda raw: _prepare_chat(raw, state))
     gens = submit_all(state, prepared)
     if prepared.stream:
         return EventStream(stream_chat(state, gens[0], prepared), gens)
@@ -80,8 +99,8 @@ async def chat_completions(request: Request, state: ServerState = Depends(server
 
 
 # ---------------------------------------------------------------- tokenizer (vLLM's routes)
-async def tokenize(request: Request, state: ServerState = Depends(server_state)):
-    req = P.parse_body(await request.body(), P.TokenizeRequest)
+def _tokenized(raw: bytes, state: ServerState) -> dict:
+    req = P.parse_body(raw, P.TokenizeRequest)
     P.check_model(req, state.limits)
     if (req.prompt is None) == (req.messages is None):
         raise P.invalid("give exactly one of prompt and messages", "prompt")
@@ -92,14 +111,22 @@ async def tokenize(request: Request, state: ServerState = Depends(server_state))
     return {"count": len(ids), "max_model_len": state.limits.context, "tokens": ids}
 
 
-async def detokenize(request: Request, state: ServerState = Depends(server_state)):
-    req = P.parse_body(await request.body(), P.DetokenizeRequest)
+async def tokenize(request: Request, state: ServerState = Depends(server_state)):
+    return await _prepared(request, lambda raw: _tokenized(raw, state))
+
+
+def _detokenized(raw: bytes, state: ServerState) -> dict:
+    req = P.parse_body(raw, P.DetokenizeRequest)
     P.check_model(req, state.limits)
     bad = [t for t in req.tokens if not 0 <= t < state.limits.vocab_size]
     if bad:
         raise P.invalid(f"tokens holds id {bad[0]}, outside the vocabulary [0, "
                         f"{state.limits.vocab_size})", "tokens")
     return {"prompt": state.tok.decode(req.tokens)}
+
+
+async def detokenize(request: Request, state: ServerState = Depends(server_state)):
+    return await _prepared(request, lambda raw: _detokenized(raw, state))
 
 
 async def tokenizer_info(state: ServerState = Depends(server_state)):
