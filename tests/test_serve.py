@@ -557,6 +557,79 @@ def test_metrics_and_prefix_cache(http):
     assert m[("kvjax_requests_running", frozenset())] == 0
 
 
+# ---------------------------------------------------------------- fuzz
+def _fuzz_bodies():
+    """Hypothesis strategy: request bodies over the request schema's fields, each field mostly
+    a well-typed value (so bodies get past the type checks and reach tokenization and the
+    engine), else an edge value or one of the wrong kind (huge and negative ints, NaN and
+    infinities, lone surrogates and NULs in text, nested containers, nulls). max_tokens is
+    always given and mostly 1-3, so valid bodies generate few tokens."""
+    from hypothesis import strategies as st
+
+    text = st.text(st.one_of(st.characters(), st.sampled_from("\ud800\udfff\x00")), max_size=12)
+    weird = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                      st.floats(allow_nan=True, allow_infinity=True), text,
+                      st.lists(st.integers(-5, 300), max_size=6),
+                      st.recursive(st.integers(0, 9), lambda c: st.lists(c, max_size=2), max_leaves=6))
+
+    def mostly(valid):
+        return st.one_of(valid, valid, valid, weird)
+
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "robot"]),
+                                     "content": mostly(text)})
+    fields = {
+        "prompt": mostly(st.one_of(text, st.lists(st.integers(0, 259), min_size=1, max_size=8))),
+        "messages": mostly(st.lists(message, max_size=3)), "max_tokens": mostly(st.integers(1, 3)),
+        "temperature": mostly(st.floats(0, 2)), "top_p": mostly(st.floats(0.05, 1)),
+        "top_k": mostly(st.integers(-2, 2**64)), "n": mostly(st.just(1)), "seed": mostly(st.integers(0, 2**64)),
+        "stop": mostly(st.one_of(text, st.lists(text, max_size=3))), "logprobs": mostly(st.integers(0, 5)),
+        "echo": mostly(st.booleans()), "stream": st.booleans(), "presence_penalty": mostly(st.just(0)),
+        "logit_bias": mostly(st.dictionaries(st.text(max_size=3), weird, max_size=2)),
+        "response_format": mostly(st.just({"type": "text"})), "model": mostly(st.just("text")),
+    }
+    main = st.sampled_from([("prompt",), ("messages",), ("prompt", "messages"), ()])
+    rest = st.dictionaries(st.sampled_from(sorted(fields)), st.just(None), max_size=4)
+    return st.tuples(main, rest).flatmap(
+        lambda kr: st.fixed_dictionaries({k: fields[k] for k in {*kr[0], *kr[1], "max_tokens"}}))
+
+
+def test_fuzzed_requests_never_get_a_5xx_or_hang(ready, http):
+    """Hypothesis over the request schema on the three body-taking routes: every answer is
+    < 500 within the client's timeout (no hang); afterwards the engine is idle and no page is
+    held by a request."""
+    from hypothesis import HealthCheck, given, settings
+
+    seen = []
+
+    @settings(max_examples=80, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(body=_fuzz_bodies(), path=st_paths())
+    def probe(body, path):
+        raw = json.dumps(body, allow_nan=True).encode()
+        r = http.post(path, content=raw, headers={"content-type": "application/json"}, timeout=60)
+        if body.get("stream") and r.status_code == 200:
+            r.read()
+        assert r.status_code < 500, (path, body, r.status_code, r.text[:300])
+        seen.append(r.status_code)
+
+    probe()
+    assert seen.count(200) >= 10 and seen.count(400) >= 10, seen      # it reached the engine, and refusals
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        m = _metrics(http)
+        if m[("kvjax_requests_running", frozenset())] == 0 and m[("kvjax_engine_pages_in_use", frozenset())] == 0:
+            break
+        time.sleep(0.2)
+    assert m[("kvjax_engine_running", frozenset())] == 0 and m[("kvjax_engine_waiting", frozenset())] == 0
+    assert m[("kvjax_engine_pages_in_use", frozenset())] == 0
+
+
+def st_paths():
+    from hypothesis import strategies as st
+
+    return st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize"])
+
+
 # ---------------------------------------------------------------- shutdown (keep last)
 def test_sigterm_drains_in_flight_requests_and_exits_0(ready, http):
     max_tokens = LONG
