@@ -66,6 +66,24 @@ def test_greedy_requests_equal_generate(tiny, oracle, which):  # noqa: F811
         assert s["decode_calls"] < 12          # plain decoding needs >= 24 / STEPS calls per slot wave
 
 
+def test_verify_budget_sends_wide_calls_to_plain_decoding(tiny, oracle):  # noqa: F811
+    """The cost-aware switch: prompt lookup with max_verify_tokens=8 decodes calls of 2-4 rows
+    (10-20 tokens per verify) plainly and speculates only in calls of one row (5), so it
+    verifies fewer row-iterations than without a budget; with 4 it never speculates; exact."""
+    cfg, _ = tiny
+    prompts = _prompts(cfg)[:4]
+    sp = kvjax.SamplingParams(max_tokens=N_REF)
+    forwards, outs = {}, []
+    for budget in (None, 8, 4):
+        with _engine(tiny, kvjax.PromptLookup(num_tokens=4, max_verify_tokens=budget)) as eng:
+            outs += list(zip(prompts, eng.generate(prompts, sp)))
+            forwards[budget] = eng.stats()["spec_forwards"]
+            check_drained(eng)
+    assert forwards[None] > forwards[8] and forwards[4] == 0, forwards
+    for p, o in outs:
+        assert (o.tokens, o.finish_reason) == expect(oracle(p), sp)
+
+
 def test_preemption_and_prefix_hits_stay_exact(tiny, oracle):  # noqa: F811
     """A pool too small for 8 requests (preemption, recompute from prompt + generated) and
     repeated prompts (prefix hits): the self-draft's multi-token steps stay exact and every

@@ -199,6 +199,31 @@ def test_self_draft_accepts_everything_and_eos_inside_a_run():
                                   speculate=kvjax.DraftModel(cfg, params, num_tokens=4)))
 
 
+def test_verify_budget_narrows_or_skips_speculation():
+    """max_verify_tokens caps B x (k + 1): 4 rows under a budget of 8 propose 1 token per row
+    (8 // 4 - 1), under 4 none (plain decoding, stats with no proposals and one forward per
+    token after the first); tokens equal plain decoding's either way."""
+    cfg, params = model("llama-tiny")
+    tok, lens = _prompts(cfg, 5)
+    ref = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N)
+    narrow = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N,
+                            speculate=kvjax.PromptLookup(num_tokens=4, max_verify_tokens=8))
+    _same(ref, narrow)
+    wide = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N,
+                          speculate=kvjax.PromptLookup(num_tokens=4, max_verify_tokens=None))
+    _same(ref, wide)
+    p_narrow, p_wide = np.asarray(narrow.stats.proposed), np.asarray(wide.stats.proposed)
+    assert 0 < p_narrow.sum() and np.all(p_narrow <= np.asarray(narrow.stats.forwards))   # <= 1 per forward
+    assert np.all(p_narrow < p_wide)
+    plain = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N,
+                           speculate=kvjax.PromptLookup(num_tokens=4, max_verify_tokens=4))
+    _same(ref, plain)
+    assert int(np.sum(plain.stats.proposed)) == 0
+    np.testing.assert_array_equal(np.asarray(plain.stats.forwards), np.asarray(ref.lengths) - 1)
+    with pytest.raises(ValueError, match="max_verify_tokens"):
+        kvjax.generate(cfg, params, tok, lens, max_new_tokens=4, speculate=kvjax.PromptLookup(max_verify_tokens=1))
+
+
 def test_rows_are_independent():
     cfg, params = model("qwen2-tiny")
     tok, lens = _prompts(cfg, 3)

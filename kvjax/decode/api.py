@@ -200,7 +200,9 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     `speculate`: a `kvjax.PromptLookup` or `kvjax.DraftModel`: speculative decoding (every
     cache kind, `press` and DecodingPress included; not on a mesh), the same tokens as without
     it for greedy rows and the same distribution for sampled ones; returns a
-    `kvjax.speculative.SpeculativeOutput` (GenerateOutput's fields plus `stats`).
+    `kvjax.speculative.SpeculativeOutput` (GenerateOutput's fields plus `stats`). A batch
+    whose verify forward would pass the proposer's `max_verify_tokens` proposes fewer tokens
+    per row, or decodes plainly (stats then count no proposals).
     """
     tok = validate.as_tokens(prompt_tokens, "prompt_tokens")
     lens = validate.as_lengths(prompt_lengths, tok, "prompt_lengths")
@@ -220,8 +222,9 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         _check_speculate(cfg, speculate, cache is None and cache_kind != "kivi", cache_options)
     cache = _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
                             cache_options)
-    if speculate is not None:
-        return _speculative(cfg, params, tok, lens, int(max_new_tokens), knobs, cache, speculate, C, press)
+    verify = 0 if speculate is None else _verify_tokens(speculate, B)
+    if verify:
+        return _speculative(cfg, params, tok, lens, int(max_new_tokens), knobs, cache, speculate, C, press, verify)
     mesh = mesh_of(cache)
     if mesh is not None:
         sharding.check_mesh(cfg, mesh, B)
@@ -230,8 +233,18 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         S = tok.shape[1]
     plan, budgets = _plan(cfg, cache, press, mesh, lens, int(max_new_tokens), S)
     fn = programs.generate_program if mesh is None else _mesh_program(cfg, mesh, cache, press, "generate")
-    return fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan, _place_knobs(mesh, knobs),
-              budgets)
+    out = fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan, _place_knobs(mesh, knobs),
+             budgets)
+    if speculate is not None:      # the batch is past the proposer's verify budget: decoded plainly
+        from .speculative import plain_output
+        return plain_output(out)
+    return out
+
+
+def _verify_tokens(speculate, B: int) -> int:
+    """Proposals per row for a batch of B (0: decode plainly; see speculative.tokens_to_verify)."""
+    from .speculative import tokens_to_verify
+    return tokens_to_verify(speculate, B)
 
 
 def _check_speculate(cfg, speculate, allocates: bool, cache_options: dict) -> None:
@@ -242,10 +255,10 @@ def _check_speculate(cfg, speculate, allocates: bool, cache_options: dict) -> No
         cache_options.setdefault("ring_slack", int(speculate.num_tokens))
 
 
-def _speculative(cfg, params, tok, lens, N: int, knobs, cache: KVCache, speculate, C: int, press=None):
+def _speculative(cfg, params, tok, lens, N: int, knobs, cache: KVCache, speculate, C: int, press, k: int):
     """generate(speculate=...): prefill (chunked as usual; with `press` as plain generate
-    presses), then the speculative loop (a DecodingPress compacting on plain generate's
-    schedule)."""
+    presses), then the speculative loop proposing k tokens per row (a DecodingPress compacting
+    on plain generate's schedule)."""
     from . import speculative
     speculative.check_cache(cfg, cache, int(speculate.num_tokens))
     if mesh_of(cache) is not None:
@@ -263,7 +276,7 @@ def _speculative(cfg, params, tok, lens, N: int, knobs, cache: KVCache, speculat
             raise ValueError("generate(speculate=DraftModel(...)) continues only from an empty cache: the "
                              "draft model needs the whole history; pass the full prompt with cache=None")
         _, draft = prefill(speculate.cfg, speculate.params, tok, lens, draft, prefill_chunk=C)
-    plan = speculate.plan()
+    plan = speculate.plan()._replace(num_tokens=k)
     if isinstance(press, DecodingPress):
         compressed = prefill_compresses(press, tok.shape[1])
         logits, cache = prefill(cfg, params, tok, lens, as_pressed(cache), prefill_chunk=C)

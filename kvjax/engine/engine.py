@@ -155,8 +155,9 @@ class Engine:
     derives the keys of requests without their own seed. speculate: a `kvjax.PromptLookup` or
     `kvjax.DraftModel` (early exit included): every request's decode proposes, verifies and
     accepts its own number of tokens per step (engine/speculative.py); greedy requests give
-    exactly the tokens they give without it, sampled ones the target's distribution; stats()
-    counts spec_proposed / spec_accepted / spec_forwards.
+    exactly the tokens they give without it, sampled ones the target's distribution; with
+    prompt lookup, a call whose rows x (k + 1) pass its max_verify_tokens decodes plainly
+    (large batches are compute-bound); stats() counts spec_proposed / spec_accepted / spec_forwards.
     """
 
     def __init__(self, cfg: ModelConfig, params, max_slots: int = 8, max_len: int = 512,
@@ -180,7 +181,8 @@ class Engine:
         self.mesh, self.params = self.runner.mesh, self.runner.params
         self.scheduler = Scheduler(self.max_slots, self.max_len, self.page_size, self.num_pages, prefix_cache,
                                    self.decode_steps, self.prefill_chunk, self.runner.min_rows,
-                                   int(speculate.num_tokens) if speculate is not None else 0)
+                                   int(speculate.num_tokens) if speculate is not None else 0,
+                                   _verify_budget(speculate))
 
         self._lock = threading.Condition()
         self._inbox: deque = deque()     # (Request, RequestHandle) submitted, not yet seen by the loop
@@ -433,6 +435,16 @@ def _check_config(cfg: ModelConfig, max_slots, max_len, page_size, decode_steps,
     if cfg.positions == "learned" and max_len > cfg.max_position:
         raise ValueError(f"Engine: max_len={max_len} exceeds the model's learned position table "
                          f"max_position={cfg.max_position}")
+
+
+def _verify_budget(speculate) -> int | None:
+    """The scheduler's verify budget: prompt lookup's max_verify_tokens. A DraftModel's calls
+    always speculate: its pools must take every token the target's take (a plain call would
+    leave them behind)."""
+    from ..decode.speculative import PromptLookup, verify_budget
+    if not isinstance(speculate, PromptLookup):
+        return None
+    return verify_budget(speculate.max_verify_tokens)
 
 
 def _check_speculate(cfg: ModelConfig, speculate, mesh):

@@ -93,7 +93,7 @@ class Runner:
         else:
             state, table = self._place.rows(step.state, step.table)
         traces = programs.trace_count()
-        if self.plan is not None:
+        if self.plan is not None and "hist" in state:     # a speculative call (Scheduler.speculating)
             out, final, self.keys, self.values, self.dpools = spec_decode_steps(
                 self.cfg, self.params, self.keys, self.values, state, table, step.steps, step.logprobs,
                 self.plan, self._place.pool_sharding, self.dparams, self.dpools)
@@ -113,7 +113,7 @@ class Runner:
         [S, B, X] when the step asked for them. S is the call's steps; a speculative call packs
         its iterations' accepted runs (S = steps x (k + 1)) and adds its proposal counts
         (proposed / accepted / forwards [B]) and the rows' adaptive state (rate / off [B])."""
-        if self.plan is not None:
+        if self.plan is not None and "hist" in call.state:
             return _pack(*jax.device_get((call.outputs, {k: call.final[k] for k in ("rate", "off")})))
         toks, emitted, extra = jax.device_get(call.outputs)
         out = {"token": toks, "emitted": emitted}

@@ -153,13 +153,15 @@ class Scheduler:
     decode call advances a row by 1 to speculate + 1 tokens per step, so the host takes pages
     for that lookahead when the pool has them (free or evictable; only the plain need ever
     preempts), sends each
-    row's history and page capacity, and never chains calls (it cannot know the lengths)."""
+    row's history and page capacity, and never chains calls (it cannot know the lengths).
+    verify_budget: the most tokens a speculative call's verify forward may hold (rows x
+    (speculate + 1)); a wider call decodes plainly (and may chain). None: no limit."""
 
     def __init__(self, max_slots: int, max_len: int, page_size: int, num_pages: int,
                  prefix_cache: bool = True, decode_steps: int = 8, prefill_chunk: int = 128,
-                 min_rows: int = 1, speculate: int = 0):
+                 min_rows: int = 1, speculate: int = 0, verify_budget: int | None = None):
         self.max_slots, self.max_len, self.page_size, self.num_pages = max_slots, max_len, page_size, num_pages
-        self.speculate = speculate
+        self.speculate, self.verify_budget = speculate, verify_budget
         self.decode_steps, self.prefill_chunk, self.min_rows = decode_steps, prefill_chunk, min_rows
         self.pages_per_seq = -(-max_len // page_size)
         self.pool = PagePool(num_pages, page_size, prefix_cache)
@@ -252,6 +254,11 @@ class Scheduler:
     # ------------------------------------------------------------------ shapes
     def rows(self, n: int) -> int:
         return pow2(n, floor=self.min_rows)
+
+    def speculating(self, n: int) -> bool:
+        """Whether a decode call of n rows speculates (within the verify budget)."""
+        return bool(self.speculate) and (self.verify_budget is None
+                                         or self.rows(n) * (self.speculate + 1) <= self.verify_budget)
 
     def view(self, pages: int) -> int:
         """Page-table width (attention view) for rows reaching `pages` pages: 2^k or 1.5 x 2^k
@@ -369,6 +376,7 @@ class Scheduler:
         if not any(s.phase is Phase.DECODE for s in self.running):
             return None
         Z, k = self.page_size, self.decode_steps
+        spec = self.speculating(sum(s.phase is Phase.DECODE for s in self.running))
         for s in [s for s in self.running if s.phase is Phase.DECODE]:   # oldest first
             if s not in self.running:
                 continue                                             # preempted for an older one
@@ -383,7 +391,7 @@ class Scheduler:
                 self._preempt(victim)
                 if victim is s:
                     break
-            if self.speculate and s in self.running:   # lookahead pages, when the pool has them: never
+            if spec and s in self.running:             # lookahead pages, when the pool has them: never
                 extra = min(-(-(s.lens + min(k * (self.speculate + 1), left)) // Z) - len(s.pages),
                             self.pool.available)        # preempts (cached prefixes go first, as for any page)
                 if extra > 0:
@@ -405,7 +413,7 @@ class Scheduler:
             state["stops"][b, :len(s.req.stops)] = sorted(s.req.stops)
             want_lp |= s.req.sp.logprobs is not None
         table = self._table(seqs, B, self.view(max(len(s.pages) for s in seqs)))
-        if self.speculate:
+        if self.speculating(len(seqs)):        # the runner runs the speculative program on "hist"
             H = table.shape[1] * self.page_size
             state.update(hist=np.zeros((B, H), np.int32), cap=np.zeros(B, np.int32),
                          rate=np.ones(B, np.float32), off=np.zeros(B, np.int32))
@@ -423,7 +431,7 @@ class Scheduler:
         (none has a stop token or reaches max_tokens in it), nothing has arrived (`arrivals`:
         a submission, a cancel, a close) and no request waits for a free place: the host's
         bookkeeping then overlaps the device's work. Takes the chained call's pages."""
-        if self.speculate or not self._can_chain(step, arrivals):
+        if (step.state is not None and "hist" in step.state) or not self._can_chain(step, arrivals):
             return None
         k, seqs = step.steps, step.seqs
         table = self._table(seqs, self.rows(len(seqs)), self.view(max(len(s.pages) for s in seqs)))

@@ -36,9 +36,35 @@ from ...config import ModelConfig
 from .loop import SpecPlan, SpecStats, speculative_loop
 
 __all__ = ["PromptLookup", "DraftModel", "SpecStats", "SpeculativeOutput", "generate_speculative",
-           "parse_speculate"]
+           "parse_speculate", "tokens_to_verify"]
 
 SPEC_FORMS = "prompt-lookup:K, early-exit:LAYERS:K or draft:PATH_OR_NAME:K"
+
+# Cost-aware switch: the most tokens one verify forward may hold over all rows (B x (k + 1))
+# before it stops being nearly free. A decode forward is bound by reading the weights until
+# its tokens' FLOPs catch up: measured on this project's 2-core CPU (SmolLM2-135M, float32,
+# prompt lookup k=4: 20 tokens per forward 1.06x, 80 tokens 0.91x against plain decoding),
+# and on accelerators the roofline's ridge (an H100 in bfloat16: ~990 TFLOP/s / 3.35 TB/s
+# ~ 300 FLOP per byte, 2 FLOP per parameter per token against 2 bytes per parameter read:
+# ~300 tokens; not yet measured here).
+AUTO_VERIFY_TOKENS = {"cpu": 48}
+AUTO_VERIFY_TOKENS_ACCELERATOR = 256
+
+
+def verify_budget(max_verify_tokens) -> int | None:
+    """A proposer's `max_verify_tokens` as a token count (None: no limit); "auto" by backend."""
+    if max_verify_tokens == "auto":
+        return AUTO_VERIFY_TOKENS.get(jax.default_backend(), AUTO_VERIFY_TOKENS_ACCELERATOR)
+    return max_verify_tokens
+
+
+def tokens_to_verify(speculate, batch: int) -> int:
+    """Proposals per row a batch of `batch` rows verifies under the proposer's budget: its
+    num_tokens, fewer when B x (k + 1) would pass max_verify_tokens, 0 (decode plainly) when
+    not even one fits."""
+    budget = verify_budget(speculate.max_verify_tokens)
+    k = int(speculate.num_tokens)
+    return k if budget is None else max(0, min(k, budget // batch - 1))
 
 
 @dataclass(frozen=True)
@@ -46,12 +72,17 @@ class PromptLookup:
     """Propose the `num_tokens` tokens that followed the latest earlier occurrence of the row's
     last n-gram (n from max_ngram down to min_ngram) in its prompt and output so far.
     min_accept / cooldown: a row whose running acceptance rate falls below min_accept stops
-    proposing for `cooldown` iterations (open-ended text then decodes at plain speed)."""
+    proposing for `cooldown` iterations (open-ended text then decodes at plain speed).
+    max_verify_tokens: the most tokens a verify forward holds over all rows (B x (k + 1));
+    a larger batch proposes fewer tokens per row, or decodes plainly (large batches are
+    compute-bound, where verifying costs what it saves); "auto": AUTO_VERIFY_TOKENS by
+    backend; None: no limit."""
     num_tokens: int = 4
     max_ngram: int = 3
     min_ngram: int = 1
     min_accept: float = 0.25
     cooldown: int = 16
+    max_verify_tokens: int | str | None = "auto"
 
     def check(self, cfg: ModelConfig) -> None:
         _check_common(self)
@@ -72,12 +103,13 @@ class DraftModel:
     """A draft model (cfg, params) sharing the target's vocabulary proposes `num_tokens` tokens
     per iteration (sampled from its own distribution after the target's temperature / top-k /
     top-p; greedy rows take its argmax); its cache is prefilled with the prompt and rolled back
-    with the target's."""
+    with the target's. max_verify_tokens: as PromptLookup's."""
     cfg: ModelConfig
     params: object
     num_tokens: int = 4
     min_accept: float = 0.25
     cooldown: int = 16
+    max_verify_tokens: int | str | None = "auto"
 
     @classmethod
     def early_exit(cls, cfg: ModelConfig, params, layers: int, num_tokens: int = 4, **kw) -> "DraftModel":
@@ -161,6 +193,9 @@ def _check_common(p) -> None:
         raise ValueError(f"{name}.min_accept must be in [0, 1], got {p.min_accept!r}")
     if not isinstance(p.cooldown, (int, np.integer)) or p.cooldown < 0:
         raise ValueError(f"{name}.cooldown must be an int >= 0, got {p.cooldown!r}")
+    m = p.max_verify_tokens
+    if m is not None and m != "auto" and (not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 2):
+        raise ValueError(f"{name}.max_verify_tokens must be 'auto', None or an int >= 2, got {m!r}")
 
 
 class SpeculativeOutput(NamedTuple):
@@ -168,6 +203,14 @@ class SpeculativeOutput(NamedTuple):
     lengths: jax.Array     # int32 [B]: tokens generated per row, EOS included
     cache: KVCache         # prompt + every generated token
     stats: SpecStats       # proposed / accepted / target forwards per row
+
+
+def plain_output(out) -> SpeculativeOutput:
+    """A plain generate's output as a speculative one (no proposals; one forward per token
+    after the first), for batches the verify budget sends to plain decoding."""
+    zeros = jnp.zeros_like(out.lengths)
+    return SpeculativeOutput(out.tokens, out.lengths, out.cache,
+                             SpecStats(zeros, zeros, jnp.maximum(out.lengths - 1, 0)))
 
 
 def check_cache(cfg: ModelConfig, cache: KVCache, num_tokens: int, where: str = "generate(speculate=...)") -> None:
