@@ -324,6 +324,27 @@ def test_bad_inputs_raise_before_anything_runs(tiny, engine, oracle):
     assert engine.generate([good], sp)[0].tokens == oracle(good)[:4]         # still serving
 
 
+def test_warm_up_compiles_every_shape(tiny, oracle):
+    """Engine.warm_up builds every prefill and decode program a request can need: a ragged
+    burst afterwards (prompt lengths 1-70, logprobs on some, sampled and greedy) compiles
+    nothing, its greedy answers stay exact, and a second warm-up builds nothing."""
+    cfg, _ = tiny
+    rng = np.random.default_rng(5)
+    with make_engine(tiny) as eng:
+        eng.warm_up()
+        before = eng.stats()["compilations"]
+        prompts = prompts_of(cfg, [int(n) for n in rng.integers(1, 48, 10)], seed=9)
+        sps = [kvjax.SamplingParams(max_tokens=N_REF, logprobs=2 if i % 3 == 0 else None,
+                                    temperature=float(i % 2)) for i in range(10)]
+        outs = eng.generate(prompts, sps)
+        assert eng.stats()["compilations"] == before
+        for p, sp, o in zip(prompts, sps, outs):
+            if sp.temperature == 0:
+                assert (o.tokens, o.finish_reason) == expect(oracle(p), sp)
+        assert eng.warm_up() == 0
+        check_drained(eng)
+
+
 def test_a_request_failing_inside_the_engine_fails_alone(tiny, engine, oracle, caplog):
     """A fault in an iteration (injected: any decode call holding the poisoned request raises,
     after the pools were donated, as a device error would) fails that request alone, logged

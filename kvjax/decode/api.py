@@ -197,12 +197,10 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     but each row's last chunk on the host, then the last chunk and the whole decode loop in
     one program); None or 0: the prompt in one call. Presses, KIVI and pressed caches always
     prefill in one call.
-    `speculate`: a `kvjax.PromptLookup` or `kvjax.DraftModel`: speculative decoding (every
-    cache kind, `press` and DecodingPress included; not on a mesh), the same tokens as without
-    it for greedy rows and the same distribution for sampled ones; returns a
-    `kvjax.speculative.SpeculativeOutput` (GenerateOutput's fields plus `stats`). A batch
-    whose verify forward would pass the proposer's `max_verify_tokens` proposes fewer tokens
-    per row, or decodes plainly (stats then count no proposals).
+    `speculate`: a `kvjax.PromptLookup` or `kvjax.DraftModel` (every cache kind and press;
+    not on a mesh): the same greedy tokens, the same distribution when sampling; returns a
+    `SpeculativeOutput` (plus `stats`). Past the proposer's `max_verify_tokens` (B x (k + 1))
+    a batch proposes fewer tokens per row, or decodes plainly (no proposals counted).
     """
     tok = validate.as_tokens(prompt_tokens, "prompt_tokens")
     lens = validate.as_lengths(prompt_lengths, tok, "prompt_lengths")
@@ -213,20 +211,15 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     C = _chunk_width(prefill_chunk)
     knobs = Knobs.make(cfg.vocab_size, B, temperature, top_k, top_p, eos_token_id, key, pad_token_id)
     if not use_cache:
-        if cache is not None:
-            raise ValueError("use_cache=False cannot continue from a cache; pass cache=None")
-        limit = max_len if max_len is not None else S + max_new_tokens
-        validate.check_room(cfg, lens, np.full_like(lens, max_new_tokens), limit, "generate")
-        return generate_nocache(cfg, params, tok, lens, max_new_tokens, knobs)
-    if speculate is not None:
+        return _nocache(cfg, params, tok, lens, int(max_new_tokens), knobs, cache, max_len)
+    if speculate is not None:    # (a ring allocated here gets the lookahead's slack slots)
         _check_speculate(cfg, speculate, cache is None and cache_kind != "kivi", cache_options)
     cache = _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
                             cache_options)
     verify = 0 if speculate is None else _verify_tokens(speculate, B)
     if verify:
         return _speculative(cfg, params, tok, lens, int(max_new_tokens), knobs, cache, speculate, C, press, verify)
-    mesh = mesh_of(cache)
-    if mesh is not None:
+    if (mesh := mesh_of(cache)) is not None:
         sharding.check_mesh(cfg, mesh, B)
     if _chunks(C, S, cache, press):
         tok, lens, cache = _prefill_head(cfg, params, tok, lens, cache, C, int(max_new_tokens))
@@ -235,10 +228,23 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     fn = programs.generate_program if mesh is None else _mesh_program(cfg, mesh, cache, press, "generate")
     out = fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan, _place_knobs(mesh, knobs),
              budgets)
-    if speculate is not None:      # the batch is past the proposer's verify budget: decoded plainly
-        from .speculative import plain_output
-        return plain_output(out)
-    return out
+    return out if speculate is None else _plain_speculative(out)
+
+
+def _plain_speculative(out):
+    """A generate(speculate=...) whose batch was past the proposer's verify budget, decoded
+    plainly, as a SpeculativeOutput (no proposals)."""
+    from .speculative import plain_output
+    return plain_output(out)
+
+
+def _nocache(cfg, params, tok, lens, N: int, knobs, cache, max_len):
+    """generate(use_cache=False): every token re-runs the model over its prefix."""
+    if cache is not None:
+        raise ValueError("use_cache=False cannot continue from a cache; pass cache=None")
+    limit = max_len if max_len is not None else tok.shape[1] + N
+    validate.check_room(cfg, lens, np.full_like(lens, N), limit, "generate")
+    return generate_nocache(cfg, params, tok, lens, N, knobs)
 
 
 def _verify_tokens(speculate, B: int) -> int:

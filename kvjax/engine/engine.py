@@ -43,7 +43,7 @@ from ..sampling import check_sampling
 from .api import Completion, SamplingParams, TokenLogprob
 from .programs import LOGPROBS_MAX
 from .runner import Runner
-from .scheduler import Outputs, Scheduler
+from .scheduler import DecodeStep, Outputs, Scheduler
 
 log = logging.getLogger("kvjax.engine")
 
@@ -236,6 +236,25 @@ class Engine:
             sps = [sampling or SamplingParams()] * len(prompts)
         checked = [self._check(p, sp, f"request {i}") for i, (p, sp) in enumerate(zip(prompts, sps))]
         return self._enqueue(checked)
+
+    def warm_up(self, logprobs=(False, True), prompt_logprobs=(False,)) -> int:
+        """Compile every program a request can need before the first one arrives: one idle
+        call of each prefill and decode shape (`Scheduler.idle_steps`: batch buckets up to
+        max_slots, chunk widths up to prefill_chunk, attention views up to max_len, the given
+        logprob flags; speculative calls where the engine speculates). The engine must be
+        idle; nothing is written. Returns the number of programs built (traced: 0 when an
+        earlier engine of the same shapes built them all in this process; a persistent
+        compilation cache then spares their XLA compiles across processes)."""
+        with self._lock:               # the loop thread cannot take work meanwhile
+            if self._inbox or self.scheduler.has_work():
+                raise RuntimeError("Engine.warm_up needs an idle engine; call it before submitting requests")
+            before = self.runner.counters["compilations"]
+            for step in self.scheduler.idle_steps(logprobs, prompt_logprobs):
+                if isinstance(step, DecodeStep):
+                    self.runner.collect(self.runner.dispatch_decode(step))
+                else:
+                    self.runner.prefill(step)
+            return self.runner.counters["compilations"] - before
 
     def waiting(self) -> int:
         """Requests submitted and not yet running (waiting for a slot or for pages)."""

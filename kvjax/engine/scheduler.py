@@ -32,6 +32,8 @@ its prompt plus what it already generated (recompute, as vLLM does by default).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import enum
 from collections import deque
 from dataclasses import dataclass, field
@@ -326,11 +328,16 @@ class Scheduler:
         self.running.append(s)
         self._register(s)              # its prompt's full pages, pending until written
 
-    def _prefill_step(self, seqs) -> PrefillStep:
+    def _prefill_step(self, seqs, shape: tuple | None = None) -> PrefillStep:
+        """The prefill call of `seqs`; shape (B, T, W): those widths instead of the rows' own
+        (an idle call of that shape when seqs is empty: `idle_steps`)."""
         n = [min(self.prefill_chunk, s.target - s.lens) for s in seqs]
-        B = self.rows(len(seqs))
-        T = min(chunk_bucket(max(n)), max(self.prefill_chunk, MIN_CHUNK))
-        W = self.view(max(-(-(s.lens + k) // self.page_size) for s, k in zip(seqs, n)))
+        if shape is None:
+            B = self.rows(len(seqs))
+            T = min(chunk_bucket(max(n)), max(self.prefill_chunk, MIN_CHUNK))
+            W = self.view(max(-(-(s.lens + k) // self.page_size) for s, k in zip(seqs, n)))
+        else:
+            B, T, W = shape
         tokens, targets = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
         lengths, starts, index = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32)
         want_lp = want_plp = False
@@ -368,6 +375,27 @@ class Scheduler:
                 if not self._append(s, [tok], lps):
                     s.phase, s.tok = Phase.DECODE, tok
 
+    def idle_steps(self, logprobs=(False, True), prompt_logprobs=(False,)):
+        """One idle call (no row writes anything) of every shape a prefill or decode call can
+        take: rows in the batch buckets up to max_slots, chunk widths up to prefill_chunk,
+        attention views up to max_len, the given logprob flags (a decode call with stop lists
+        of up to 4 ids, the usual case: more ids widen its stop table). Running them compiles
+        every program the engine will use (Engine.warm_up)."""
+        rows = sorted({self.rows(n) for n in range(1, self.max_slots + 1)})
+        chunks = sorted({min(chunk_bucket(n), max(self.prefill_chunk, MIN_CHUNK))
+                         for n in range(1, self.prefill_chunk + 1)})
+        views = sorted({self.view(p) for p in range(1, self.pages_per_seq + 1)})
+        for B in rows:
+            for T in chunks:
+                for W in views:
+                    for lp in logprobs:
+                        for plp in prompt_logprobs:
+                            yield dataclasses.replace(self._prefill_step((), (B, T, W)), logprobs=lp,
+                                                      prompt_logprobs=plp)
+            for W in views:
+                for lp in logprobs:
+                    yield dataclasses.replace(self._decode_step((), (B, W)), logprobs=lp)
+
     # ------------------------------------------------------------------ decode
     def schedule_decode(self) -> DecodeStep | None:
         """Give every decoding request the pages its next `decode_steps` steps can reach
@@ -399,9 +427,10 @@ class Scheduler:
         seqs = [s for s in self.running if s.phase is Phase.DECODE]
         return self._decode_step(seqs) if seqs else None
 
-    def _decode_step(self, seqs) -> DecodeStep:
-        B = self.rows(len(seqs))
-        stop_w = pow2(max(len(s.req.stops) for s in seqs), floor=4)
+    def _decode_step(self, seqs, shape: tuple | None = None) -> DecodeStep:
+        """The decode call of `seqs`; shape (B, W): those widths (an idle call when seqs is empty)."""
+        B, W = shape if shape is not None else (self.rows(len(seqs)), self.view(max(len(s.pages) for s in seqs)))
+        stop_w = pow2(max((len(s.req.stops) for s in seqs), default=0), floor=4)
         state = self._sampling(seqs, B)
         state.update(tok=np.zeros(B, np.int32), lens=np.zeros(B, np.int32), n=np.zeros(B, np.int32),
                      active=np.zeros(B, bool), max_n=np.zeros(B, np.int32),
@@ -412,8 +441,8 @@ class Scheduler:
             state["active"][b], state["max_n"][b] = True, s.req.max_n
             state["stops"][b, :len(s.req.stops)] = sorted(s.req.stops)
             want_lp |= s.req.sp.logprobs is not None
-        table = self._table(seqs, B, self.view(max(len(s.pages) for s in seqs)))
-        if self.speculating(len(seqs)):        # the runner runs the speculative program on "hist"
+        table = self._table(seqs, B, W)
+        if self.speculating(B):                # the runner runs the speculative program on "hist"
             H = table.shape[1] * self.page_size
             state.update(hist=np.zeros((B, H), np.int32), cap=np.zeros(B, np.int32),
                          rate=np.ones(B, np.float32), off=np.zeros(B, np.int32))

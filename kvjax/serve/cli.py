@@ -5,11 +5,13 @@
                 [--api-key KEY] [--mesh data=D,model=M] [--chat-template FILE]
                 [--speculate prompt-lookup:K | early-exit:LAYERS:K | draft:PATH_OR_NAME:K]
                 [--max-waiting 256] [--request-timeout 30] [--allowed-hosts HOST,...]
+                [--warmup full|basic|none] [--compilation-cache DIR|none]
 
 Lifecycle: read --chat-template (a Jinja file replacing the checkpoint's chat template;
-a bad one fails here, before anything loads), load the model (as `kvjax generate` does,
-through kvjax.load_model), build the engine, run one tiny
-request through it so the first client does not pay for compilation, then serve with
+a bad one fails here, before anything loads), turn on the persistent compilation cache,
+load the model (as `kvjax generate` does, through kvjax.load_model), build the engine,
+compile every program shape a request can need (--warmup full) so the first clients do
+not pay for compilation, then serve with
 uvicorn until SIGINT or SIGTERM. On either signal the server stops accepting connections,
 lets every request in flight finish (streams included), closes the engine (draining it)
 and exits with status 0.
@@ -28,6 +30,7 @@ import time
 
 from ..cli import UserError
 
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "kvjax", "xla")
 INSTALL_HINT = ("kvjax serve needs fastapi, uvicorn and prometheus-client: "
                 "pip install 'kvjax[serve]' (from a checkout: pip install -e '.[serve]')")
 
@@ -85,10 +88,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=int_at_least(1), default=8 * 1024 * 1024,
                    metavar="N", help="largest request body accepted (413 above); default %(default)s")
     _add_guard_flags(p, int_at_least)
+    _add_startup_flags(p)
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"),
                    default="info", help="uvicorn's log level; default %(default)s")
     p.set_defaults(func=run)
     return p
+
+
+def _add_startup_flags(p):
+    """What happens before the first request: the warm-up and the compilation cache."""
+    p.add_argument("--warmup", choices=("full", "basic", "none"), default="full",
+                   help="before serving: full compiles every program shape a request can need (batch "
+                        "buckets up to --max-slots, prompt chunks, attention views up to --max-len, with "
+                        "and without logprobs), so the first burst is as fast as later ones; basic: "
+                        "short prompts at each batch bucket only; default %(default)s")
+    p.add_argument("--compilation-cache", default=os.environ.get("KVJAX_COMPILATION_CACHE", DEFAULT_CACHE),
+                   metavar="DIR", help="JAX's persistent compilation cache, so a restart skips the warm-up's "
+                                       "compiles ('none' to disable); default $KVJAX_COMPILATION_CACHE or "
+                                       "%(default)s")
 
 
 def _add_guard_flags(p, int_at_least):
@@ -168,6 +185,7 @@ def build(args):
     from ..generate_cli import read_chat_template_arg
 
     mesh_spec = parse_mesh(args.mesh)
+    use_compilation_cache(getattr(args, "compilation_cache", None))
     template = read_chat_template_arg(getattr(args, "chat_template", None))   # before the load
     t0 = time.perf_counter()
     cfg, params, tok = load_model(args.model, args.dtype)
@@ -199,8 +217,8 @@ def build(args):
     except ValueError as e:
         raise UserError(str(e)) from None
     _say(f"loaded {args.model} ({cfg.name}, {cfg.dtype}) and built the engine in "
-         f"{time.perf_counter() - t0:.1f} s; warming up")
-    _warm_up(engine, tok, context, args.max_slots)
+         f"{time.perf_counter() - t0:.1f} s; warming up ({getattr(args, 'warmup', 'basic')})")
+    _warm_up(engine, tok, context, args.max_slots, getattr(args, "warmup", "basic"))
     model_id = args.served_model_name or args.model
     app = create_app(engine, tok, model_id, context=context, vocab_size=cfg.vocab_size,
                      eos_ids=eos_ids, api_key=args.api_key, max_request_bytes=args.max_request_bytes,
@@ -209,17 +227,40 @@ def build(args):
     return app, engine, model_id
 
 
-def _warm_up(engine, tok, context: int, max_slots: int):
-    """Compile before serving what clients would otherwise wait for: the short-prompt prefill
-    and the decode steps at every batch size the engine buckets to (powers of two)."""
+def _warm_up(engine, tok, context: int, max_slots: int, mode: str):
+    """Compile before serving what clients would otherwise wait for: every program shape
+    (full: Engine.warm_up), or the short-prompt prefill and the decode steps at every batch
+    size the engine buckets to (basic)."""
     from ..engine import SamplingParams
 
     t0 = time.perf_counter()
+    if mode == "full":
+        built = engine.warm_up()
+        _say(f"warm-up done in {time.perf_counter() - t0:.1f} s ({built} programs)")
+        return
+    if mode == "none":
+        return
     warm = (tok.encode("Hello") or [0])[: max(1, min(5, context - 2))]
     sp = SamplingParams(max_tokens=2, temperature=0.0)
     for n in sorted({min(1 << i, max_slots) for i in range(max_slots.bit_length() + 1)}):
         engine.generate([warm] * n, sp)
     _say(f"warm-up done in {time.perf_counter() - t0:.1f} s")
+
+
+def use_compilation_cache(where: str | None):
+    """JAX's persistent compilation cache in `where` (None or 'none': off); every program is
+    kept, however fast its compile, so a restart compiles nothing the cache holds."""
+    if not where or where == "none":
+        return
+    import jax
+
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--compilation-cache {where}: {e.strerror or e}") from None
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def run(args) -> int:
