@@ -203,17 +203,23 @@ class Scheduler:
         return self._take()
 
     def _abort(self, rid: int):
+        req = self._drop(rid)
+        if req is not None:
+            self.counters["aborted"] += 1
+            self._complete(req, "abort")
+
+    def _drop(self, rid: int):
+        """Take a live request out of the queue or its slot (pages freed); None if unknown."""
         req = self.live.get(rid)
         if req is None:
-            return
+            return None
         if req in self.waiting:
             self.waiting.remove(req)
         for s in self.running:
             if s.req is req:
                 self._release(s)
                 break
-        self.counters["aborted"] += 1
-        self._complete(req, "abort")
+        return req
 
     def requeue_running(self, pages_lost: bool) -> list:
         """After a failed call: every running request back to the front of the queue, to be
@@ -234,16 +240,9 @@ class Scheduler:
 
     def fail(self, rid: int):
         """Drop a request that failed (its pages freed, no Completion: the caller reports the error)."""
-        req = self.live.pop(rid, None)
-        if req is None:
-            return
-        if req in self.waiting:
-            self.waiting.remove(req)
-        for s in self.running:
-            if s.req is req:
-                self._release(s)
-                break
-        self.counters["failed"] += 1
+        if self._drop(rid) is not None:
+            self.live.pop(rid)
+            self.counters["failed"] += 1
 
     def reset(self):
         """Forget every request and page (after a failed call: the pools' contents are lost)."""
