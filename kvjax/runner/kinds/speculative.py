@@ -15,6 +15,8 @@ exactness check on every output (the speculative tokens must equal the plain one
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import inspect
 import re
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import numpy as np
 
 import kvjax
 from kvjax.timing import measure, release_compiled
-from kvjax.decode.speculative import parse_speculate
+from kvjax.decode.speculative import parse_speculate, tokens_to_verify
 
 from .. import plots
 from ..models import check_model, load_named
@@ -133,16 +135,19 @@ class Config:
     min_seconds: float = option(0.0, min=0.0, help="calibrated length of one measurement (s)")
 
 
+@lru_cache(maxsize=4)
+def _load_draft(name: str):
+    """A draft model by name, loaded once per run (every (task, batch) measurement reuses it)."""
+    dcfg, dparams, _ = load_named("speculative.proposers", name)
+    return dcfg, dparams
+
+
 def parse_proposer(spec: str, cfg, params, max_ngram: int):
     """A proposer spec (kvjax.decode.speculative.parse_speculate's forms) -> a kvjax proposer,
     or None for a draft model whose vocabulary differs from this target's (ValueError on a
     bad spec; cfg None checks only the form)."""
-    def load(name):
-        dcfg, dparams, _ = load_named("speculative.proposers", name)
-        return dcfg, dparams
-
     try:
-        return parse_speculate(spec, cfg, params, load=load, max_ngram=max_ngram)
+        return parse_speculate(spec, cfg, params, load=_load_draft, max_ngram=max_ngram)
     except ValueError as e:
         if spec.startswith("draft:") and "vocabulary" in str(e):
             return None
@@ -200,6 +205,7 @@ def _measure(c: Config, cfg, params, tok, ids: list) -> list[dict]:
                      and np.array_equal(np.asarray(out.lengths), np.asarray(plain_out.lengths)))
         s = out.stats
         rows.append({"proposer": spec, "prompt_tokens": int(lens.max()), "tokens": n_tokens,
+                     "verify_k": tokens_to_verify(proposer, len(ids)),   # the cost-aware switch's k
                      "plain_s": plain.median_s, "spec_s": t.median_s, "plain_tok_s": n_tokens / plain.median_s,
                      "spec_tok_s": n_tokens / t.median_s, "speedup": plain.median_s / t.median_s,
                      "mean_accepted_length": s.mean_accepted_length, "acceptance": s.acceptance,
@@ -243,9 +249,9 @@ def run(ctx, c: Config) -> dict:
     if not rows:
         raise RuntimeError("speculative measured nothing")
     ctx.table("Speculative decoding against plain decoding (greedy, same prompts and cache)",
-              ["model", "task", "batch", "proposer", "plain tok/s", "spec tok/s", "speedup",
+              ["model", "task", "batch", "proposer", "k used", "plain tok/s", "spec tok/s", "speedup",
                "tokens / forward", "acceptance", "exact"],
-              [[r["model"], r["task"], r["batch_size"], r["proposer"], r["plain_tok_s"], r["spec_tok_s"],
+              [[r["model"], r["task"], r["batch_size"], r["proposer"], r["verify_k"], r["plain_tok_s"], r["spec_tok_s"],
                 r["speedup"], r["mean_accepted_length"], r["acceptance"], "yes" if r["exact"] else "NO"]
                for r in rows])
     if c.engine:
