@@ -351,13 +351,13 @@ def test_a_request_failing_inside_the_engine_fails_alone(tiny, engine, oracle, c
     with its id; the requests batched with it are rerun one at a time and finish with exactly
     generate's tokens; no page leaks, the prefix cache keeps working and so does the engine."""
     cfg, _ = tiny
-    prompts = prompts_of(cfg, [20, 27, 33, 24], seed=11)
+    prompts = prompts_of(cfg, [20, 27, 33, 24, 30], seed=11)    # 4 slots: the fifth waits meanwhile
     sp = kvjax.SamplingParams(max_tokens=N_REF)
     runner, real = engine.runner, engine.runner.dispatch_decode
 
     def faulty(step, prev=None):
         call = real(step, prev) if prev is not None else real(step)
-        if any(s.req.prompt == prompts[2] for s in step.seqs):
+        if any(s.req.prompt == prompts[3] for s in step.seqs):   # the last suspect to rerun alone
             engine.runner.keys[0].delete()          # as a failed donated call leaves the pools
             raise RuntimeError("injected device fault")
         return call
@@ -374,9 +374,9 @@ def test_a_request_failing_inside_the_engine_fails_alone(tiny, engine, oracle, c
                     results.append(e)
     finally:
         runner.dispatch_decode = real
-    assert isinstance(results[2], RuntimeError) and "injected device fault" in str(results[2])
-    assert f"request {handles[2].request_id} failed alone" in caplog.text
-    for p, r in zip(prompts[:2] + prompts[3:], results[:2] + results[3:]):
+    assert isinstance(results[3], RuntimeError) and "injected device fault" in str(results[3])
+    assert f"request {handles[3].request_id} failed alone" in caplog.text
+    for p, r in zip(prompts[:3] + prompts[4:], results[:3] + results[4:]):
         assert (r.tokens, r.finish_reason) == expect(oracle(p), sp)
     assert engine.stats()["failed"] >= 1 and engine.scheduler.max_slots == engine.max_slots
     check_drained(engine)

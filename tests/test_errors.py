@@ -101,8 +101,10 @@ def test_reusing_a_donated_cache_is_a_clear_error(llama):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(temperature=-1.0), "temperature must be finite and >= 0"),
-    (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(temperature=-1.0), r"temperature must be 0 \(greedy\) or in \[1e-05, 100000\]"),
+    (dict(temperature=1e-30), r"temperature must be 0 \(greedy\) or in"),   # logits / t would overflow float32
+    (dict(top_k=-2), r"top_k must be an int in \[0, 2147483647\]"),
+    (dict(top_k=2**31), r"top_k must be an int in \[0, 2147483647\]"),      # past the device's int32
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(eos_token_id=999), r"eos_token_id=999 is outside the vocabulary \[0, 320\)"),
     (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),

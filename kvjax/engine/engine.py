@@ -375,17 +375,21 @@ class Engine:
         unfinished, run one at a time: a request that fails alone is failed alone, with the
         error (logged with its id); the others finish with their exact tokens."""
         sched = self.scheduler
+        lost = self.runner.pools_lost()
+        if lost:
+            self.runner.reset_pools()
         if self._suspects and len(sched.running) == 1:
             rid = sched.running[0].req.id
             log.error("engine: request %d failed alone; failing it: %s: %s", rid, type(error).__name__, error)
             self._suspects.discard(rid)
             sched.fail(rid)
             self._handles.pop(rid)._finish(None, error)
-        lost = self.runner.pools_lost()
-        if lost:
-            self.runner.reset_pools()
+            sched.requeue_running(lost)          # nothing runs now; lost pages leave the prefix cache
+            if not self._suspects:
+                sched.max_slots = self.max_slots
+            return
         ids = sched.requeue_running(lost)
-        if not ids and not self._suspects:
+        if not ids:
             log.error("engine: an iteration failed with no request running; failing the %d queued: %s: %s",
                       len(self._handles), type(error).__name__, error)
             self._fail_all(error)
