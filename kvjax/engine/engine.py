@@ -381,12 +381,10 @@ class Engine:
         if self._suspects and len(sched.running) == 1:
             rid = sched.running[0].req.id
             log.error("engine: request %d failed alone; failing it: %s: %s", rid, type(error).__name__, error)
-            self._suspects.discard(rid)
             sched.fail(rid)
             self._handles.pop(rid)._finish(None, error)
             sched.requeue_running(lost)          # nothing runs now; lost pages leave the prefix cache
-            if not self._suspects:
-                sched.max_slots = self.max_slots
+            self._cleared(rid)
             return
         ids = sched.requeue_running(lost)
         if not ids:
@@ -432,10 +430,15 @@ class Engine:
             handles[rid]._emit(tokens, lps)
         for completion in out.finished:
             handles.pop(completion.request_id)._finish(completion)
-            if self._suspects:
-                self._suspects.discard(completion.request_id)
-                if not self._suspects:          # every suspect finished or failed alone: batch again
-                    self.scheduler.max_slots = self.max_slots
+            self._cleared(completion.request_id)
+
+    def _cleared(self, rid: int):
+        """Request `rid` has finished or failed: no longer a suspect of a failed iteration; once
+        every suspect is cleared the scheduler batches again."""
+        if rid in self._suspects:
+            self._suspects.discard(rid)
+            if not self._suspects:
+                self.scheduler.max_slots = self.max_slots
 
 
 # stats()'s counters, in its order (the scheduler's and the runner's, interleaved as they always were)
