@@ -135,7 +135,9 @@ def float_above_zero(text: str) -> float:
 def allowed_hosts(text: str | None, host: str) -> tuple:
     """--allowed-hosts as names ('*' kept: any host), default the loopback names and --host."""
     if text is None:
-        names = ["localhost", "127.0.0.1", "::1"]
+        from .gate import LOOPBACK        # (the web stack is importable once build() runs)
+
+        names = list(LOOPBACK)
         if host not in ("0.0.0.0", "::", ""):
             names.append(host)
         return tuple(names)
