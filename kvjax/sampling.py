@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .controls import apply_controls, count_tokens
+from .sampling_params import INT32_MAX, SamplingError
+
 _NEG_INF = -jnp.inf
 
 
@@ -23,12 +26,16 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Set to -inf every logit outside the top-k and outside the top-p nucleus.
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array | None = None
+                  ) -> jax.Array:
+    """Set to -inf every logit outside the top-k, outside the top-p nucleus and (min_p) below
+    min_p times the most likely token's probability.
 
-    logits: float [B, V]; top_k: int [B] (<= 0 disables); top_p: float [B] (>= 1 disables).
-    top-p keeps the smallest set of most likely tokens whose probability mass (after top-k)
-    is >= p. Ties at the threshold logit are kept together.
+    logits: float [B, V]; top_k: int [B] (<= 0 disables); top_p: float [B] (>= 1 disables);
+    min_p: float [B] (0 disables) or None. top-p keeps the smallest set of most likely tokens
+    whose probability mass (after top-k) is >= p. Ties at the threshold logit are kept
+    together. min_p keeps logit >= max logit + log(min_p) (Hugging Face's MinPLogitsWarper:
+    the most likely token always stays).
     """
     V = logits.shape[-1]
     order = jnp.sort(logits, axis=-1)[:, ::-1]                           # [B, V] descending
@@ -40,12 +47,15 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     keep = in_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0))
     n_keep = jnp.maximum(keep.sum(-1), 1)                                # the top token always stays
     threshold = jnp.take_along_axis(order, (n_keep - 1)[:, None], axis=-1)  # [B, 1]
+    if min_p is not None:
+        floor = order[:, :1] + jnp.log(min_p)[:, None]                        # log(0) = -inf: keeps all
+        threshold = jnp.maximum(threshold, jnp.minimum(floor, order[:, :1]))
     return jnp.where(logits >= threshold, logits, _NEG_INF)
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array) -> jax.Array:
-    """Draw one token per row. logits [B, V]; parameters [B] -> int32 [B].
+           top_p: jax.Array, min_p: jax.Array | None = None) -> jax.Array:
+    """Draw one token per row. logits [B, V]; parameters [B] (min_p [B] or None) -> int32 [B].
 
     Rows with temperature 0 take the argmax. When every row is greedy the sort and the
     draw are skipped at run time (`lax.cond`), so greedy decoding pays nothing for them.
@@ -54,7 +64,7 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
 
     def draw(_):
         t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        filtered = filter_logits(logits / t, top_k, top_p)
+        filtered = filter_logits(logits / t, top_k, top_p, min_p)
         drawn = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy(logits))
 
@@ -63,17 +73,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
 
 # ----------------------------------------------------------------------------- validation and knobs
 
-class SamplingError(ValueError):
-    """A sampling parameter out of range; `param` names it (the server answers it with a 400)."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-
-
 # Temperatures a float32 sampler divides by without overflow: 0 (greedy) or within these.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 1e5
-INT32_MAX = 2**31 - 1   # top_k lives in an int32 array on the device
 
 
 def check_sampling(temperature, top_k, top_p, where: str = "") -> None:
@@ -123,7 +124,9 @@ class Knobs:
 
     temperature float32 [B], top_k int32 [B], top_p float32 [B]: per row; eos int32 [E]
     (-1 padded to a multiple of EOS_WIDTH); pad int32 []: the token a finished row emits;
-    key: the PRNG key (step i draws with fold_in(key, i))."""
+    key: the PRNG key (step i draws with fold_in(key, i)); controls: the rows' logit
+    controls (kvjax/controls.py: penalties, logit bias, min_p, min_tokens), or None when
+    every row keeps the defaults (the loop then carries no token counts)."""
 
     temperature: jax.Array
     top_k: jax.Array
@@ -131,10 +134,11 @@ class Knobs:
     eos: jax.Array
     pad: jax.Array
     key: jax.Array
+    controls: object = None
 
     @classmethod
     def make(cls, vocab_size: int, batch_size: int, temperature=0.0, top_k=0, top_p=1.0,
-             eos_token_id=None, key=None, pad_token_id: int = 0) -> "Knobs":
+             eos_token_id=None, key=None, pad_token_id: int = 0, controls=None) -> "Knobs":
         """Validated knobs for B rows from scalars or per-row [B] values, as device arrays."""
         rows = {name: _per_row(name, v, batch_size, dt) for name, v, dt in
                 (("temperature", temperature, np.float32), ("top_k", top_k, np.int32),
@@ -148,14 +152,15 @@ class Knobs:
         width = max(EOS_WIDTH, -(-len(eos) // EOS_WIDTH) * EOS_WIDTH)
         eos = np.pad(np.asarray(eos, np.int32), (0, width - len(eos)), constant_values=-1)
         return cls(**{k: jnp.asarray(v) for k, v in rows.items()}, eos=jnp.asarray(eos),
-                   pad=jnp.asarray(pad_token_id, jnp.int32), key=key if key is not None else jax.random.key(0))
+                   pad=jnp.asarray(pad_token_id, jnp.int32), key=key if key is not None else jax.random.key(0),
+                   controls=controls)
 
     def replace(self, **changes) -> "Knobs":
         return dataclasses.replace(self, **changes)
 
 
-jax.tree_util.register_dataclass(Knobs, data_fields=["temperature", "top_k", "top_p", "eos", "pad", "key"],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(Knobs, data_fields=["temperature", "top_k", "top_p", "eos", "pad", "key",
+                                                    "controls"], meta_fields=[])
 
 
 def _per_row(name: str, value, batch_size: int, dtype) -> np.ndarray:
@@ -167,10 +172,24 @@ def _per_row(name: str, value, batch_size: int, dtype) -> np.ndarray:
     return arr.astype(dtype)
 
 
-def pick(logits: jax.Array, i, done: jax.Array, knobs: Knobs):
-    """Sample token i for rows not yet done: (tokens int32 [B], active [B], new done [B])."""
-    tok = sample(logits, jax.random.fold_in(knobs.key, i), knobs.temperature, knobs.top_k, knobs.top_p)
+def start_counts(knobs: Knobs, batch_size: int, vocab_size: int):
+    """The token counts a decode loop carries for knobs.controls: zeros int32 [B, V], or None
+    when the knobs have no controls."""
+    return None if knobs.controls is None else jnp.zeros((batch_size, vocab_size), jnp.int32)
+
+
+def pick(logits: jax.Array, i, done: jax.Array, knobs: Knobs, counts=None):
+    """Sample token i for rows not yet done: (tokens int32 [B], active [B], new done [B], new
+    counts). counts: int32 [B, V] tokens generated so far (`start_counts`), None without
+    controls; the drawn tokens are counted for active rows."""
+    min_p = None
+    if knobs.controls is not None:
+        logits = apply_controls(logits, knobs.controls, counts, i, knobs.eos)
+        min_p = knobs.controls.min_p
+    tok = sample(logits, jax.random.fold_in(knobs.key, i), knobs.temperature, knobs.top_k, knobs.top_p, min_p)
     active = ~done
     tok = jnp.where(active, tok, knobs.pad)
     is_eos = (tok[:, None] == knobs.eos[None, :]).any(axis=-1)   # eos: int32 [E], -1 padded
-    return tok, active, done | (active & is_eos)
+    if counts is not None:
+        counts = count_tokens(counts, tok, active)
+    return tok, active, done | (active & is_eos), counts

@@ -347,7 +347,11 @@ BAD = [  # (id, path, raw body or JSON, status, param)
     ("unknown-model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
     ("token-out-of-vocab", "/v1/completions", {"prompt": [1, 2, 100000]}, 400, "prompt"),
     ("empty-prompt", "/v1/completions", {"prompt": []}, 400, "prompt"),
-    ("n-two", "/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("n-zero", "/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("best_of-below-n", "/v1/completions", {"prompt": "x", "n": 2, "best_of": 1}, 400, "best_of"),
+    ("logit_bias-not-a-token", "/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    ("presence_penalty-3", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}, 400, "presence_penalty"),
     ("top_p-zero", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("chat-no-messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("chat-bad-role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]},
@@ -539,6 +543,23 @@ def test_disconnect_cancels_the_request(http):
     assert after[("kvjax_requests_total", frozenset({("finish_reason", "abort")}))] >= 1
 
 
+def test_disconnect_cancels_every_choice(http):
+    """A streamed n=3 request whose client goes away: all three engine requests are aborted."""
+    def engine(m, key):
+        return m[(f"kvjax_engine_{key}", frozenset())]
+
+    before = _metrics(http)
+    with http.stream("POST", "/v1/completions", json={
+            "prompt": "class", "max_tokens": LONG, "temperature": 0, "ignore_eos": True, "n": 3,
+            "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(l for l in lines if l.startswith("data: "))   # the stream has begun
+    after = _wait_for(lambda: (m := _metrics(http)) and engine(m, "aborted") >= engine(before, "aborted") + 3
+                      and engine(m, "running") == 0 and m)
+    assert after, "the choices were not all aborted after the client went away"
+    assert engine(after, "pages_used") == engine(after, "pages_cached")
+
+
 def test_metrics_and_prefix_cache(http):
     prompt = "The quick brown fox jumps over the lazy dog. " * 1 + "Then it sat."  # 58 tokens
     first = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0})
@@ -581,10 +602,15 @@ def _fuzz_bodies():
         "prompt": mostly(st.one_of(text, st.lists(st.integers(0, 259), min_size=1, max_size=8))),
         "messages": mostly(st.lists(message, max_size=3)), "max_tokens": mostly(st.integers(1, 3)),
         "temperature": mostly(st.floats(0, 2)), "top_p": mostly(st.floats(0.05, 1)),
-        "top_k": mostly(st.integers(-2, 2**64)), "n": mostly(st.just(1)), "seed": mostly(st.integers(0, 2**64)),
+        "top_k": mostly(st.integers(-2, 2**64)), "n": mostly(st.integers(1, 3)), "seed": mostly(st.integers(0, 2**64)),
+        "best_of": mostly(st.integers(1, 4)),
         "stop": mostly(st.one_of(text, st.lists(text, max_size=3))), "logprobs": mostly(st.integers(0, 5)),
-        "echo": mostly(st.booleans()), "stream": st.booleans(), "presence_penalty": mostly(st.just(0)),
-        "logit_bias": mostly(st.dictionaries(st.text(max_size=3), weird, max_size=2)),
+        "echo": mostly(st.booleans()), "stream": st.booleans(),
+        "presence_penalty": mostly(st.floats(-2.5, 2.5)), "frequency_penalty": mostly(st.floats(-2.5, 2.5)),
+        "repetition_penalty": mostly(st.floats(0, 3)), "min_p": mostly(st.floats(-0.5, 1.5)),
+        "min_tokens": mostly(st.integers(-1, 4)), "ignore_eos": mostly(st.booleans()),
+        "logit_bias": mostly(st.dictionaries(st.one_of(st.integers(-1, 300).map(str), st.text(max_size=3)),
+                                             st.one_of(st.floats(-150, 150), weird), max_size=3)),
         "response_format": mostly(st.just({"type": "text"})), "model": mostly(st.just("text")),
     }
     main = st.sampled_from([("prompt",), ("messages",), ("prompt", "messages"), ()])

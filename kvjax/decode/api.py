@@ -18,6 +18,8 @@ from ..cache import KVCache, as_pressed, init_cache, layout_name, mesh_of
 from ..config import ModelConfig
 from ..press import host
 from ..press.decoding import DecodingPress
+from ..controls import make_controls
+from ..sampling_params import check_controls
 from ..sampling import Knobs
 from . import kvzip, programs
 from .nocache import generate_nocache
@@ -177,7 +179,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
              cache: KVCache | None = None, use_cache: bool = True, pad_token_id: int = 0,
              mesh=None, cache_kind: str = "dense", num_sinks: int | None = None,
              press=None, prefill_chunk: int | None = PREFILL_CHUNK, speculate=None,
-             **cache_options) -> GenerateOutput:
+             presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, logit_bias=None,
+             min_p=0.0, min_tokens=0, ignore_eos: bool = False, **cache_options) -> GenerateOutput:
     """Generate `max_new_tokens` per row after right-padded prompts [B, S].
 
     temperature/top_k/top_p: scalars or per-row [B] (temperature 0 = greedy). A row that
@@ -201,22 +204,23 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
     not on a mesh): the same greedy tokens, the same distribution when sampling; returns a
     `SpeculativeOutput` (plus `stats`). Past the proposer's `max_verify_tokens` (B x (k + 1))
     a batch proposes fewer tokens per row, or decodes plainly (no proposals counted).
+    Logit controls (penalties, logit_bias, min_p, min_tokens: kvjax/controls.py), per row or
+    for all; with `speculate` a batch using them decodes plainly. ignore_eos: no EOS stops.
     """
-    tok = validate.as_tokens(prompt_tokens, "prompt_tokens")
-    lens = validate.as_lengths(prompt_lengths, tok, "prompt_lengths")
-    validate.check_token_ids(cfg, tok, lens, "prompt_tokens")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    tok, lens = _prompts(cfg, prompt_tokens, prompt_lengths, max_new_tokens)
     B, S = tok.shape
     C = _chunk_width(prefill_chunk)
-    knobs = Knobs.make(cfg.vocab_size, B, temperature, top_k, top_p, eos_token_id, key, pad_token_id)
+    controls = _controls(cfg, tok, lens, int(max_new_tokens), presence_penalty, frequency_penalty,
+                         repetition_penalty, logit_bias, min_p, min_tokens)
+    knobs = Knobs.make(cfg.vocab_size, B, temperature, top_k, top_p, None if ignore_eos else eos_token_id, key,
+                       pad_token_id, controls)
     if not use_cache:
         return _nocache(cfg, params, tok, lens, int(max_new_tokens), knobs, cache, max_len)
     if speculate is not None:    # (a ring allocated here gets the lookahead's slack slots)
         _check_speculate(cfg, speculate, cache is None and cache_kind != "kivi", cache_options)
     cache = _generate_cache(cfg, B, S, max_new_tokens, max_len, cache, mesh, cache_kind, num_sinks, press,
                             cache_options)
-    verify = 0 if speculate is None else _verify_tokens(speculate, B)
+    verify = 0 if speculate is None or controls is not None else _verify_tokens(speculate, B)
     if verify:
         return _speculative(cfg, params, tok, lens, int(max_new_tokens), knobs, cache, speculate, C, press, verify)
     if (mesh := mesh_of(cache)) is not None:
@@ -225,10 +229,32 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_lengths=None, max_n
         tok, lens, cache = _prefill_head(cfg, params, tok, lens, cache, C, int(max_new_tokens))
         S = tok.shape[1]
     plan, budgets = _plan(cfg, cache, press, mesh, lens, int(max_new_tokens), S)
-    fn = programs.generate_program if mesh is None else _mesh_program(cfg, mesh, cache, press, "generate")
+    fn = programs.generate_program if mesh is None else _mesh_program(cfg, mesh, cache, press, "generate",
+                                                                      controls is not None)
     out = fn(cfg, params, *_placed(mesh, tok.astype(np.int32), lens), cache, plan, _place_knobs(mesh, knobs),
              budgets)
     return out if speculate is None else _plain_speculative(out)
+
+
+def _prompts(cfg, prompt_tokens, prompt_lengths, max_new_tokens):
+    """generate's checked prompts: (tokens [B, S], lengths [B]) on the host."""
+    tok = validate.as_tokens(prompt_tokens, "prompt_tokens")
+    lens = validate.as_lengths(prompt_lengths, tok, "prompt_lengths")
+    validate.check_token_ids(cfg, tok, lens, "prompt_tokens")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    return tok, lens
+
+
+def _controls(cfg, tok, lens, N: int, presence, frequency, repetition, logit_bias, min_p, min_tokens):
+    """generate's logit controls (checked; kvjax/controls.py), or None when all are defaults."""
+    settings = dict(presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition,
+                    logit_bias=logit_bias, min_p=min_p, min_tokens=min_tokens)
+    check_controls(cfg.vocab_size, max_tokens=N, where="generate", **settings)
+    if logit_bias is not None and not isinstance(logit_bias, dict) and len(logit_bias) != tok.shape[0]:
+        raise ValueError(f"generate: logit_bias must be one dict or one per row ({tok.shape[0]}), "
+                         f"got {len(logit_bias)}")
+    return make_controls(cfg.vocab_size, tok.shape[0], [row[:n] for row, n in zip(tok, lens)], **settings)
 
 
 def _plain_speculative(out):
@@ -357,15 +383,16 @@ def _pressed_plan(cfg, cache, press, mesh, lens, N: int, width: int, what: str) 
 
 # ----------------------------------------------------------------------------- placement
 
-def _mesh_program(cfg, mesh, cache: KVCache, press, name: str):
-    """The `name` program of `programs.mesh_programs` for this cache's kind and layouts."""
+def _mesh_program(cfg, mesh, cache: KVCache, press, name: str, controls: bool = False):
+    """The `name` program of `programs.mesh_programs` for this cache's kind and layouts (and
+    knobs with logit controls or without)."""
     layout_in = layout_name(cache)
     if cache.pooled or getattr(press, "pooled", False):
         layout_out = "pooled"
     else:
         layout_out = "pressed" if (cache.pressed or press is not None) else "plain"
     return programs.mesh_programs(cfg, mesh, cache.kind, cache.num_sinks, layout_in, layout_out,
-                                  cache.rings)[name]
+                                  cache.rings, controls)[name]
 
 
 def _global_budgets(mesh, budgets):
@@ -389,6 +416,9 @@ def _place_knobs(mesh, knobs: Knobs) -> Knobs:
         return knobs
     temperature, top_k, top_p = _placed(mesh, knobs.temperature, knobs.top_k, knobs.top_p)
     rep = sharding.replicated(mesh)
+    controls = knobs.controls
+    if controls is not None:
+        controls = jax.tree.map(lambda a: _placed(mesh, np.asarray(a))[0], controls)
     return knobs.replace(temperature=temperature, top_k=top_k, top_p=top_p,
                          eos=sharding.to_global(np.asarray(knobs.eos), rep),
-                         pad=sharding.to_global(np.asarray(knobs.pad), rep))
+                         pad=sharding.to_global(np.asarray(knobs.pad), rep), controls=controls)

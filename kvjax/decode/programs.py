@@ -30,7 +30,8 @@ from ..cache.attend import CacheWrite
 from ..config import ModelConfig
 from ..model import Transformer, init_params
 from ..press.decoding import compress_cache
-from ..sampling import Knobs, pick
+from ..controls import Controls
+from ..sampling import Knobs, pick, start_counts
 from .plans import Plan, prefill_compresses
 
 
@@ -115,11 +116,12 @@ def decode_loop_counted(cfg, params, logits, cache, segments, knobs: Knobs, deco
     """`decode_loop` plus the number of decode steps it ran (int32 []; with stop_early, fewer
     than the planned steps when every row finishes early)."""
     done = jnp.zeros(logits.shape[:1], bool)
+    counts = start_counts(knobs, *logits.shape)      # generated-token counts (logit controls only)
     toks, actives, first, ran = [], [], 0, jnp.int32(0)
     for seg in segments:
-        carry, (tok, active), n = _segment(cfg, params, (logits, cache, done), seg, first, knobs, decoding,
-                                           stop_early)
-        logits, cache, done = carry
+        carry, (tok, active), n = _segment(cfg, params, (logits, cache, done, counts), seg, first, knobs,
+                                           decoding, stop_early)
+        logits, cache, done, counts = carry
         toks.append(tok)
         actives.append(active)
         first += seg.steps * seg.repeat
@@ -138,27 +140,27 @@ def _steps(cfg, params, carry, n: int, i0, live, knobs: Knobs, stop_early: bool)
     bufs = (jnp.broadcast_to(knobs.pad, (n, B)).astype(jnp.int32), jnp.zeros((n, B), bool))
 
     def more(state):
-        j, (_, _, done), _ = state
+        j, (_, _, done, _), _ = state
         return (j < n) & ~jnp.all(done) if stop_early else j < n
 
     def step(state):
-        j, (logits, cache, done), (toks, acts) = state
-        tok, active, done = pick(logits, i0 + j, done, knobs)
+        j, (logits, cache, done, counts), (toks, acts) = state
+        tok, active, done, counts = pick(logits, i0 + j, done, knobs, counts)
         logits, cache = decode_tokens(cfg, params, tok, cache, active, live)
         bufs = (toks.at[j].set(tok), acts.at[j].set(active))
-        return j + 1, (logits, cache, done), bufs
+        return j + 1, (logits, cache, done, counts), bufs
 
     j, carry, bufs = jax.lax.while_loop(more, step, (jnp.int32(0), carry, bufs))
     return carry, bufs, j
 
 
 def _segment(cfg, params, carry, seg, first: int, knobs: Knobs, decoding, stop_early: bool):
-    """One segment's loops: ((logits, cache, done), (tokens [n, B], active [n, B]), steps run)."""
+    """One segment's loops: ((logits, cache, done, counts), (tokens [n, B], active [n, B]), steps run)."""
     def period(carry, i0):
         carry, out, ran = _steps(cfg, params, carry, seg.steps, i0, seg.live, knobs, stop_early)
         if seg.compress:
-            logits, cache, done = carry
-            carry = (logits, compress_cache(cache, decoding), done)
+            logits, cache, done, counts = carry
+            carry = (logits, compress_cache(cache, decoding), done, counts)
         return carry, (out, ran)
 
     if seg.repeat == 1:
@@ -191,17 +193,17 @@ def generate_counted(cfg, params, prompts, prompt_lengths, cache, plan: Plan, kn
     return out, ran
 
 
-def nocache_step(cfg, width, params, buf, cur, done, i, knobs: Knobs):
+def nocache_step(cfg, width, params, buf, cur, done, i, knobs: Knobs, counts=None):
     """Re-run the model over each row's whole prefix buf[:, :cur] and append one token.
 
     `width` (static) is the bucketed prefix length: the cost follows the prefix, not the
     final buffer size, and only one program is compiled per power of two.
     """
     logits = forward_logits(cfg, params, buf[:, :width], cur, logits_at=cur - 1)[:, 0]
-    tok, active, done = pick(logits, i, done, knobs)
+    tok, active, done, counts = pick(logits, i, done, knobs, counts)
     rows = jnp.arange(buf.shape[0])
     buf = buf.at[rows, cur].set(jnp.where(active, tok, buf[rows, cur]), mode="drop")
-    return buf, cur + active.astype(jnp.int32), done, tok, active
+    return buf, cur + active.astype(jnp.int32), done, tok, active, counts
 
 
 # ----------------------------------------------------------------------------- jitted programs
@@ -219,14 +221,15 @@ compress_program = jax.jit(compress_cache, static_argnums=1, donate_argnums=0)
 
 @lru_cache(maxsize=None)
 def mesh_programs(cfg: ModelConfig, mesh, kind: str = "dense", num_sinks: int = 0, layout_in: str = "plain",
-                  layout_out: str | None = None, rings: tuple = ()) -> dict:
+                  layout_out: str | None = None, rings: tuple = (), controls: bool = False) -> dict:
     """The prefill, decode and generate programs with explicit in/out shardings (pjit) for
     caches on `mesh`.
 
     Pinning the output cache to the input cache's sharding keeps it laid out the same way
     across steps: batch over data, kv heads over model (kvjax/cache/sharded.py). A press
     changes the layout (plain -> pressed or pooled): layout_in / layout_out say which; press
-    budgets are replicated.
+    budgets are replicated. controls: the knobs carry logit controls (kvjax/controls.py),
+    split by rows like the other per-row knobs.
     """
     params_shape = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     ps = sharding.param_shardings(cfg, params_shape, mesh)
@@ -234,7 +237,9 @@ def mesh_programs(cfg: ModelConfig, mesh, kind: str = "dense", num_sinks: int = 
     out = cache_shardings(cfg, mesh, kind, num_sinks, layout_out or layout_in, rings)
     b1, b2 = sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh, 2)
     rep = sharding.replicated(mesh)
-    knobs = Knobs(temperature=b1, top_k=b1, top_p=b1, eos=rep, pad=rep, key=rep)
+    ctl = Controls(presence=b1, frequency=b1, repetition=b1, min_p=b1, min_tokens=b1, bias=b2, prompt=b2)
+    knobs = Knobs(temperature=b1, top_k=b1, top_p=b1, eos=rep, pad=rep, key=rep,
+                  controls=ctl if controls else None)
     return {
         "prefill": jax.jit(append_chunk, static_argnums=(0, 5, 6), donate_argnums=4,
                            in_shardings=(ps, b2, b1, cs, rep), out_shardings=(b2, out)),

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
+from ..sampling_params import DEFAULTS, check_controls
 from ..sampling import check_sampling
 from .api import Completion, SamplingParams, TokenLogprob
 from .programs import LOGPROBS_MAX
@@ -182,7 +183,7 @@ class Engine:
         self.scheduler = Scheduler(self.max_slots, self.max_len, self.page_size, self.num_pages, prefix_cache,
                                    self.decode_steps, self.prefill_chunk, self.runner.min_rows,
                                    int(speculate.num_tokens) if speculate is not None else 0,
-                                   _verify_budget(speculate))
+                                   _verify_budget(speculate), vocab_size=cfg.vocab_size)
 
         self._lock = threading.Condition()
         self._inbox: deque = deque()     # (Request, RequestHandle) submitted, not yet seen by the loop
@@ -508,6 +509,19 @@ def _check_params(sp: SamplingParams, vocab_size: int, where: str):
     if not isinstance(mt, (int, np.integer)) or isinstance(mt, bool) or mt < 1:
         raise ValueError(f"{where}: max_tokens must be an int >= 1, got {mt!r}")
     check_sampling(sp.temperature, sp.top_k, sp.top_p, where)
+    for name in DEFAULTS:                   # one value per request (generate takes per-row arrays)
+        v = getattr(sp, name)
+        if (name == "logit_bias" and v is not None and not isinstance(v, dict)) or \
+                (name != "logit_bias" and np.ndim(v) != 0):
+            raise ValueError(f"{where}: {name} must be a single {'dict' if name == 'logit_bias' else 'number'}, "
+                             f"got {v!r}")
+    check_controls(vocab_size, max_tokens=mt, where=where, **{name: getattr(sp, name) for name in DEFAULTS})
+    if sp.guide is not None:
+        info = getattr(sp.guide, "info", None)
+        if not callable(getattr(sp.guide, "matcher", None)) or getattr(info, "vocab_size", None) != vocab_size:
+            raise ValueError(f"{where}: guide must be a grammar compiled for this model's vocabulary of "
+                             f"{vocab_size} (kvjax.structured.compile_format(spec, tokenizer_info(tok, "
+                             f"{vocab_size}))), got {sp.guide!r}")
     for s in sp.stop_token_ids:
         if not isinstance(s, (int, np.integer)) or not 0 <= s < vocab_size:
             raise ValueError(f"{where}: stop token {s!r} is outside the vocabulary [0, {vocab_size})")

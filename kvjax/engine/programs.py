@@ -12,6 +12,9 @@ is only as wide as the work (bucketed to powers of two to bound compilations).
 Sampling: each row draws with its own key, fold_in(key(seed), token index), through
 `kvjax.sampling.sample`, so a request's tokens do not depend on what else is in flight.
 When every row is greedy the draw is skipped at run time (one argmax, as `generate`).
+Logit controls (penalties, logit bias, min_p, min_tokens: kvjax/controls.py) are compiled in
+only when a row of the call uses them (the sampling dict then holds their arrays and the
+rows' token counts, carried through the steps and returned for a chained call).
 Log-probabilities are compiled in only when a row asks for them (static flags).
 
 Compilations: each program's body counts its traces (`trace_count`, per thread). jit traces
@@ -27,7 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from ..model import Transformer
+from ..controls import CONTROL_FIELDS, Controls, apply_controls, count_tokens
 from ..sampling import greedy, sample
+from ..structured.device import mask_logits
 from ..cache.attend import CacheWrite
 from ..cache.paged import gather_views, paged_cache
 
@@ -63,16 +68,31 @@ def forward_pages(cfg, params, keys, values, tokens, lengths, starts, page_table
     return logits, tuple(l["k"] for l in layers), tuple(l["v"] for l in layers), new_views
 
 
-def sample_rows(logits, samp, index):
+def controlled(samp) -> bool:
+    """Whether a call's sampling settings carry logit controls (kvjax/controls.py): then
+    samp also holds their arrays, the rows' token counts [B, V] and stop ids [B, E]."""
+    return "bias" in samp
+
+
+def sample_rows(logits, samp, index, counts=None):
     """One token per row [B] from logits [B, V], each row with its own key and settings.
 
-    samp: temperature, top_k, top_p, seed (uint32) per row [B]; index [B]: the token's
-    index in its request (folded into the request's key)."""
+    samp: temperature, top_k, top_p, seed (uint32) per row [B], and the logit controls'
+    arrays when `controlled(samp)`; index [B]: the token's index in its request (folded into
+    the request's key); counts int32 [B, V]: the tokens each row generated so far (controls)."""
+    min_p = None
+    if controlled(samp):
+        ctl = Controls(**{f: samp[f] for f in CONTROL_FIELDS})
+        logits = apply_controls(logits, ctl, counts, index, samp["stops"])
+        min_p = samp["min_p"]
+    if "grammar" in samp:                     # structured output: the grammar's allowed tokens only
+        logits = mask_logits(logits, samp["grammar"])
+
     def draw(lg):
-        def one(l, seed, i, t, k, p):
+        def one(l, seed, i, t, k, p, mp):
             key = jax.random.fold_in(jax.random.key(seed), i)
-            return sample(l[None], key, t[None], k[None], p[None])[0]
-        return jax.vmap(one)(lg, samp["seed"], index, samp["temperature"], samp["top_k"], samp["top_p"])
+            return sample(l[None], key, t[None], k[None], p[None], None if mp is None else mp[None])[0]
+        return jax.vmap(one)(lg, samp["seed"], index, samp["temperature"], samp["top_k"], samp["top_p"], min_p)
 
     return jax.lax.cond(jnp.all(samp["temperature"] <= 0), greedy, draw, logits)
 
@@ -106,7 +126,7 @@ def prefill_chunk(cfg, params, keys, values, tokens, lengths, starts, page_table
         every = logits                                                           # [B, T, V]
         logits = jnp.take_along_axis(every, last[:, None, None], axis=1)
     logits = logits[:, 0]                                                        # [B, V]
-    tok = sample_rows(logits, samp, index)
+    tok = sample_rows(logits, samp, index, samp.get("counts"))
     out = {"token": tok}
     if logprobs:
         out["logprob"], out["top"], out["top_ids"] = token_logprobs(logits, tok, min(LOGPROBS_MAX, V))
@@ -131,28 +151,36 @@ def decode_steps(cfg, params, keys, values, state, page_table, steps: int, logpr
     """
     count_trace()
     samp = {k: state[k] for k in ("temperature", "top_k", "top_p", "seed")}
+    if controlled(state):
+        samp.update({k: state[k] for k in (*CONTROL_FIELDS, "stops")})
+    if "grammar" in state:
+        samp["grammar"] = state["grammar"]
     V = cfg.vocab_size
 
     def step(carry, _):
-        keys, values, views, tok, lens, n, active = carry
+        keys, values, views, tok, lens, n, active, counts = carry
         logits, keys, values, views = forward_pages(cfg, params, keys, values, tok[:, None], active.astype(jnp.int32),
                                                lens, page_table, jnp.zeros_like(lens), views)
         logits = logits[:, 0]
-        new = sample_rows(logits, samp, n)
+        new = sample_rows(logits, samp, n, counts)
         emitted = active
+        if counts is not None:
+            counts = count_tokens(counts, new, emitted)
         n = n + active
         lens = lens + active
         stop = jnp.any(new[:, None] == state["stops"], axis=-1)
         active = active & ~(stop | (n >= state["max_n"]))
         tok = jnp.where(emitted, new, tok)
         extra = token_logprobs(logits, new, min(LOGPROBS_MAX, V)) if logprobs else None
-        return (keys, values, views, tok, lens, n, active), (new, emitted, extra)
+        return (keys, values, views, tok, lens, n, active, counts), (new, emitted, extra)
 
     # The rows' pages are copied out once per call (not once per step): each step writes its
     # token into the pool and into this copy and attends over the copy.
     views = gather_views(keys, values, page_table)
-    init = (keys, values, views, state["tok"], state["lens"], state["n"], state["active"])
-    (keys, values, _, tok, lens, n, active), (toks, emitted, extra) = jax.lax.scan(step, init, None,
-                                                                                    length=steps)
+    init = (keys, values, views, state["tok"], state["lens"], state["n"], state["active"], state.get("counts"))
+    (keys, values, _, tok, lens, n, active, counts), (toks, emitted, extra) = jax.lax.scan(step, init, None,
+                                                                                            length=steps)
     final = {"tok": tok, "lens": lens, "n": n, "active": active}
+    if counts is not None:
+        final["counts"] = counts
     return toks, emitted, extra, final, pin_pools(keys, pool_sharding), pin_pools(values, pool_sharding)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..buckets import pow2
+from ..sampling_params import DEFAULTS, host_controls, is_default, token_counts
 from .api import Completion, SamplingParams, TokenLogprob
 from .pages import PagePool
 
@@ -82,6 +83,13 @@ class Request:
     cached_tokens: int | None = None   # set at first admission
     admitted_before: bool = False
     prompt_logprobs_done: bool = False
+    controlled: bool = False           # uses logit controls (penalties, bias, min_p, min_tokens)
+    matcher: object = None             # structured output: its grammar state (kvjax/structured)
+
+    @property
+    def plain_only(self) -> bool:
+        """Whether its decode calls must not speculate (logit controls or a grammar)."""
+        return self.controlled or self.matcher is not None
 
 
 @dataclass(eq=False)
@@ -161,8 +169,9 @@ class Scheduler:
 
     def __init__(self, max_slots: int, max_len: int, page_size: int, num_pages: int,
                  prefix_cache: bool = True, decode_steps: int = 8, prefill_chunk: int = 128,
-                 min_rows: int = 1, speculate: int = 0, verify_budget: int | None = None):
+                 min_rows: int = 1, speculate: int = 0, verify_budget: int | None = None, vocab_size: int = 0):
         self.max_slots, self.max_len, self.page_size, self.num_pages = max_slots, max_len, page_size, num_pages
+        self.vocab_size = vocab_size          # the dense arrays of logit controls (kvjax/controls.py)
         self.speculate, self.verify_budget = speculate, verify_budget
         self.decode_steps, self.prefill_chunk, self.min_rows = decode_steps, prefill_chunk, min_rows
         self.pages_per_seq = -(-max_len // page_size)
@@ -182,7 +191,9 @@ class Scheduler:
     def new_request(self, rid: int, prompt: list, sp: SamplingParams, seed: int) -> Request:
         max_n = min(int(sp.max_tokens), self.max_len - len(prompt))
         return Request(rid, prompt, sp, max_n, seed % 2**32, frozenset(sp.stop_token_ids),
-                       logprobs=[] if sp.logprobs is not None else None)
+                       logprobs=[] if sp.logprobs is not None else None,
+                       controlled=not is_default(**{name: getattr(sp, name) for name in DEFAULTS}),
+                       matcher=sp.guide.matcher() if sp.guide is not None else None)
 
     def add(self, req: Request):
         """Queue a request (checked by the caller: it fits the pool and max_len)."""
@@ -282,7 +293,30 @@ class Scheduler:
         for b, s in enumerate(seqs):
             sp = s.req.sp
             temp[b], top_k[b], top_p[b], seed[b] = sp.temperature, sp.top_k, sp.top_p, s.req.seed
-        return dict(temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
+        out = dict(temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
+        if any(s.req.controlled for s in seqs):
+            out.update(self._controls(seqs, B))
+        guided = [s.req.matcher for s in seqs if s.req.matcher is not None]
+        if guided:                                   # the grammar's allowed tokens, packed
+            out["grammar"] = np.full((B, guided[0].info.mask_words), -1, np.int32)   # all ones: free
+            for b, s in enumerate(seqs):
+                if s.req.matcher is not None:
+                    s.req.matcher.bitmask(out=out["grammar"][b])
+        return out
+
+    def _controls(self, seqs, B: int) -> dict:
+        """The logit controls' arrays of a call with a controlled row (kvjax/controls.py): per-row
+        settings (defaults on other and idle rows), dense bias and prompt sets [B, V], the
+        tokens each row generated so far [B, V] and its stop ids [B, E]."""
+        pad = B - len(seqs)
+        per_row = lambda name: [getattr(s.req.sp, name) for s in seqs] + [DEFAULTS[name]] * pad  # noqa: E731
+        arrays = host_controls(self.vocab_size, B, [s.req.prompt for s in seqs],
+                               **{name: per_row(name) for name in DEFAULTS})
+        arrays["counts"] = token_counts([s.req.generated for s in seqs] + [[]] * pad, self.vocab_size)
+        stops = np.full((B, pow2(max(len(s.req.stops) for s in seqs), floor=4)), -1, np.int32)
+        for b, s in enumerate(seqs):
+            stops[b, :len(s.req.stops)] = sorted(s.req.stops)
+        return dict(arrays, stops=stops)
 
     # ------------------------------------------------------------------ prefill
     def schedule_prefill(self) -> PrefillStep | None:
@@ -441,7 +475,9 @@ class Scheduler:
             state["stops"][b, :len(s.req.stops)] = sorted(s.req.stops)
             want_lp |= s.req.sp.logprobs is not None
         table = self._table(seqs, B, W)
-        if self.speculating(B):                # the runner runs the speculative program on "hist"
+        # the runner runs the speculative program on "hist" (rows with logit controls or a
+        # grammar decode plainly)
+        if self.speculating(B) and not any(s.req.plain_only for s in seqs):
             H = table.shape[1] * self.page_size
             state.update(hist=np.zeros((B, H), np.int32), cap=np.zeros(B, np.int32),
                          rate=np.ones(B, np.float32), off=np.zeros(B, np.int32))
@@ -450,7 +486,8 @@ class Scheduler:
                 state["hist"][b, :len(toks)] = toks
                 state["cap"][b] = len(s.pages) * self.page_size
                 state["rate"][b], state["off"][b] = s.spec_rate, s.spec_off
-        return DecodeStep(tuple(seqs), table, state, self.decode_steps, want_lp, stop_w,
+        steps = 1 if "grammar" in state else self.decode_steps     # a grammar's mask changes every token
+        return DecodeStep(tuple(seqs), table, state, steps, want_lp, stop_w,
                           tuple(s.lens for s in seqs), tuple(len(s.req.generated) for s in seqs))
 
     def chain_decode(self, step: DecodeStep, arrivals: bool = False) -> DecodeStep | None:
@@ -459,7 +496,8 @@ class Scheduler:
         (none has a stop token or reaches max_tokens in it), nothing has arrived (`arrivals`:
         a submission, a cancel, a close) and no request waits for a free place: the host's
         bookkeeping then overlaps the device's work. Takes the chained call's pages."""
-        if (step.state is not None and "hist" in step.state) or not self._can_chain(step, arrivals):
+        if (step.state is not None and ("hist" in step.state or "grammar" in step.state)) \
+                or not self._can_chain(step, arrivals):
             return None
         k, seqs = step.steps, step.seqs
         table = self._table(seqs, self.rows(len(seqs)), self.view(max(len(s.pages) for s in seqs)))
@@ -543,7 +581,10 @@ class Scheduler:
         self.counters["generated_tokens"] += len(tokens)
         self._out.tokens.append((req.id, tokens, lps))
         last = tokens[-1]
-        reason = "stop" if last in req.stops else "length" if len(req.generated) >= req.max_n else None
+        for t in tokens if req.matcher is not None else ():
+            req.matcher.advance(t)          # masked on the device: a rejection is a bug (the request fails)
+        complete = req.matcher is not None and req.matcher.finished()   # only EOS could follow
+        reason = "stop" if last in req.stops or complete else "length" if len(req.generated) >= req.max_n else None
         if reason is not None:
             self._release(s)
             self._complete(req, reason)

@@ -23,6 +23,11 @@ class TimedH11Protocol(H11Protocol):
         if self._header_timer is None and self._between_requests():
             self._arm()
         super().data_received(data)
+        if self._header_timer is not None and not self._between_requests():
+            # the headers are complete: disarm, so an idle keep-alive connection is left to
+            # uvicorn's keep-alive timeout instead of being closed under a client reusing it
+            self._header_timer.cancel()
+            self._header_timer = None
 
     def connection_lost(self, exc) -> None:
         if self._header_timer is not None:

@@ -11,8 +11,10 @@ request in flight (continuous batching), whatever the HTTP concurrency. `ServerS
 refuses a request with 429 (Retry-After) once `max_waiting` requests wait for a slot.
 Tokens become text through `TextStream`; a stop string cancels the request in the engine.
 
-`submit_all` and `run_all` do the same for every prompt of a request: all are submitted
-or none is, and a client that goes away cancels them all.
+`submit_all` and `run_all` do the same for every engine request of an HTTP request (each
+prompt's best_of candidates, `protocol.Prepared.requests`): all are admitted and submitted
+or none is, and a client that goes away cancels them all. `best_choices` picks each
+prompt's n answers among its candidates.
 """
 from __future__ import annotations
 
@@ -33,21 +35,35 @@ class ServerState:
         self.max_waiting = max_waiting
         self.tok = tokenizer
         self.limits = P.Limits(model_id=model_id, context=int(context), vocab_size=int(vocab_size),
+                               grammar=grammar_compiler(tokenizer, int(vocab_size)),
                                eos_ids=tuple(int(e) for e in eos_ids))
         self.metrics = Metrics(engine)
         self.created = int(time.time())
 
-    def admit(self, prompts: int):
-        """429 with Retry-After when `prompts` more would take the engine's queue of requests
-        waiting for a slot past `max_waiting` (None: unbounded)."""
+    def admit(self, prompts: int, param: str | None = None):
+        """429 with Retry-After when `prompts` more engine requests would take the engine's
+        queue of requests waiting for a slot past `max_waiting` (None: unbounded); 400 naming
+        `param` when they are more than `max_waiting` on their own (no retry would help)."""
         if self.max_waiting is None:
             return
+        if prompts > max(self.max_waiting, 1):
+            raise P.invalid(f"this request makes {prompts} sequences (prompts x n or best_of), more than "
+                            f"the {self.max_waiting} this server lets wait (--max-waiting)", param)
         waiting = self.engine.waiting()
         if waiting + prompts > self.max_waiting:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise P.APIError(429, f"the server is at capacity: {waiting} requests wait for a slot "
                              f"(--max-waiting {self.max_waiting}); retry shortly", "rate_limit_error",
                              None, "server_busy", headers={"Retry-After": "1"})
+
+
+def grammar_compiler(tokenizer, vocab_size: int):
+    """GrammarSpec -> the grammar compiled for this tokenizer and vocabulary (cached by
+    kvjax.structured; ImportError naming the install command without llguidance)."""
+    def compile_spec(spec):
+        from ..structured import compile_format, tokenizer_info
+        return compile_format(spec, tokenizer_info(tokenizer, vocab_size))
+    return compile_spec
 
 
 class Generation:
@@ -58,13 +74,16 @@ class Generation:
     client, a stop string) removes the request from the engine.
     """
 
-    def __init__(self, state: ServerState, prompt_ids, sampling, stop=(), logprobs=None):
+    def __init__(self, state: ServerState, prompt_ids, sampling, stop=(), logprobs=None,
+                 prompt_index: int = 0, candidate: int = 0):
         self.state = state
+        self.prompt_index, self.candidate = prompt_index, candidate   # which prompt, which try
         self.prompt_ids = list(prompt_ids)
         self.want_logprobs = logprobs is not None
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.text = TextStream(state.tok, stop, skip_ids=state.limits.eos_ids)
+        self.text = TextStream(state.tok, stop, skip_ids=state.limits.eos_ids,
+                               min_tokens=getattr(sampling, "min_tokens", 0))
         self.tokens: list[int] = []
         self.finish_reason = None
         self.completion = None
@@ -159,6 +178,14 @@ class Generation:
             self.completion.logprobs is not None else self.handle.logprobs
         return list(src[start:end]) if src is not None else []
 
+    def cumulative_logprob(self) -> float:
+        """The sum of the generated tokens' log-probabilities (best_of's ranking; the engine
+        records them when best_of > n whether or not the client asked). -inf if none."""
+        src = self.completion.logprobs if self.completion is not None else None
+        if src is None:
+            return float("-inf")
+        return float(sum(e.logprob for e in src[:len(self.tokens)] if e is not None))
+
     def prompt_logprobs(self) -> list:
         pl = getattr(self.completion, "prompt_logprobs", None)
         return list(pl) if pl is not None else [None] * len(self.prompt_ids)
@@ -169,17 +196,19 @@ class Generation:
 
 
 def submit_all(state: ServerState, prepared: P.Prepared) -> list[Generation]:
-    """Submit every prompt; if the engine refuses one, withdraw those already submitted.
-    429 first when the engine's queue is full (`ServerState.admit`)."""
-    state.admit(len(prepared.prompts))
+    """Submit every engine request (prompt-major: each prompt's best_of candidates); if the
+    engine refuses one, withdraw those already submitted. 429 first when the engine's queue
+    is full (`ServerState.admit`)."""
+    state.admit(prepared.size, "best_of" if prepared.best_of > prepared.n else "n" if prepared.n > 1 else "prompt")
     gens = []
     try:
-        for ids, sp in zip(prepared.prompts, prepared.sampling):
-            gens.append(Generation(state, ids, sp, prepared.stop, prepared.logprobs))
+        for i, c, ids, sp in prepared.requests():
+            gens.append(Generation(state, ids, sp, prepared.stop, prepared.logprobs, i, c))
     except ValueError as e:
         for g in gens:
             g.abandon()
-        param = "prompt" if len(prepared.prompts) == 1 else f"prompt.{len(gens)}"
+        i = len(gens) // prepared.best_of
+        param = getattr(e, "param", None) or ("prompt" if len(prepared.prompts) == 1 else f"prompt.{i}")
         raise P.invalid(f"the engine refused the request: {e}", param) from None
     except RuntimeError as e:   # a closed engine (shutting down)
         for g in gens:
@@ -187,6 +216,24 @@ def submit_all(state: ServerState, prepared: P.Prepared) -> list[Generation]:
         raise P.APIError(503, f"the engine is not accepting requests: {e}", "server_error",
                          headers={"Retry-After": "5"}) from None
     return gens
+
+
+def best_choices(gens: list[Generation], prepared: P.Prepared) -> list[Generation]:
+    """The returned choices, in choice-index order (prompt_index * n + choice): per prompt,
+    all its generations when best_of == n (in submission order), else the n candidates of
+    highest cumulative log-probability, best first (ties: the earlier candidate)."""
+    k, n = prepared.best_of, prepared.n
+    out = []
+    for start in range(0, len(gens), k):
+        group = gens[start:start + k]
+        out += group if k == n else pick_best(group, n, [g.cumulative_logprob() for g in group])
+    return out
+
+
+def pick_best(items: list, n: int, scores: list) -> list:
+    """The n items of highest score, highest first; equal scores keep the input order."""
+    order = sorted(range(len(items)), key=lambda j: -scores[j])
+    return [items[j] for j in order[:n]]
 
 
 async def run_all(request, gens: list[Generation]):

@@ -4,28 +4,37 @@ Every bad request becomes an `APIError` (status, message, type, param) that the 
 into the OpenAI error body `{"error": {"message", "type", "param", "code"}}`; nothing
 reaches the engine before the whole request is checked. Unknown fields are ignored (as
 the OpenAI API does: clients send `user`, `stream_options` and the like); known fields of
-the wrong type, out-of-range values and features kvjax does not have (n > 1, penalties,
-tools) are refused with the field's name as `param`. temperature, top_k and top_p go through
-`kvjax.sampling.check_sampling`, the range check `generate` and `Engine` use too.
+the wrong type, out-of-range values and features kvjax does not have (tools, suffix) are
+refused with the field's name as `param`. temperature, top_k and top_p go through
+`kvjax.sampling.check_sampling`, the logit controls (presence / frequency / repetition
+penalties, logit_bias, min_p, min_tokens) through `kvjax.sampling_params.check_controls`:
+the range checks `generate` and `Engine` use too.
 
 `prepare_completion` and `prepare_chat` turn a validated body into a `Prepared` request:
-token-id prompts, one `kvjax.SamplingParams`, stop strings and the response options.
+token-id prompts, one `kvjax.SamplingParams` per prompt, stop strings, the number of
+choices (n, best_of) and the response options. `Prepared.requests()` lists the engine
+requests: best_of candidates per prompt, each with its own seed (`choice_seed`).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..engine.api import SamplingParams
-from ..sampling import SamplingError, check_sampling
+from ..sampling import check_sampling
+from ..sampling_params import MAX_BIAS, SamplingError, check_controls
+from ..structured.formats import FormatError, spec_from_request
 
 MAX_LOGPROBS = 20      # top alternatives per position (OpenAI allows 5 on completions, 20 on chat)
 MAX_STOP = 16          # stop strings per request
 MAX_PROMPTS = 64       # prompts in one batched /v1/completions request
 MAX_JSON_DEPTH = 32    # nesting of arrays and objects in a request body
+MAX_N = 128            # choices per prompt (n) and candidates per prompt (best_of), OpenAI's bound
+MAX_SEQUENCES = 1024   # engine requests one HTTP request may make: prompts x best_of
 
 
 class APIError(Exception):
@@ -74,7 +83,14 @@ class _Sampling(_Request):
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict] = None
+    logit_bias: Optional[dict] = None          # {"token id": bias}: JSON keys are strings
+    repetition_penalty: Optional[float] = None   # extensions (vLLM's names) from here on
+    min_p: Optional[float] = None
+    min_tokens: Optional[int] = None
+    ignore_eos: Optional[bool] = None
+    # structured output: OpenAI's response_format; vLLM's guided_* and structured_outputs
+    # arrive as extra fields (see kvjax/structured/formats.py)
+    response_format: Optional[dict] = None
 
 
 class CompletionRequest(_Sampling):
@@ -102,7 +118,6 @@ class ChatCompletionRequest(_Sampling):
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
     tools: Optional[list] = None
-    response_format: Optional[dict] = None
 
 
 class TokenizeRequest(_Request):
@@ -198,6 +213,7 @@ class Limits:
     context: int              # prompt + max_tokens must fit (the engine's max_len)
     vocab_size: int
     eos_ids: tuple = ()
+    grammar: Any = None       # GrammarSpec -> compiled grammar for this tokenizer (structured output)
 
 
 @dataclass
@@ -213,6 +229,31 @@ class Prepared:
     logprobs: Optional[int] = None  # top alternatives per position, None: no logprobs
     stream: bool = False
     include_usage: bool = False
+    n: int = 1                      # choices returned per prompt
+    best_of: int = 1                # candidates generated per prompt (>= n): the n with the
+                                    # highest cumulative log-probability are returned
+
+    def requests(self):
+        """(prompt index, candidate, prompt ids, SamplingParams) of every engine request,
+        prompt-major: best_of candidates per prompt, candidate c drawing with
+        `choice_seed(seed, c)`."""
+        for i, (ids, sp) in enumerate(zip(self.prompts, self.sampling)):
+            for c in range(self.best_of):
+                yield i, c, ids, (sp if c == 0 else replace(sp, seed=choice_seed(sp.seed, c)))
+
+    @property
+    def size(self) -> int:
+        """Engine requests: prompts x best_of."""
+        return len(self.prompts) * self.best_of
+
+
+def choice_seed(seed: Optional[int], candidate: int) -> Optional[int]:
+    """The seed of candidate `candidate` (0-based) of a prompt whose request gave `seed`:
+    seed + candidate (vLLM's rule), wrapped into [0, 2**63). Candidate 0 keeps the request's
+    seed, so choice 0 of an n > 1 request is the n = 1 answer with the same seed. Without a
+    seed (None) each candidate is a separate engine request, whose random stream the engine
+    derives from its request id: they differ from each other and from run to run."""
+    return None if seed is None else (seed + candidate) % 2**63
 
 
 def check_model(req, limits: Limits):
@@ -242,15 +283,8 @@ def _sampling_knobs(req: _Sampling) -> dict:
 def _common(req: _Sampling, limits: Limits) -> tuple[dict, tuple]:
     """The fields every endpoint shares -> (SamplingParams keyword arguments, stop strings)."""
     check_model(req, limits)
-    if req.n is not None and req.n != 1:
-        raise invalid(f"n must be 1 (one choice per prompt), got {req.n}", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(req, name)
-        if value not in (None, 0, 0.0):
-            raise invalid(f"{name} is not supported by kvjax serve (only 0), got {value}", name)
-    if req.logit_bias:
-        raise invalid("logit_bias is not supported by kvjax serve", "logit_bias")
     knobs = _sampling_knobs(req)
+    controls = _controls(req, limits)
     if req.seed is not None and not 0 <= req.seed < 2**63:
         raise invalid(f"seed must be in [0, 2**63), got {req.seed}", "seed")
     stop = req.stop
@@ -259,7 +293,108 @@ def _common(req: _Sampling, limits: Limits) -> tuple[dict, tuple]:
         raise invalid(f"stop takes at most {MAX_STOP} strings, got {len(stop)}", "stop")
     if any(s == "" for s in stop):
         raise invalid("stop strings must not be empty", "stop")
-    return dict(**knobs, seed=req.seed, stop_token_ids=tuple(limits.eos_ids)), stop
+    # ignore_eos: the engine stops only at stop_token_ids, so leaving the model's EOS out of
+    # them ignores it (stop strings still apply; EOS tokens stay out of the text either way)
+    stop_ids = () if req.ignore_eos else tuple(limits.eos_ids)
+    return dict(**knobs, **controls, seed=req.seed, stop_token_ids=stop_ids, guide=_guide(req, limits)), stop
+
+
+def _guide(req: _Sampling, limits: Limits):
+    """The compiled grammar of the request's structured-output fields (response_format,
+    guided_*, structured_outputs), or None; a 400 naming the field when one is malformed,
+    the grammar engine rejects it, or the server cannot constrain output."""
+    spec = None
+    try:
+        spec = spec_from_request({**(req.model_extra or {}), "response_format": req.response_format})
+        if spec is None:
+            return None
+        if limits.grammar is None:
+            raise invalid("structured output is not available on this server", spec.param)
+        return limits.grammar(spec)
+    except FormatError as e:
+        raise invalid(e.message, e.param) from None
+    except ImportError as e:            # llguidance is not installed: the message says how
+        raise invalid(str(e), spec.param if spec is not None else "response_format") from None
+
+
+def _controls(req: _Sampling, limits: Limits) -> dict:
+    """The logit controls as SamplingParams takes them (the defaults where not given), checked
+    by `kvjax.sampling_params.check_controls`, the range check `generate` and `Engine` share.
+    min_tokens is checked against max_tokens later, per prompt (`_check_min_tokens`)."""
+    ctl = dict(presence_penalty=_or(req.presence_penalty, 0.0), frequency_penalty=_or(req.frequency_penalty, 0.0),
+               repetition_penalty=_or(req.repetition_penalty, 1.0), min_p=_or(req.min_p, 0.0),
+               min_tokens=_or(req.min_tokens, 0), logit_bias=logit_bias(req.logit_bias, limits.vocab_size))
+    try:
+        check_controls(limits.vocab_size, **ctl)
+    except SamplingError as e:
+        raise invalid(str(e), e.param) from None
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+        ctl[name] = float(ctl[name])          # JSON integers (checked: in range) as floats
+    return ctl
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def logit_bias(raw: Optional[dict], vocab_size: int) -> Optional[dict]:
+    """A request's logit_bias (a JSON object: token ids written as decimal strings -> bias)
+    -> {int token id: float bias}, None when absent or empty; a key that is not a token id in
+    [0, vocab_size), or a bias that is not a finite number in [-MAX_BIAS, MAX_BIAS], is a 400
+    naming the entry and the limit."""
+    if not raw:
+        return None
+    out = {}
+    for key, value in raw.items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 18 or int(key) >= vocab_size:
+            raise invalid(f"logit_bias key {_shown(key)} is not a token id: keys are token ids written "
+                          f"as decimal strings (e.g. \"42\") in [0, {vocab_size})", "logit_bias")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and (isinstance(value, int) or math.isfinite(value)) and -MAX_BIAS <= value <= MAX_BIAS):
+            raise invalid(f"logit_bias for token {key} must be a finite number in [-{MAX_BIAS:g}, "
+                          f"{MAX_BIAS:g}], got {_shown(value)}", "logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
+def _shown(value, limit: int = 40) -> str:
+    """A request value in a message: as JSON, cut to `limit` characters ("..." marks a cut)."""
+    text = json.dumps(value) if _jsonable(value) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_min_tokens(min_tokens: int, max_tokens: int, asked: Optional[int], param: str):
+    """min_tokens <= the request's max_tokens (`asked`, or its default when not given)."""
+    try:
+        check_controls(1, min_tokens=min_tokens, max_tokens=max_tokens)
+    except SamplingError as e:
+        why = "" if asked is not None else f" ({param} was not given: its default here is {max_tokens})"
+        raise invalid(f"{e}{why}", e.param) from None
+
+
+def _choices(req: _Sampling) -> int:
+    """n: choices per prompt, 1 to MAX_N."""
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= MAX_N:
+        raise invalid(f"n must be in [1, {MAX_N}], got {n}", "n")
+    return n
+
+
+def _best_of(req: CompletionRequest, n: int, prompts: int) -> int:
+    """best_of: candidates per prompt, n to MAX_N (default n); more than n cannot stream."""
+    best_of = n if req.best_of is None else req.best_of
+    if not 1 <= best_of <= MAX_N:
+        raise invalid(f"best_of must be in [1, {MAX_N}], got {best_of}", "best_of")
+    if best_of < n:
+        raise invalid(f"best_of ({best_of}) must be at least n ({n}): n choices are picked from "
+                      "best_of candidates", "best_of")
+    if req.stream and best_of > n:
+        raise invalid(f"best_of ({best_of}) > n ({n}) cannot be streamed (the best candidates are "
+                      "known only at the end); drop stream or best_of", "best_of")
+    if prompts * best_of > MAX_SEQUENCES:
+        raise invalid(f"{prompts} prompt(s) x {best_of} choices make {prompts * best_of} sequences; "
+                      f"at most {MAX_SEQUENCES} per request", "best_of" if req.best_of is not None else "n")
+    return best_of
 
 
 def _check_ids(ids: list, limits: Limits, param: str):
@@ -293,11 +428,35 @@ def _fit_max_tokens(asked: Optional[int], default: Optional[int], n_prompt: int,
 
 def prepare_completion(req: CompletionRequest, tokenizer, limits: Limits) -> Prepared:
     sampling_kw, stop = _common(req, limits)
-    if req.best_of not in (None, 1):
-        raise invalid(f"best_of must be 1, got {req.best_of}", "best_of")
     if req.suffix:
         raise invalid("suffix (insertion) is not supported by kvjax serve", "suffix")
-    prompt = req.prompt
+    prompts, texts = _completion_prompts(req.prompt, tokenizer, limits)
+    n = _choices(req)
+    best_of = _best_of(req, n, len(prompts))
+    logprobs = req.logprobs
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise invalid(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    echo = bool(req.echo)
+    asked = req.max_tokens
+    # best_of ranks candidates by their summed token logprobs: the engine records them even
+    # when the client asked for none (the answer then carries none)
+    engine_logprobs = 0 if (logprobs is None and best_of > n) else logprobs
+    sampling = []
+    for ids in prompts:
+        n_new = _fit_max_tokens(asked, 16, len(ids), limits, "max_tokens", allow_zero=echo)
+        _check_min_tokens(sampling_kw["min_tokens"], n_new, asked, "max_tokens")
+        sampling.append(SamplingParams(
+            max_tokens=max(n_new, 1), logprobs=engine_logprobs,
+            prompt_logprobs=logprobs if (echo and logprobs is not None) else None, **sampling_kw))
+    return Prepared(prompts, texts, sampling, stop=stop, score_only=echo and asked == 0, echo=echo,
+                    logprobs=logprobs, stream=bool(req.stream),
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                    n=n, best_of=best_of)
+
+
+def _completion_prompts(prompt, tokenizer, limits: Limits) -> tuple[list, list]:
+    """A completion request's prompt (text, token ids, or a list of either) -> (token ids per
+    prompt, the text per prompt or None for token ids), each checked against the model."""
     if isinstance(prompt, str):
         prompts_in = [prompt]
     elif not prompt:
@@ -309,12 +468,6 @@ def prepare_completion(req: CompletionRequest, tokenizer, limits: Limits) -> Pre
     if len(prompts_in) > MAX_PROMPTS:
         raise invalid(f"prompt holds {len(prompts_in)} prompts; at most {MAX_PROMPTS} per request",
                       "prompt")
-    if req.stream and len(prompts_in) > 1:
-        raise invalid("stream takes one prompt per request", "prompt")
-    logprobs = req.logprobs
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise invalid(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
-    echo = bool(req.echo)
     prompts, texts = [], []
     for i, p in enumerate(prompts_in):
         param = "prompt" if len(prompts_in) == 1 else f"prompt.{i}"
@@ -326,16 +479,7 @@ def prepare_completion(req: CompletionRequest, tokenizer, limits: Limits) -> Pre
             texts.append(None)
         _check_ids(ids, limits, param)
         prompts.append(ids)
-    asked = req.max_tokens
-    sampling = []
-    for ids in prompts:
-        n_new = _fit_max_tokens(asked, 16, len(ids), limits, "max_tokens", allow_zero=echo)
-        sampling.append(SamplingParams(
-            max_tokens=max(n_new, 1), logprobs=logprobs,
-            prompt_logprobs=logprobs if (echo and logprobs is not None) else None, **sampling_kw))
-    return Prepared(prompts, texts, sampling, stop=stop, score_only=echo and asked == 0, echo=echo,
-                    logprobs=logprobs, stream=bool(req.stream),
-                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
+    return prompts, texts
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -354,9 +498,6 @@ def prepare_chat(req: ChatCompletionRequest, prompt_ids: list, limits: Limits) -
     sampling_kw, stop = _common(req, limits)
     if req.tools:
         raise invalid("tools are not supported by kvjax serve", "tools")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise invalid(f"response_format {req.response_format.get('type')!r} is not supported "
-                      "(only 'text')", "response_format")
     top = req.top_logprobs
     if top is not None and not 0 <= top <= MAX_LOGPROBS:
         raise invalid(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
@@ -370,10 +511,13 @@ def prepare_chat(req: ChatCompletionRequest, prompt_ids: list, limits: Limits) -
     asked, param = ((req.max_completion_tokens, "max_completion_tokens")
                     if req.max_completion_tokens is not None else (req.max_tokens, "max_tokens"))
     n_new = _fit_max_tokens(asked, None, len(prompt_ids), limits, param)
+    _check_min_tokens(sampling_kw["min_tokens"], n_new, asked, param)
     sampling = SamplingParams(max_tokens=n_new, logprobs=logprobs, **sampling_kw)
+    n = _choices(req)
     return Prepared([prompt_ids], [None], [sampling], stop=stop,
                     logprobs=logprobs, stream=bool(req.stream),
-                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                    n=n, best_of=n)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

@@ -1,14 +1,17 @@
 """Answers out: the OpenAI response bodies and server-sent-event streams of finished and
 running `Generation`s.
 
-Whole answers: `completion_body` (one choice per prompt) and `chat_body`. Streams:
-`stream_completion` and `stream_chat` yield `data: {...}` chunks (the text deltas, then a
-chunk with the finish reason and usage, a usage-only chunk when `stream_options.
-include_usage` asks, and `data: [DONE]`), sent by `EventStream`, which stops the
-generations however the response ends and reports a failure in-band (the status line is
-gone by then). Log-probabilities: `completion_logprobs` (the legacy completions object,
-with text offsets) and `chat_logprobs` (the chat `content` list), from the engine's
-`TokenLogprob` entries.
+Whole answers: `completion_body` and `chat_body`: n choices per prompt (index = prompt
+index * n + choice, as OpenAI numbers them), with best_of > n the n candidates of highest
+cumulative log-probability (`generation.best_choices`). Streams: `stream_completion` and
+`stream_chat` yield `data: {...}` chunks (each choice's text deltas, interleaved as its
+tokens arrive and tagged with its index, then a chunk with its finish reason; the last
+choice to finish carries the usage; a usage-only chunk when `stream_options.include_usage`
+asks, and `data: [DONE]`), sent by `EventStream`, which stops the generations however the
+response ends and reports a failure in-band (the status line is gone by then).
+Log-probabilities: `completion_logprobs` (the legacy completions object, with text
+offsets) and `chat_logprobs` (the chat `content` list), from the engine's `TokenLogprob`
+entries.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import uuid
 from fastapi.responses import StreamingResponse
 
 from . import protocol as P
-from .generation import Generation
+from .generation import Generation, best_choices
 from .textstream import token_bytes, token_text
 
 log = logging.getLogger("kvjax.serve")
@@ -96,19 +99,19 @@ def _head(prefix: str, obj: str, model: str) -> dict:
             "model": model}
 
 
-def _prompt_text(state, g: Generation, prepared: P.Prepared, index: int) -> str:
+def _prompt_text(state, g: Generation, prepared: P.Prepared) -> str:
     """The prompt as echoed: the text sent, or the decoded ids of a token-id prompt."""
-    text = prepared.prompt_texts[index]
+    text = prepared.prompt_texts[g.prompt_index]
     return state.tok.decode(g.prompt_ids) if text is None else text
 
 
-def completion_result(state, g: Generation, prepared: P.Prepared, index: int):
+def completion_result(state, g: Generation, prepared: P.Prepared):
     """(text, finish_reason, logprobs) of one finished completion choice."""
     text = "" if prepared.score_only else g.text.full_text
     gen_ids = [] if prepared.score_only else g.tokens
     lp, start = None, 0
     if prepared.echo:
-        prompt_text = _prompt_text(state, g, prepared, index)
+        prompt_text = _prompt_text(state, g, prepared)
         start = len(prompt_text)
     if prepared.logprobs is not None:
         if prepared.echo:
@@ -120,27 +123,40 @@ def completion_result(state, g: Generation, prepared: P.Prepared, index: int):
     return text, ("length" if prepared.score_only else g.finish_reason), lp
 
 
+def answer_usage(gens: list[Generation], prepared: P.Prepared) -> dict:
+    """usage over every generation of a request. prompt_tokens counts each prompt once (its
+    candidates share it); cached_tokens likewise, the fewest any of its candidates found in
+    the prefix cache (the prompt was computed at least that much once). completion_tokens
+    counts every candidate's tokens, best_of's discarded ones too: as OpenAI bills them, the
+    server generated them, and usage is what the request cost."""
+    k = max(prepared.best_of, 1)
+    groups = [gens[i:i + k] for i in range(0, len(gens), k)]
+    n_prompt = sum(len(group[0].prompt_ids) for group in groups)
+    cached = sum(min(g.cached_tokens for g in group) for group in groups)
+    n_out = 0 if prepared.score_only else sum(len(g.tokens) for g in gens)
+    return P.usage(n_prompt, n_out, cached)
+
+
 def completion_body(state, gens: list[Generation], prepared: P.Prepared) -> dict:
-    """The /v1/completions answer: one choice per prompt, usage summed over them."""
-    choices, n_prompt, n_out, n_cached = [], 0, 0, 0
-    for i, g in enumerate(gens):
-        text, fr, lp = completion_result(state, g, prepared, i)
-        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": fr})
-        n_prompt += len(g.prompt_ids)
-        n_out += 0 if prepared.score_only else len(g.tokens)
-        n_cached += g.cached_tokens
+    """The /v1/completions answer: n choices per prompt, usage summed over them."""
+    choices = []
+    for index, g in enumerate(best_choices(gens, prepared)):
+        text, fr, lp = completion_result(state, g, prepared)
+        choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": fr})
     return {**_head("cmpl", "text_completion", state.limits.model_id), "choices": choices,
-            "usage": P.usage(n_prompt, n_out, n_cached)}
+            "usage": answer_usage(gens, prepared)}
 
 
-def chat_body(state, g: Generation, prepared: P.Prepared) -> dict:
-    """The /v1/chat/completions answer: one assistant message."""
-    lp = (chat_logprobs(state, g.token_logprobs(0, len(g.tokens)), g.tokens)
-          if prepared.logprobs is not None else None)
-    return {**_head("chatcmpl", "chat.completion", state.limits.model_id),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text.full_text},
-                         "logprobs": lp, "finish_reason": g.finish_reason}],
-            "usage": P.usage(len(g.prompt_ids), len(g.tokens), g.cached_tokens)}
+def chat_body(state, gens: list[Generation], prepared: P.Prepared) -> dict:
+    """The /v1/chat/completions answer: n assistant messages."""
+    choices = []
+    for index, g in enumerate(gens):
+        lp = (chat_logprobs(state, g.token_logprobs(0, len(g.tokens)), g.tokens)
+              if prepared.logprobs is not None else None)
+        choices.append({"index": index, "message": {"role": "assistant", "content": g.text.full_text},
+                        "logprobs": lp, "finish_reason": g.finish_reason})
+    return {**_head("chatcmpl", "chat.completion", state.limits.model_id), "choices": choices,
+            "usage": answer_usage(gens, prepared)}
 
 
 # ---------------------------------------------------------------- streams
@@ -179,73 +195,133 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, default=P.to_jsonable)}\n\n"
 
 
-def _text_chunk(head: dict, text: str, lp=None, finish=None, **extra) -> str:
-    return sse({**head, "choices": [{"index": 0, "text": text, "logprobs": lp,
+def _text_chunk(head: dict, text: str, lp=None, finish=None, index: int = 0, **extra) -> str:
+    return sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp,
                                      "finish_reason": finish}], **extra})
 
 
-def _delta_chunk(head: dict, delta: dict, lp=None, finish=None, **extra) -> str:
-    return sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": lp,
+def _delta_chunk(head: dict, delta: dict, lp=None, finish=None, index: int = 0, **extra) -> str:
+    return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": lp,
                                      "finish_reason": finish}], **extra})
 
 
-def _closing(head: dict, last: str, use: dict, include_usage: bool) -> list[str]:
-    """The chunk with the finish reason, a usage-only chunk if asked, then [DONE]."""
+def _closing(head: dict, use: dict, include_usage: bool) -> list[str]:
+    """After the finish chunks: a usage-only chunk if asked, then [DONE]."""
     usage_only = [sse({**head, "choices": [], "usage": use})] if include_usage else []
-    return [last, *usage_only, _DONE]
+    return [*usage_only, _DONE]
 
 
-async def stream_completion(state, g: Generation, prepared: P.Prepared):
-    """The SSE chunks of one streamed completion (echo first when asked)."""
+async def merged(gens: list[Generation]):
+    """(generation, text delta, new ids) as the generations produce them, interleaved, and
+    (generation, None, None) once one has ended. Leaving early stops them all."""
+    if len(gens) == 1:                      # one choice: no task in between
+        async for delta, new in gens[0].run():
+            yield gens[0], delta, new
+        yield gens[0], None, None
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(g):
+        try:
+            async for delta, new in g.run():
+                queue.put_nowait((g, delta, new))
+            queue.put_nowait((g, None, None))
+        except Exception as e:  # noqa: BLE001  (handed to the reader, which raises it)
+            queue.put_nowait((g, e, None))
+
+    tasks = [asyncio.ensure_future(pump(g)) for g in gens]
+    try:
+        for _ in range(len(gens)):
+            while True:
+                g, delta, new = await queue.get()
+                if isinstance(delta, BaseException):
+                    raise delta
+                yield g, delta, new
+                if delta is None:
+                    break
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class _CompletionChoice:
+    """The chunks of one streamed completion choice (echo first when asked). With echo and
+    logprobs the prompt's logprobs come with the finished request, so that choice's chunks
+    wait for it (the echo chunk must come first)."""
+
+    def __init__(self, state, g: Generation, prepared: P.Prepared, index: int):
+        self.state, self.g, self.prepared, self.index = state, g, prepared, index
+        self.echo = _prompt_text(state, g, prepared) if prepared.echo else None
+        self.defer = prepared.echo and prepared.logprobs is not None
+        self.held, self.seen = [], 0
+        self.offset = len(self.echo) if self.echo is not None else 0
+
+    def push(self, head: dict, delta: str, new: list) -> list[str]:
+        out = []
+        if self.echo is not None and not self.defer:
+            out.append(_text_chunk(head, self.echo, index=self.index))
+            self.echo = None
+        if self.prepared.score_only:
+            return out
+        lp = None
+        if self.prepared.logprobs is not None and new:
+            lp = completion_logprobs(self.state, self.g.token_logprobs(self.seen, self.seen + len(new)),
+                                     new, self.offset)
+        self.seen += len(new)
+        self.offset += len(delta)
+        if delta or lp:
+            chunk = _text_chunk(head, delta, lp, index=self.index)
+            (self.held if self.defer else out).append(chunk)
+        return out
+
+    def finish(self, head: dict, **extra) -> list[str]:
+        out = []
+        if self.echo is not None:
+            lp = None
+            if self.prepared.logprobs is not None:
+                lp = completion_logprobs(self.state, self.g.prompt_logprobs(), self.g.prompt_ids)
+            out.append(_text_chunk(head, self.echo, lp, index=self.index))
+        fr = "length" if self.prepared.score_only else self.g.finish_reason
+        return out + self.held + [_text_chunk(head, "", None, fr, index=self.index, **extra)]
+
+
+async def stream_completion(state, gens: list[Generation], prepared: P.Prepared):
+    """The SSE chunks of a streamed completion: every choice's (best_of == n when streaming)."""
     head = _head("cmpl", "text_completion", state.limits.model_id)
-    echo = _prompt_text(state, g, prepared, 0) if prepared.echo else None
-    # the prompt's logprobs come with the finished request: with echo + logprobs the
-    # chunks wait for it (the echo chunk must come first)
-    defer = prepared.echo and prepared.logprobs is not None
-    held, seen, offset = [], 0, len(echo) if echo is not None else 0
-    async for delta, new in g.run():
-        if echo is not None and not defer:
-            yield _text_chunk(head, echo)
-            echo = None
-        if prepared.score_only:
+    views = {g: _CompletionChoice(state, g, prepared, i) for i, g in enumerate(gens)}
+    left = len(gens)
+    async for g, delta, new in merged(gens):
+        if delta is not None:
+            for chunk in views[g].push(head, delta, new):
+                yield chunk
+            continue
+        left -= 1
+        extra = {"usage": answer_usage(gens, prepared)} if left == 0 else {}
+        for chunk in views[g].finish(head, **extra):       # the last to finish carries the usage
+            yield chunk
+    for chunk in _closing(head, answer_usage(gens, prepared), prepared.include_usage):
+        yield chunk
+
+
+async def stream_chat(state, gens: list[Generation], prepared: P.Prepared):
+    """The SSE chunks of a streamed chat answer: each choice's role first, then content deltas."""
+    head = _head("chatcmpl", "chat.completion.chunk", state.limits.model_id)
+    index = {g: i for i, g in enumerate(gens)}
+    seen = {g: 0 for g in gens}
+    for i in range(len(gens)):
+        yield _delta_chunk(head, {"role": "assistant", "content": ""}, index=i)
+    left = len(gens)
+    async for g, delta, new in merged(gens):
+        if delta is None:
+            left -= 1
+            extra = {"usage": answer_usage(gens, prepared)} if left == 0 else {}
+            yield _delta_chunk(head, {}, None, g.finish_reason, index=index[g], **extra)
             continue
         lp = None
         if prepared.logprobs is not None and new:
-            lp = completion_logprobs(state, g.token_logprobs(seen, seen + len(new)), new, offset)
-        seen += len(new)
-        offset += len(delta)
+            lp = chat_logprobs(state, g.token_logprobs(seen[g], seen[g] + len(new)), new)
+        seen[g] += len(new)
         if delta or lp:
-            if defer:
-                held.append(_text_chunk(head, delta, lp))
-            else:
-                yield _text_chunk(head, delta, lp)
-    if echo is not None:
-        lp = None
-        if prepared.logprobs is not None:
-            lp = completion_logprobs(state, g.prompt_logprobs(), g.prompt_ids)
-        yield _text_chunk(head, echo, lp)
-    for chunk in held:
-        yield chunk
-    fr = "length" if prepared.score_only else g.finish_reason
-    use = P.usage(len(g.prompt_ids), 0 if prepared.score_only else len(g.tokens), g.cached_tokens)
-    for chunk in _closing(head, _text_chunk(head, "", None, fr, usage=use), use,
-                          prepared.include_usage):
-        yield chunk
-
-
-async def stream_chat(state, g: Generation, prepared: P.Prepared):
-    """The SSE chunks of one streamed chat answer (the role first, then content deltas)."""
-    head = _head("chatcmpl", "chat.completion.chunk", state.limits.model_id)
-    yield _delta_chunk(head, {"role": "assistant", "content": ""})
-    seen = 0
-    async for delta, new in g.run():
-        lp = None
-        if prepared.logprobs is not None and new:
-            lp = chat_logprobs(state, g.token_logprobs(seen, seen + len(new)), new)
-        seen += len(new)
-        if delta or lp:
-            yield _delta_chunk(head, {"content": delta}, lp)
-    use = P.usage(len(g.prompt_ids), len(g.tokens), g.cached_tokens)
-    for chunk in _closing(head, _delta_chunk(head, {}, None, g.finish_reason, usage=use), use,
-                          prepared.include_usage):
+            yield _delta_chunk(head, {"content": delta}, lp, index=index[g])
+    for chunk in _closing(head, answer_usage(gens, prepared), prepared.include_usage):
         yield chunk

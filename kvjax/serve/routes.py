@@ -4,8 +4,9 @@ Every handler receives the app's `ServerState` by FastAPI dependency injection
 (`Depends(server_state)`: `create_app` puts it in `app.state.kvjax`); nothing is captured
 in closures, so each handler reads alone. A generation route reads the raw body itself
 (`protocol.parse_body`: JSON, strict types), has it checked and prepared by
-`protocol.prepare_*`, submits it (`generation.submit_all`) and answers with a whole body
-or a server-sent-event stream (`responses`). A body of OFF_LOOP_BYTES or more is parsed and
+`protocol.prepare_*`, submits it (`generation.submit_all`: every prompt's n or best_of
+choices, all or none) and answers with a whole body or a server-sent-event stream
+(`responses`). A body of OFF_LOOP_BYTES or more is parsed and
 tokenized in a worker thread, so a large request never stalls the event loop (and with it
 every stream and /health). Any problem is a `protocol.APIError`, which
 the app answers as an OpenAI error object.
@@ -75,7 +76,7 @@ async def completions(request: Request, state: ServerState = Depends(server_stat
         P.parse_body(raw, P.CompletionRequest), state.tok, state.limits))
     gens = submit_all(state, prepared)
     if prepared.stream:
-        return EventStream(stream_completion(state, gens[0], prepared), gens)
+        return EventStream(stream_completion(state, gens, prepared), gens)
     if await run_all(request, gens) is None:
         return Response(status_code=499)   # the client is gone; nobody reads this
     return completion_body(state, gens, prepared)
@@ -92,10 +93,10 @@ async def chat_completions(request: Request, state: ServerState = Depends(server
     prepared = await _prepared(request, lambda raw: _prepare_chat(raw, state))
     gens = submit_all(state, prepared)
     if prepared.stream:
-        return EventStream(stream_chat(state, gens[0], prepared), gens)
+        return EventStream(stream_chat(state, gens, prepared), gens)
     if await run_all(request, gens) is None:
         return Response(status_code=499)
-    return chat_body(state, gens[0], prepared)
+    return chat_body(state, gens, prepared)
 
 
 # ---------------------------------------------------------------- tokenizer (vLLM's routes)

@@ -18,8 +18,10 @@ from ..tokenizer import ByteTokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop=(), skip_ids=()):
+    def __init__(self, tokenizer, stop=(), skip_ids=(), min_tokens: int = 0):
         self.tok = tokenizer
+        self.min_tokens = min_tokens    # stop strings count only from this many tokens on (vLLM's rule)
+        self.pushed = 0                 # tokens pushed, stop tokens included
         self.stop = tuple(stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1   # chars a stop may still need
         self.skip = frozenset(int(i) for i in skip_ids)
@@ -32,9 +34,14 @@ class TextStream:
 
     def push(self, ids) -> str:
         """Feed new token ids; returns the text that is now safe to send ('' if none)."""
+        ids = [int(i) for i in ids]
+        before = self.min_tokens - 1 - self.pushed   # tokens whose text no stop string may end in
+        if 0 < before < len(ids):                    # (vLLM looks from token min_tokens on)
+            return self.push(ids[:before]) + self.push(ids[before:])
         if self.stopped:
             return ""
-        ids = [int(i) for i in ids if int(i) not in self.skip]
+        self.pushed += len(ids)
+        ids = [i for i in ids if i not in self.skip]
         if ids:
             self.ids += ids
             before = self.tok.decode(self.ids[self._prefix:self._read])
@@ -55,7 +62,7 @@ class TextStream:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        if self.stop and not self.stopped:
+        if self.stop and not self.stopped and self.pushed >= self.min_tokens:
             start = max(0, self.sent - self.hold)
             hits = [(p, s) for s in self.stop if (p := self.text.find(s, start)) >= 0]
             if hits:

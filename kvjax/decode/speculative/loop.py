@@ -129,7 +129,7 @@ def speculative_loop(cfg, params, logits, cache, hist, hist_len, N: int, knobs: 
     Returns (tokens [B, N] (pad after a row's end), lengths [B], cache holding prompt + every
     emitted token, SpecStats)."""
     B = logits.shape[0]
-    first, _, done = pick(logits, 0, jnp.zeros((B,), bool), knobs)
+    first, _, done, _ = pick(logits, 0, jnp.zeros((B,), bool), knobs)   # (no controls: see decode/api.py)
     out = jnp.full((B, N + plan.num_tokens + 1), knobs.pad, jnp.int32).at[:, 0].set(first)
     hist = hist.at[jnp.arange(B), hist_len].set(first, mode="drop")
     zeros = jnp.zeros((B,), jnp.int32)
