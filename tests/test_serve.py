@@ -323,9 +323,11 @@ def test_sixteen_concurrent_requests(client, http, oracle):
             together = time.perf_counter() - t
         if compilations() == before:
             rounds.append((together / serial, together, serial))
-            if min(rounds)[0] < 0.5:
+            if min(rounds)[0] < 0.75:
                 break
-    assert rounds and min(rounds)[0] < 0.5, \
+    # Batched, 16 at once take 0.46-0.67 of the serial time on the 2-core CI VM (session 11:
+    # the old 0.5 bound failed on noise alone); without batching the ratio is about 1.
+    assert rounds and min(rounds)[0] < 0.75, \
         f"16 concurrent requests vs one after the other (ratio, s, s): {rounds}"
 
 
@@ -611,7 +613,14 @@ def _fuzz_bodies():
         "min_tokens": mostly(st.integers(-1, 4)), "ignore_eos": mostly(st.booleans()),
         "logit_bias": mostly(st.dictionaries(st.one_of(st.integers(-1, 300).map(str), st.text(max_size=3)),
                                              st.one_of(st.floats(-150, 150), weird), max_size=3)),
-        "response_format": mostly(st.just({"type": "text"})), "model": mostly(st.just("text")),
+        "response_format": mostly(st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "yaml"},
+                                                   {"type": "json_schema", "json_schema": {"schema": {"type": "strng"}}},
+                                                   {"type": "json_schema", "json_schema": {"schema": {"enum": [1, 2]}}}])),
+        "guided_choice": mostly(st.lists(text, max_size=3)), "guided_regex": mostly(st.sampled_from(["[ab]{1,3}", "(?=a)", "("])),
+        "tools": mostly(st.lists(st.one_of(weird, st.just({"type": "function", "function": {"name": "f"}})), max_size=2)),
+        "tool_choice": mostly(st.one_of(st.sampled_from(["auto", "required", "none", "x"]), weird,
+                                        st.just({"type": "function", "function": {"name": "f"}}))),
+        "model": mostly(st.just("text")),
     }
     main = st.sampled_from([("prompt",), ("messages",), ("prompt", "messages"), ()])
     rest = st.dictionaries(st.sampled_from(sorted(fields)), st.just(None), max_size=4)

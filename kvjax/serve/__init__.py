@@ -8,7 +8,8 @@ its error handlers), `gate` (API key, body size, per-route counts, before parsin
 `routes` (one plain handler per route; the `ServerState` comes by dependency injection),
 `protocol` (request parsing and validation, OpenAI-style error objects), `generation`
 (`ServerState`; one prompt in the engine, seen from the event loop), `textstream`
-(incremental detokenization and stop strings), `responses` (answer bodies, server-sent
+(incremental detokenization and stop strings), `tools` (tool calls: checks, forced-call
+schemas, parsing), `responses` (answer bodies, server-sent
 event streams, logprobs objects), `metrics` (Prometheus metrics).
 
 The web stack (fastapi, uvicorn, prometheus-client) is the optional extra

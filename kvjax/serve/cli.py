@@ -258,7 +258,7 @@ def _grammar_tokenizer(tok, vocab_size: int):
     try:
         from ..structured import tokenizer_info
         tokenizer_info(tok, vocab_size)
-    except ImportError as e:
+    except (ImportError, ValueError) as e:      # no llguidance; a tokenizer without EOS
         _say(f"structured output (response_format, guided_*) is off: {e}")
         return
     _say(f"structured output ready in {time.perf_counter() - t0:.1f} s")

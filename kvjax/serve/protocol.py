@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..engine.api import SamplingParams
 from ..sampling import check_sampling
 from ..sampling_params import MAX_BIAS, SamplingError, check_controls
-from ..structured.formats import FormatError, spec_from_request
+from ..structured.formats import FormatError, json_schema_spec, spec_from_request
+from .tools import ToolError, ToolPlan, check_tools, forced_schema, template_messages
 
 MAX_LOGPROBS = 20      # top alternatives per position (OpenAI allows 5 on completions, 20 on chat)
 MAX_STOP = 16          # stop strings per request
@@ -107,9 +108,11 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None   # None: an assistant turn of tool calls
     name: Optional[str] = None
+    tool_calls: Optional[list[dict]] = None     # an assistant's earlier calls
+    tool_call_id: Optional[str] = None          # a tool result's call
 
 
 class ChatCompletionRequest(_Sampling):
@@ -118,6 +121,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
     tools: Optional[list] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class TokenizeRequest(_Request):
@@ -232,6 +237,7 @@ class Prepared:
     n: int = 1                      # choices returned per prompt
     best_of: int = 1                # candidates generated per prompt (>= n): the n with the
                                     # highest cumulative log-probability are returned
+    tools: Optional[ToolPlan] = None  # chat: the functions the answer may call (serve/tools.py)
 
     def requests(self):
         """(prompt index, candidate, prompt ids, SamplingParams) of every engine request,
@@ -313,7 +319,7 @@ def _guide(req: _Sampling, limits: Limits):
         return limits.grammar(spec)
     except FormatError as e:
         raise invalid(e.message, e.param) from None
-    except ImportError as e:            # llguidance is not installed: the message says how
+    except (ImportError, ValueError) as e:   # no llguidance (the message says how); a tokenizer without EOS
         raise invalid(str(e), spec.param if spec is not None else "response_format") from None
 
 
@@ -488,16 +494,21 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
         raise invalid("messages is empty: give at least one message", "messages")
     out = []
     for m in messages:
-        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    return out
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise invalid(f"a {m.role} message needs content", "messages")
+        content = m.content if isinstance(m.content, str) or m.content is None else \
+            "".join(p.text for p in m.content)
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        msg.update({k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id),
+                                      ("name", m.name)) if v is not None})
+        out.append(msg)
+    return template_messages(out)
 
 
 def prepare_chat(req: ChatCompletionRequest, prompt_ids: list, limits: Limits) -> Prepared:
     """A chat request whose messages were rendered and encoded to `prompt_ids`."""
     sampling_kw, stop = _common(req, limits)
-    if req.tools:
-        raise invalid("tools are not supported by kvjax serve", "tools")
+    plan = _tool_plan(req, limits, sampling_kw)
     top = req.top_logprobs
     if top is not None and not 0 <= top <= MAX_LOGPROBS:
         raise invalid(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
@@ -517,7 +528,38 @@ def prepare_chat(req: ChatCompletionRequest, prompt_ids: list, limits: Limits) -
     return Prepared([prompt_ids], [None], [sampling], stop=stop,
                     logprobs=logprobs, stream=bool(req.stream),
                     include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                    n=n, best_of=n)
+                    n=n, best_of=n, tools=plan)
+
+
+def tool_plan(req: ChatCompletionRequest) -> ToolPlan | None:
+    """The request's tools and tool_choice, checked (400 naming the field)."""
+    try:
+        return check_tools(req.tools, req.tool_choice)
+    except ToolError as e:
+        raise invalid(str(e), e.param) from None
+
+
+def _tool_plan(req: ChatCompletionRequest, limits: Limits, sampling_kw: dict) -> ToolPlan | None:
+    """tool_plan, and for a forced call ("required" or a named function) the grammar that
+    makes the answer that call's JSON (into sampling_kw["guide"])."""
+    plan = tool_plan(req)
+    if plan is None or not plan.forced:
+        return plan
+    if sampling_kw.get("guide") is not None:
+        raise invalid("a forced tool call (tool_choice) and response_format / guided_* cannot be combined",
+                      "tool_choice")
+    if limits.grammar is None:
+        raise invalid("forced tool calls need structured output, which this server does not have",
+                      "tool_choice")
+    try:
+        # compact JSON (no free whitespace): a call's arguments need none, and small models pad
+        sampling_kw["guide"] = limits.grammar(replace(json_schema_spec(forced_schema(plan), "tools"),
+                                                      whitespace_flexible=False))
+    except FormatError as e:
+        raise invalid(e.message, "tools") from None
+    except (ImportError, ValueError) as e:
+        raise invalid(str(e), "tool_choice") from None
+    return plan
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

@@ -26,6 +26,7 @@ from fastapi.responses import StreamingResponse
 from . import protocol as P
 from .generation import Generation, best_choices
 from .textstream import token_bytes, token_text
+from .tools import openai_calls, parse_calls
 
 log = logging.getLogger("kvjax.serve")
 
@@ -153,10 +154,24 @@ def chat_body(state, gens: list[Generation], prepared: P.Prepared) -> dict:
     for index, g in enumerate(gens):
         lp = (chat_logprobs(state, g.token_logprobs(0, len(g.tokens)), g.tokens)
               if prepared.logprobs is not None else None)
-        choices.append({"index": index, "message": {"role": "assistant", "content": g.text.full_text},
-                        "logprobs": lp, "finish_reason": g.finish_reason})
+        message, finish = tool_message(g.text.full_text, prepared.tools, g.finish_reason)
+        choices.append({"index": index, "message": {"role": "assistant", **message},
+                        "logprobs": lp, "finish_reason": finish})
     return {**_head("chatcmpl", "chat.completion", state.limits.model_id), "choices": choices,
             "usage": answer_usage(gens, prepared)}
+
+
+def tool_message(text: str, plan, finish: str, streamed: bool = False) -> tuple[dict, str]:
+    """An assistant answer's message fields and finish_reason: with tools, the calls parsed out
+    of it (serve/tools.py) as `tool_calls` and finish_reason "tool_calls" ("stop" for a
+    named function, as OpenAI); a forced call cut off by max_tokens stays text."""
+    if plan is None or plan.mode == "none" or (plan.forced and finish != "stop"):
+        return {"content": text}, finish
+    content, calls = parse_calls(text, plan)
+    if not calls:
+        return {"content": content}, finish
+    return {"content": content, "tool_calls": openai_calls(calls, streamed)}, \
+        "stop" if plan.mode == "named" else "tool_calls"
 
 
 # ---------------------------------------------------------------- streams
@@ -311,11 +326,18 @@ async def stream_chat(state, gens: list[Generation], prepared: P.Prepared):
     for i in range(len(gens)):
         yield _delta_chunk(head, {"role": "assistant", "content": ""}, index=i)
     left = len(gens)
+    tooled = prepared.tools is not None and prepared.tools.mode != "none"   # calls known at the end
     async for g, delta, new in merged(gens):
         if delta is None:
             left -= 1
             extra = {"usage": answer_usage(gens, prepared)} if left == 0 else {}
-            yield _delta_chunk(head, {}, None, g.finish_reason, index=index[g], **extra)
+            finish = g.finish_reason
+            if tooled:
+                message, finish = tool_message(g.text.full_text, prepared.tools, finish, streamed=True)
+                yield _delta_chunk(head, {k: v for k, v in message.items() if v}, index=index[g])
+            yield _delta_chunk(head, {}, None, finish, index=index[g], **extra)
+            continue
+        if tooled:
             continue
         lp = None
         if prepared.logprobs is not None and new:

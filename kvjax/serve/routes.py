@@ -25,6 +25,7 @@ from fastapi.responses import Response
 from . import protocol as P
 from .generation import ServerState, run_all, submit_all
 from .metrics import CONTENT_TYPE_LATEST
+from .tools import renders_tools
 from .responses import EventStream, chat_body, completion_body, stream_chat, stream_completion
 
 
@@ -85,7 +86,15 @@ async def completions(request: Request, state: ServerState = Depends(server_stat
 def _prepare_chat(raw: bytes, state: ServerState) -> P.Prepared:
     req = P.parse_body(raw, P.ChatCompletionRequest)
     P.check_model(req, state.limits)
-    ids = _render_chat(state.tok, P.chat_messages(req.messages))
+    plan = P.tool_plan(req)
+    tools = None
+    if plan is not None and plan.mode != "none" and renders_tools(state.tok):
+        tools = list(plan.tools)
+    elif plan is not None and plan.mode == "auto":
+        raise P.invalid("this model's chat template does not show the model its tools, so it cannot "
+                        "choose to call one: restart the server with --chat-template FILE (a template "
+                        "that renders `tools`), or force a call with tool_choice", "tools")
+    ids = _render_chat(state.tok, P.chat_messages(req.messages), tools)
     return P.prepare_chat(req, ids, state.limits)
 
 
@@ -158,8 +167,9 @@ COUNTED_PATHS = tuple(path for _, path, _ in ROUTES if "{" not in path)
 
 
 # ---------------------------------------------------------------- prompts
-def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Messages -> prompt token ids with the tokenizer's chat template."""
+def _render_chat(tokenizer, messages: list[dict], tools=None) -> list[int]:
+    """Messages (and the functions the model may call) -> prompt token ids with the
+    tokenizer's chat template."""
     from ..tokenizer import ByteTokenizer
 
     render = getattr(tokenizer, "apply_chat_template", None)
@@ -169,7 +179,7 @@ def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
                         "template: use /v1/completions, or restart the server with "
                         "--chat-template FILE", "messages")
     try:
-        out = render(messages, add_generation_prompt=True)
+        out = render(messages, add_generation_prompt=True, **({"tools": tools} if tools else {}))
     except ValueError as e:
         raise P.invalid(f"cannot render messages with the chat template: {e}", "messages") from None
     if isinstance(out, str):
