@@ -25,16 +25,15 @@ MAX_PENALTY = 2.0                     # OpenAI's bound on presence / frequency p
 MAX_BIAS = 100.0                      # OpenAI's bound on a logit bias
 MIN_REPETITION, MAX_REPETITION = 1e-5, 1e5   # logits / r stays finite in float32
 
-def _bounded(name: str, value, low: float, high: float, where: str, low_open: bool = False):
+
+def _bounded(name: str, value, low: float, high: float, where: str):
     pre = f"{where}: " if where else ""
     try:
         arr = np.asarray(value, np.float64)
     except (TypeError, ValueError, OverflowError):
         raise SamplingError(name, f"{pre}{name} must be a number, got {value!r}") from None
-    below = (arr <= low) if low_open else (arr < low)
-    if not np.isfinite(arr).all() or below.any() or (arr > high).any():
-        lo = "(" if low_open else "["
-        raise SamplingError(name, f"{pre}{name} must be in {lo}{low:g}, {high:g}], got {value!r}")
+    if not np.isfinite(arr).all() or (arr < low).any() or (arr > high).any():
+        raise SamplingError(name, f"{pre}{name} must be in [{low:g}, {high:g}], got {value!r}")
 
 
 def check_logit_bias(logit_bias: dict, vocab_size: int, where: str = "") -> dict:

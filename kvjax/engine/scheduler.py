@@ -313,10 +313,15 @@ class Scheduler:
         arrays = host_controls(self.vocab_size, B, [s.req.prompt for s in seqs],
                                **{name: per_row(name) for name in DEFAULTS})
         arrays["counts"] = token_counts([s.req.generated for s in seqs] + [[]] * pad, self.vocab_size)
-        stops = np.full((B, pow2(max(len(s.req.stops) for s in seqs), floor=4)), -1, np.int32)
+        return dict(arrays, stops=self._stops(seqs, B))
+
+    @staticmethod
+    def _stops(seqs, B: int) -> np.ndarray:
+        """The rows' stop ids, int32 [B, E] (-1 padded; E a power of two, at least 4)."""
+        stops = np.full((B, pow2(max((len(s.req.stops) for s in seqs), default=0), floor=4)), -1, np.int32)
         for b, s in enumerate(seqs):
             stops[b, :len(s.req.stops)] = sorted(s.req.stops)
-        return dict(arrays, stops=stops)
+        return stops
 
     # ------------------------------------------------------------------ prefill
     def schedule_prefill(self) -> PrefillStep | None:
@@ -463,16 +468,14 @@ class Scheduler:
     def _decode_step(self, seqs, shape: tuple | None = None) -> DecodeStep:
         """The decode call of `seqs`; shape (B, W): those widths (an idle call when seqs is empty)."""
         B, W = shape if shape is not None else (self.rows(len(seqs)), self.view(max(len(s.pages) for s in seqs)))
-        stop_w = pow2(max((len(s.req.stops) for s in seqs), default=0), floor=4)
         state = self._sampling(seqs, B)
         state.update(tok=np.zeros(B, np.int32), lens=np.zeros(B, np.int32), n=np.zeros(B, np.int32),
-                     active=np.zeros(B, bool), max_n=np.zeros(B, np.int32),
-                     stops=np.full((B, stop_w), -1, np.int32))
+                     active=np.zeros(B, bool), max_n=np.zeros(B, np.int32), stops=self._stops(seqs, B))
+        stop_w = state["stops"].shape[1]
         want_lp = False
         for b, s in enumerate(seqs):
             state["tok"][b], state["lens"][b], state["n"][b] = s.tok, s.lens, len(s.req.generated)
             state["active"][b], state["max_n"][b] = True, s.req.max_n
-            state["stops"][b, :len(s.req.stops)] = sorted(s.req.stops)
             want_lp |= s.req.sp.logprobs is not None
         table = self._table(seqs, B, W)
         # the runner runs the speculative program on "hist" (rows with logit controls or a
