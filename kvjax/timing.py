@@ -10,8 +10,12 @@ benchmarks/decode_bench.py and the transformers baseline):
   2. Calibration (as timeit's autorange): warm calls in batches of 1, 2, 4, ... until a
      batch lasts a quarter of `min_seconds`; a measurement is then `calls` back-to-back
      calls ended by one synchronisation, `calls` chosen so it lasts about `min_seconds`
-     (0.2 s by default), which dwarfs timer and dispatch noise.
+     (0.2 s by default), which dwarfs timer and dispatch noise. One batch of `calls` is
+     run to check: shorter than half of `min_seconds` (a calibration batch slowed by a
+     preemption), `calls` is scaled up again (at most 3 times).
   3. `repeats` measurements; each gives seconds per call = measurement / calls.
+     Alternatives to compare (`measure_interleaved`) are calibrated apart and then
+     measured in turn (ABBA order), so drift in the machine's speed cancels in their ratio.
 
 A `Timing` reports the median, the minimum and the spread (max - min) of the per-call
 times, divided by `units` (e.g. decode steps per call) where asked. A result is *invalid*,
@@ -71,7 +75,10 @@ class compile_watch:
         _CompileLog.ensure()
         if compile_watch._works is None:
             before = _CompileLog.count
-            jax.jit(lambda x: x + 1)(0.0).block_until_ready()  # a fresh function compiles
+            # a program no process compiled before (its constant is new), so a persistent
+            # compilation cache cannot answer it and a silent probe means no compile events
+            fresh = float(time.perf_counter_ns() % 1_000_003)
+            jax.jit(lambda x: x + fresh)(0.0).block_until_ready()
             compile_watch._works = _CompileLog.count > before
         self.seen = compile_watch._works
         self._count0, self._sec0 = _CompileLog.count, _CompileLog.seconds
@@ -161,16 +168,8 @@ def _sync(x):
     return jax.block_until_ready(x)
 
 
-def measure(call, state=None, *, units: int = 1, repeats: int = 5, min_seconds: float = 0.2,
-            max_calls: int = 100_000, sync=_sync):
-    """Time `state = call(state)` as described in the module docstring; returns (state, Timing).
-
-    units: work per call (per-unit figures divide by it). sync: waits for a result
-    (default `jax.block_until_ready`; e.g. `torch.cuda.synchronize` for PyTorch).
-    """
-    if repeats < 1 or units < 1:
-        raise ValueError(f"repeats and units must be >= 1, got repeats={repeats}, units={units}")
-    t = Timing(units=units)
+def _calibrate(call, state, t: Timing, min_seconds: float, max_calls: int, sync):
+    """First call (compile) and calibration into `t`; returns the state."""
     with compile_watch() as first:
         state = call(state)
         sync(state)
@@ -186,18 +185,71 @@ def measure(call, state=None, *, units: int = 1, repeats: int = 5, min_seconds: 
             if _agree(elapsed >= min_seconds / 4 or k >= max_calls):
                 break
             k = min(max_calls, 2 * k)
-    t.compile_s = first.compile_s + calib.compile_s
-    t.calls = _agree(max(1, min(max_calls, math.ceil(k * min_seconds / max(elapsed, 1e-9)))))
-    with compile_watch() as timed:
-        for _ in range(repeats):
+        t.calls = _agree(max(1, min(max_calls, math.ceil(k * min_seconds / max(elapsed, 1e-9)))))
+        for _ in range(3):   # a batch slowed by a preemption scales the calls down: check
             t0 = time.perf_counter()
             for _ in range(t.calls):
                 state = call(state)
             sync(state)
-            t.per_call.append((time.perf_counter() - t0) / t.calls)
-    t.compiles = first.compiles + calib.compiles + timed.compiles
-    t.timed_compiles = timed.compiles
+            elapsed = time.perf_counter() - t0
+            if _agree(elapsed >= min_seconds / 2 or t.calls >= max_calls):
+                break
+            t.calls = _agree(min(max_calls, math.ceil(t.calls * min_seconds / max(elapsed, 1e-9))))
+    t.compile_s = first.compile_s + calib.compile_s
+    t.compiles = first.compiles + calib.compiles
+    return state
+
+
+def _one_measurement(call, state, t: Timing, sync):
+    """One timed measurement (`t.calls` back-to-back calls, one sync) appended to `t`."""
+    with compile_watch() as timed:
+        t0 = time.perf_counter()
+        for _ in range(t.calls):
+            state = call(state)
+        sync(state)
+        t.per_call.append((time.perf_counter() - t0) / t.calls)
+    t.compiles += timed.compiles
+    t.timed_compiles += timed.compiles
+    return state
+
+
+def _check_counts(repeats: int, units: int) -> None:
+    if repeats < 1 or units < 1:
+        raise ValueError(f"repeats and units must be >= 1, got repeats={repeats}, units={units}")
+
+
+def measure(call, state=None, *, units: int = 1, repeats: int = 5, min_seconds: float = 0.2,
+            max_calls: int = 100_000, sync=_sync):
+    """Time `state = call(state)` as described in the module docstring; returns (state, Timing).
+
+    units: work per call (per-unit figures divide by it). sync: waits for a result
+    (default `jax.block_until_ready`; e.g. `torch.cuda.synchronize` for PyTorch).
+    """
+    _check_counts(repeats, units)
+    t = Timing(units=units)
+    state = _calibrate(call, state, t, min_seconds, max_calls, sync)
+    for _ in range(repeats):
+        state = _one_measurement(call, state, t, sync)
     return state, t.check()
+
+
+def measure_interleaved(calls: dict, *, units: int = 1, repeats: int = 5, min_seconds: float = 0.2,
+                        max_calls: int = 100_000, sync=_sync) -> dict:
+    """Time several alternatives (`{name: call}`, each `state = call(state)` from None) for a
+    comparison: each is compiled and calibrated as `measure` does, then the measurements
+    alternate between them, in ABC CBA ... order, so a machine that speeds up or slows down
+    during the run (another process, thermal or frequency drift) moves every alternative
+    alike and their ratio stays honest. Returns {name: (state, Timing)}."""
+    _check_counts(repeats, units)
+    timings = {name: Timing(units=units) for name in calls}
+    states = {}
+    for name, call in calls.items():
+        states[name] = _calibrate(call, None, timings[name], min_seconds, max_calls, sync)
+    order = list(calls)
+    for r in range(repeats):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            states[name] = _one_measurement(calls[name], states[name], timings[name], sync)
+    return {name: (states[name], timings[name].check()) for name in calls}
 
 
 def release_compiled():

@@ -22,9 +22,13 @@ from kvjax.sampling import Knobs
 from kvjax.decode.speculative import lookup
 from kvjax.decode.speculative.verify import accept
 
-FAMILY_PRESETS = ["gpt2-tiny", "llama-tiny", "mistral-tiny", "qwen2-tiny", "mqa-tiny", "llama3-tiny",
-                  "gemma-tiny", "gemma2-tiny", "gemma3-tiny", "qwen3-tiny", "phi3-tiny", "olmo2-tiny",
-                  "qwen2-hybrid-tiny"]
+# Families whose attention or positions differ (learned positions, GQA, a window, MQA, softcap
+# with alternating windows, a hybrid cache with qk-norm and local rotary, fused qkv, olmo2's
+# norms). qwen2 (biases), llama3 (rope scaling), gemma (embedding scale, GeGLU) and qwen3
+# (qk-norm, as gemma3) change only what the shared forward computes, which the plain path's
+# parity tests pin; they were dropped here for CI time (session 12: ~60 s).
+FAMILY_PRESETS = ["gpt2-tiny", "llama-tiny", "mistral-tiny", "mqa-tiny", "gemma2-tiny", "gemma3-tiny",
+                  "phi3-tiny", "olmo2-tiny", "qwen2-hybrid-tiny"]
 DRAFT_PRESETS = ("llama-tiny", "gemma3-tiny", "qwen2-hybrid-tiny", "phi3-tiny", "gpt2-tiny")  # + a draft model
 N = 24
 
@@ -379,9 +383,10 @@ def test_sampled_generate_runs_and_counts():
 
 
 def test_speculative_experiment_runs_on_the_bundled_model(tmp_path):
-    """experiments/speculative.yaml end to end at tiny size: rows for prompt lookup and the
-    trained text-draft (early exit: the generate tests above), through generate and the Engine,
-    every output checked exact, a plot and a summary."""
+    """experiments/speculative.yaml end to end at tiny size: a row for the trained text-draft
+    (prompt lookup and early exit: the generate and Engine tests), through generate and the
+    Engine, every output checked exact, a plot and a summary. One proposer only: each adds a
+    generate and an Engine program set (prompt lookup cost ~100 s of CI, session 12)."""
     import json
     from pathlib import Path
 
@@ -392,10 +397,10 @@ def test_speculative_experiment_runs_on_the_bundled_model(tmp_path):
                  "--set", "speculative.models=[text]", "--set", "speculative.tasks=[repeat_code]",
                  "--set", "speculative.batch_sizes=[2]", "--set", "speculative.new_tokens=8",
                  "--set", "speculative.repeats=1",
-                 "--set", "speculative.proposers=[prompt-lookup:4,draft:text-draft:4]"]) == 0
+                 "--set", "speculative.proposers=[draft:text-draft:4]"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["exact"] and r["engine_exact"] for r in rows)
-    assert {r["proposer"] for r in rows} == {"prompt-lookup:4", "draft:text-draft:4"}
+    assert len(rows) == 1 and all(r["exact"] and r["engine_exact"] for r in rows)
+    assert {r["proposer"] for r in rows} == {"draft:text-draft:4"}
     assert all(r["speedup"] > 0 and r["engine_speedup"] > 0 and r["mean_accepted_length"] >= 1 for r in rows)
     assert (out / "speculative_text.png").exists()
     assert json.loads((out / "summary.json").read_text())["inexact_rows"] == 0

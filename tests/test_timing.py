@@ -13,7 +13,7 @@ import pytest
 
 import kvjax
 from kvjax.bench import time_decode, time_decode_step, time_prefill
-from kvjax.timing import Timing, compile_watch, measure
+from kvjax.timing import Timing, compile_watch, measure, measure_interleaved
 
 
 def test_a_known_sleep_measures_as_itself():
@@ -88,3 +88,24 @@ def test_time_prefill_and_decode_step(tiny):
         time_decode_step(cfg, params, kvjax.init_cache(cfg, 1, 16), at=16)
     with pytest.raises(ValueError, match=r"time_decode: row 0 needs 17 cache slots"):
         time_decode(cfg, params, toks, [9], kvjax.init_cache(cfg, 1, 16), 8)
+
+
+def test_interleaved_alternatives_alternate_and_measure_themselves():
+    """Two sleeps of known lengths, measured in turn: each measures as itself, and the
+    measurements alternate (ABBA...) rather than running one alternative's all first."""
+    log = []
+
+    def sleeper(name, s):
+        def call(_):
+            log.append(name)
+            time.sleep(s)
+        return call
+
+    out = measure_interleaved({"a": sleeper("a", 0.002), "b": sleeper("b", 0.006)}, repeats=4,
+                              min_seconds=0.02, sync=lambda _: None)
+    ta, tb = out["a"][1], out["b"][1]
+    assert ta.valid and tb.valid and len(ta.per_call) == len(tb.per_call) == 4
+    assert 0.002 <= ta.median_s < 0.004 and 0.006 <= tb.median_s < 0.009
+    timed = log[-(4 * ta.calls + 4 * tb.calls):]           # the measurements, after calibration
+    runs = [name for i, name in enumerate(timed) if i == 0 or timed[i - 1] != name]
+    assert runs == ["a", "b", "a", "b", "a"]          # a b | b a | a b | b a, runs merged

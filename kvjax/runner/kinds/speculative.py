@@ -8,13 +8,15 @@ about ..."); and open-ended chat, `chat` (a short creative request, nothing to c
 speculation must cost little. The model's chat template where it has one.
 
 For each (model, task, batch size, proposer): plain `kvjax.generate` and the speculative
-one on the same prompts (greedy, `new_tokens` each, the same cache kind and max_len), both
-timed warm (`kvjax.timing.measure`: calibrated, medians, compile excluded); tokens/s,
+one on the same prompts (greedy, `new_tokens` each, the same cache kind and max_len), all
+timed warm and in turn (`kvjax.timing.measure_interleaved`: calibrated, medians, compile
+excluded, measurements alternating so drift in the machine's speed cancels); tokens/s,
 speedup, the mean accepted length (tokens per target forward) and acceptance; and the
 exactness check on every output (the speculative tokens must equal the plain ones).
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from functools import lru_cache
 
 import inspect
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import kvjax
-from kvjax.timing import measure, release_compiled
+from kvjax.timing import measure_interleaved, release_compiled
 from kvjax.decode.speculative import parse_speculate, tokens_to_verify
 
 from .. import plots
@@ -33,6 +35,7 @@ from ..schema import ConfigError, option
 
 TASKS = ("repeat_code", "edit_code", "quote", "chat")
 GROUNDED = ("repeat_code", "edit_code", "quote")
+PLAIN = "plain"      # the measurement without a proposer
 
 
 def _sources() -> list[str]:
@@ -165,42 +168,50 @@ def validate(run_cfg) -> None:
         check_model(f"speculative.models[{i}]", name)
 
 
-def _engine_rate(c: Config, cfg, params, ids: list, eos, proposer, want: list) -> dict:
-    """kvjax.Engine (max_slots = rows, one page table per row) on the prompts, warm: tokens/s
-    and whether every request's tokens are `want`'s (the plain generate's, cut at its length)."""
+def _engine_rates(c: Config, cfg, params, ids: list, eos, proposers: dict, want: list) -> dict:
+    """kvjax.Engine (max_slots = rows, one page table per row) on the prompts, one engine per
+    proposer (None: plain), all warm and timed in turn (`measure_interleaved`): {name: tokens/s,
+    whether every request's tokens are `want`'s (plain generate's, cut at its length), ...}."""
     max_len = max(map(len, ids)) + c.new_tokens
     sp = kvjax.SamplingParams(max_tokens=c.new_tokens, stop_token_ids=tuple(eos or ()))
-    with kvjax.Engine(cfg, params, max_slots=len(ids), max_len=max_len, decode_steps=8,
-                      speculate=proposer) as eng:
-        outs, t = measure(lambda _: eng.generate(ids, sp), repeats=c.repeats, min_seconds=c.min_seconds,
-                          sync=lambda _: None)
-        stats = eng.stats()
-    n = sum(len(o.tokens) for o in outs)
-    return {"tok_s": n / t.median_s, "exact": all(o.tokens == w for o, w in zip(outs, want)),
-            "valid": t.valid, "tokens_per_forward": stats.get("spec_tokens_per_forward")}
+    with ExitStack() as stack:
+        engines = {name: stack.enter_context(kvjax.Engine(cfg, params, max_slots=len(ids), max_len=max_len,
+                                                          decode_steps=8, speculate=p))
+                   for name, p in proposers.items()}
+        timed = measure_interleaved({name: (lambda _, e=e: e.generate(ids, sp)) for name, e in engines.items()},
+                                    repeats=c.repeats, min_seconds=c.min_seconds, sync=lambda _: None)
+        stats = {name: e.stats() for name, e in engines.items()}
+    out = {}
+    for name, (outs, t) in timed.items():
+        n = sum(len(o.tokens) for o in outs)
+        out[name] = {"tok_s": n / t.median_s, "exact": all(o.tokens == w for o, w in zip(outs, want)),
+                     "valid": t.valid, "tokens_per_forward": stats[name].get("spec_tokens_per_forward")}
+    return out
 
 
 def _measure(c: Config, cfg, params, tok, ids: list) -> list[dict]:
-    """Plain and speculative generate of the prompts `ids`, timed warm; one row per proposer
-    (and, with c.engine, the Engine's rate with and without it)."""
+    """Plain and speculative generate of the prompts `ids`, warm and timed in turn (drift in
+    the machine's speed cancels in the speedups); one row per proposer (and, with c.engine,
+    the Engine's rates with and without it, timed in turn the same way)."""
     lens = np.array([len(x) for x in ids], np.int32)
     prompt = np.zeros((len(ids), int(lens.max())), np.int32)
     for i, x in enumerate(ids):
         prompt[i, :len(x)] = x
     eos = [e for e in tok.eos_ids if e < cfg.vocab_size] or None
     kw = dict(max_new_tokens=c.new_tokens, eos_token_id=eos, max_len=int(lens.max()) + c.new_tokens)
-    plain_out, plain = measure(lambda _: kvjax.generate(cfg, params, prompt, lens, **kw),
-                               repeats=c.repeats, min_seconds=c.min_seconds)
+    proposers = {spec: parse_proposer(spec, cfg, params, c.max_ngram) for spec in c.proposers}
+    proposers = {spec: p for spec, p in proposers.items() if p is not None}   # None: another vocabulary
+    calls = {PLAIN: lambda _: kvjax.generate(cfg, params, prompt, lens, **kw)}
+    calls.update({spec: (lambda _, p=p: kvjax.generate(cfg, params, prompt, lens, speculate=p, **kw))
+                  for spec, p in proposers.items()})
+    timed = measure_interleaved(calls, repeats=c.repeats, min_seconds=c.min_seconds)
+    plain_out, plain = timed[PLAIN]
     n_tokens = int(np.asarray(plain_out.lengths).sum())
     want = [[int(x) for x in row[:n]] for row, n in zip(np.asarray(plain_out.tokens), np.asarray(plain_out.lengths))]
-    engine_plain = _engine_rate(c, cfg, params, ids, eos, None, want) if c.engine else None
+    engine = _engine_rates(c, cfg, params, ids, eos, {PLAIN: None, **proposers}, want) if c.engine else None
     rows = []
-    for spec in c.proposers:
-        proposer = parse_proposer(spec, cfg, params, c.max_ngram)
-        if proposer is None:
-            continue                       # a draft of another vocabulary
-        out, t = measure(lambda _: kvjax.generate(cfg, params, prompt, lens, speculate=proposer, **kw),
-                         repeats=c.repeats, min_seconds=c.min_seconds)
+    for spec, proposer in proposers.items():
+        out, t = timed[spec]
         exact = bool(np.array_equal(np.asarray(out.tokens), np.asarray(plain_out.tokens))
                      and np.array_equal(np.asarray(out.lengths), np.asarray(plain_out.lengths)))
         s = out.stats
@@ -211,13 +222,11 @@ def _measure(c: Config, cfg, params, tok, ids: list) -> list[dict]:
                      "mean_accepted_length": s.mean_accepted_length, "acceptance": s.acceptance,
                      "exact": exact, "valid": plain.valid and t.valid,
                      "example": tok.decode([int(x) for x in np.asarray(out.tokens)[0][:40]])[:80]})
-        if c.engine:
-            e = _engine_rate(c, cfg, params, ids, eos, proposer, want)
-            rows[-1].update(engine_plain_tok_s=engine_plain["tok_s"], engine_spec_tok_s=e["tok_s"],
-                            engine_speedup=e["tok_s"] / engine_plain["tok_s"],
-                            engine_tokens_per_forward=e["tokens_per_forward"],
-                            engine_exact=engine_plain["exact"] and e["exact"],
-                            valid=rows[-1]["valid"] and engine_plain["valid"] and e["valid"])
+        if engine:
+            e, e0 = engine[spec], engine[PLAIN]
+            rows[-1].update(engine_plain_tok_s=e0["tok_s"], engine_spec_tok_s=e["tok_s"],
+                            engine_speedup=e["tok_s"] / e0["tok_s"], engine_tokens_per_forward=e["tokens_per_forward"],
+                            engine_exact=e0["exact"] and e["exact"], valid=rows[-1]["valid"] and e0["valid"] and e["valid"])
     return rows
 
 
