@@ -695,6 +695,30 @@ def _refused(url) -> bool:
 
 
 # ---------------------------------------------------------------- the command itself (no server)
+EARLY_SIGNAL = """
+import os, signal, sys
+import uvicorn
+from kvjax.cli import main
+real_run = uvicorn.Server.run
+def early(self, *a, **kw):          # SIGTERM before uvicorn has installed its handlers
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_run(self, *a, **kw)
+uvicorn.Server.run = early
+sys.exit(main(["serve", "--model", "text", "--port", "0", "--max-slots", "1", "--max-len", "32",
+               "--warmup", "none", "--compilation-cache", "none"]))
+"""
+
+
+def test_a_signal_before_uvicorn_listens_still_stops_the_server():
+    """The window between `kvjax serve` taking over SIGTERM and uvicorn installing its own
+    handlers: a signal there must stop the server (a no-op handler swallowed it and the
+    server served on)."""
+    r = subprocess.run([sys.executable, "-c", EARLY_SIGNAL], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "serving 'text'" in r.stderr and "stopped" in r.stderr
+
+
 def test_serve_without_the_web_stack_says_how_to_install(monkeypatch):
     from kvjax.cli import UserError, build_parser
     from kvjax.serve import cli as serve_cli

@@ -295,9 +295,13 @@ def run(args) -> int:
                             http=timed_protocol(args.request_timeout))
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal with the
-    # handlers it found. Found handlers that do nothing make that re-raise a no-op, so a
-    # drained shutdown exits 0 instead of dying by the signal.
-    quiet = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    # handlers it found. Found handlers that only ask the server to exit make that re-raise
+    # harmless, so a drained shutdown exits 0 instead of dying by the signal; and a signal
+    # that arrives before uvicorn has installed its own handlers still stops the server (a
+    # no-op handler swallowed it, and the server then ran on: seen with SIGTERM sent right
+    # after the "serving" line).
+    quiet = {s: signal.signal(s, lambda *_: setattr(server, "should_exit", True))
+             for s in (signal.SIGINT, signal.SIGTERM)}
     host, port = sock.getsockname()[:2]
     _say(f"serving {model_id!r} on http://{_url_host(host)}:{port}/v1 "
          f"({'API key required' if args.api_key else 'no API key'}); Ctrl-C or SIGTERM to stop")
