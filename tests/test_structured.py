@@ -117,6 +117,42 @@ def test_flexible_whitespace_and_json_object(tok):
     assert m.done()
 
 
+def _accepts(grammar, tok, text: str) -> bool:
+    """Whether the grammar accepts `text` token by token (the matcher is a fresh one)."""
+    m = grammar.matcher()
+    for t in tok.encode(text, add_special_tokens=False):
+        if not m.is_allowed(t):
+            return False
+        m.advance(t)
+    return True
+
+
+def test_numbers_are_bounded_and_the_request_schema_still_holds(byte_tok):
+    """A number can no longer grow forever ("10.0000..." until max_tokens, seen on SmolLM2's
+    forced tool calls): at most 16 integer digits and 9 decimals where the request's schema
+    set no bound of its own, in schemas (nested, typed lists) and in json_object; the
+    request's own bounds, multipleOf and data keywords are kept."""
+    from kvjax.structured.matcher import NUMBER_BOUND, NUMBER_STEP, bounded_numbers
+
+    schema = {"type": "object", "properties": {
+        "x": {"type": "number"}, "n": {"type": ["integer", "null"], "minimum": 3},
+        "half": {"type": "number", "multipleOf": 0.5, "maximum": 10},
+        "kind": {"const": {"type": "number"}}, "list": {"type": "array", "items": {"type": "number"}}}}
+    b = bounded_numbers(schema)["properties"]
+    assert b["x"] == {"type": "number", "minimum": -NUMBER_BOUND, "maximum": NUMBER_BOUND, "multipleOf": NUMBER_STEP}
+    assert b["n"] == {"type": ["integer", "null"], "minimum": 3, "maximum": NUMBER_BOUND}
+    assert b["half"] == {"type": "number", "multipleOf": 0.5, "maximum": 10, "minimum": -NUMBER_BOUND}
+    assert b["kind"] == {"const": {"type": "number"}} and b["list"]["items"]["multipleOf"] == NUMBER_STEP
+    info = tokenizer_info(byte_tok)
+    for req in ({"guided_json": {"type": "object", "properties": {"x": {"type": "number"}}}},
+                {"response_format": {"type": "json_object"}}):
+        g = compile_format(spec_from_request(req), info)
+        assert _accepts(g, byte_tok, '{"x": -10.125}') and _accepts(g, byte_tok, '{"x": 123456789012345}')
+        assert not _accepts(g, byte_tok, '{"x": 10.' + "0" * 40)      # runaway decimals
+        assert not _accepts(g, byte_tok, '{"x": ' + "1" * 40)         # runaway integer digits
+        assert _accepts(g, byte_tok, '{"x": [1.5, {"y": null}], "z": "a"}') == ("response_format" in req)
+
+
 def test_compact_json_has_no_free_whitespace(byte_tok):
     spec = spec_from_request({"structured_outputs": {"json": SCHEMAS["array of enums"],
                                                      "disable_any_whitespace": True}})

@@ -44,6 +44,44 @@ class TokenRejected(ValueError):
 BOUNDED_WHITESPACE = r"[ \t\n\r]{0,20}"
 
 
+# JSON numbers, bounded the same way: SmolLM2 forcing a tool call wrote "10.0000..." until
+# max_tokens (2 of 10 calls), a number JSON allows to grow forever. Every number or integer
+# schema without its own bounds gets |x| <= NUMBER_BOUND (at most 16 integer digits), and
+# numbers without a multipleOf get NUMBER_STEP (at most 9 decimals, no exponent). The
+# output then still validates against the request's schema: only values it allows, fewer.
+NUMBER_BOUND = 10 ** 15
+NUMBER_STEP = 1e-9
+_DATA_KEYWORDS = ("enum", "const", "default", "examples")    # values, not schemas
+
+
+def bounded_numbers(node):
+    """A copy of the JSON schema `node` with bounded numbers (see NUMBER_BOUND)."""
+    if isinstance(node, list):
+        return [bounded_numbers(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: (v if k in _DATA_KEYWORDS else bounded_numbers(v)) for k, v in node.items()}
+    kinds = out.get("type")
+    kinds = set(kinds) if isinstance(kinds, list) else {kinds}
+    if kinds & {"number", "integer"}:
+        low, high = out.get("minimum", out.get("exclusiveMinimum")), out.get("maximum", out.get("exclusiveMaximum"))
+        if low is None and not (isinstance(high, (int, float)) and high < -NUMBER_BOUND):
+            out["minimum"] = -NUMBER_BOUND
+        if high is None and not (isinstance(low, (int, float)) and low > NUMBER_BOUND):
+            out["maximum"] = NUMBER_BOUND
+        if "number" in kinds and "multipleOf" not in out:
+            out["multipleOf"] = NUMBER_STEP
+    return out
+
+
+# response_format json_object: any JSON object, its numbers bounded as above
+ANY_JSON_OBJECT = {"$defs": {"value": {"anyOf": [
+    {"type": "null"}, {"type": "boolean"}, {"type": "number"}, {"type": "string"},
+    {"type": "array", "items": {"$ref": "#/$defs/value"}},
+    {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}}]}},
+    "type": "object", "additionalProperties": {"$ref": "#/$defs/value"}}
+
+
 def grammar_text(spec: GrammarSpec) -> str:
     """The spec as an llguidance grammar (its JSON grammar format)."""
     llg = engine()
@@ -51,7 +89,11 @@ def grammar_text(spec: GrammarSpec) -> str:
         options = {"whitespace_flexible": spec.whitespace_flexible}
         if spec.whitespace_flexible:
             options["whitespace_pattern"] = spec.whitespace_pattern or BOUNDED_WHITESPACE
-        schema = spec.source if spec.kind == "json_schema" else '{"type": "object"}'
+        try:
+            raw = json.loads(spec.source) if spec.kind == "json_schema" else ANY_JSON_OBJECT
+        except ValueError as e:
+            raise FormatError(spec.param, f"{spec.param}: not JSON: {e}") from None
+        schema = json.dumps(bounded_numbers(raw))
         try:
             return llg.LLMatcher.grammar_from_json_schema(schema, defaults=options)
         except ValueError as e:
