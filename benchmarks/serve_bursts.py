@@ -99,7 +99,7 @@ def _burst(base: str, prompts: list[list[int]], max_tokens: int) -> dict:
             "tokens": sum(d[1] for d in done), "compilations": _compilations(base) - before}
 
 
-def _prompts(base: str, args, corpus_ids: list[int], seed: int) -> list[list[int]]:
+def _prompts(args, corpus_ids: list[int], seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     longest = args.max_len - args.max_tokens
     out = []
@@ -124,7 +124,7 @@ def life(args, name: str, warmup: str, cache: str) -> dict:
         corpus = _corpus_ids(base)
         row = {"life": name, "warmup": warmup, "startup_s": start_s}
         for i in (1, 2):
-            b = _burst(base, _prompts(base, args, corpus, seed=i), args.max_tokens)
+            b = _burst(base, _prompts(args, corpus, seed=i), args.max_tokens)
             row.update({f"burst{i}_{k}": v for k, v in b.items()})
         row["warmup_log"] = [x for x in log if "warm-up done" in x]
         return row

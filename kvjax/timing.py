@@ -168,6 +168,15 @@ def _sync(x):
     return jax.block_until_ready(x)
 
 
+def _batch(call, state, n: int, sync):
+    """`n` back-to-back calls ended by one sync: (state, seconds)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        state = call(state)
+    sync(state)
+    return state, time.perf_counter() - t0
+
+
 def _calibrate(call, state, t: Timing, min_seconds: float, max_calls: int, sync):
     """First call (compile) and calibration into `t`; returns the state."""
     with compile_watch() as first:
@@ -177,21 +186,13 @@ def _calibrate(call, state, t: Timing, min_seconds: float, max_calls: int, sync)
     with compile_watch() as calib:   # timeit's autorange: double the calls until a batch lasts
         k = 1                          # a quarter of min_seconds, then scale to min_seconds
         while True:
-            t0 = time.perf_counter()
-            for _ in range(k):
-                state = call(state)
-            sync(state)
-            elapsed = time.perf_counter() - t0
+            state, elapsed = _batch(call, state, k, sync)
             if _agree(elapsed >= min_seconds / 4 or k >= max_calls):
                 break
             k = min(max_calls, 2 * k)
         t.calls = _agree(max(1, min(max_calls, math.ceil(k * min_seconds / max(elapsed, 1e-9)))))
         for _ in range(3):   # a batch slowed by a preemption scales the calls down: check
-            t0 = time.perf_counter()
-            for _ in range(t.calls):
-                state = call(state)
-            sync(state)
-            elapsed = time.perf_counter() - t0
+            state, elapsed = _batch(call, state, t.calls, sync)
             if _agree(elapsed >= min_seconds / 2 or t.calls >= max_calls):
                 break
             t.calls = _agree(min(max_calls, math.ceil(t.calls * min_seconds / max(elapsed, 1e-9))))
@@ -203,11 +204,8 @@ def _calibrate(call, state, t: Timing, min_seconds: float, max_calls: int, sync)
 def _one_measurement(call, state, t: Timing, sync):
     """One timed measurement (`t.calls` back-to-back calls, one sync) appended to `t`."""
     with compile_watch() as timed:
-        t0 = time.perf_counter()
-        for _ in range(t.calls):
-            state = call(state)
-        sync(state)
-        t.per_call.append((time.perf_counter() - t0) / t.calls)
+        state, elapsed = _batch(call, state, t.calls, sync)
+        t.per_call.append(elapsed / t.calls)
     t.compiles += timed.compiles
     t.timed_compiles += timed.compiles
     return state

@@ -468,9 +468,11 @@ class Scheduler:
     def _decode_step(self, seqs, shape: tuple | None = None) -> DecodeStep:
         """The decode call of `seqs`; shape (B, W): those widths (an idle call when seqs is empty)."""
         B, W = shape if shape is not None else (self.rows(len(seqs)), self.view(max(len(s.pages) for s in seqs)))
-        state = self._sampling(seqs, B)
+        state = self._sampling(seqs, B)                # with controls, it holds the stops already
         state.update(tok=np.zeros(B, np.int32), lens=np.zeros(B, np.int32), n=np.zeros(B, np.int32),
-                     active=np.zeros(B, bool), max_n=np.zeros(B, np.int32), stops=self._stops(seqs, B))
+                     active=np.zeros(B, bool), max_n=np.zeros(B, np.int32))
+        if "stops" not in state:
+            state["stops"] = self._stops(seqs, B)
         stop_w = state["stops"].shape[1]
         want_lp = False
         for b, s in enumerate(seqs):
