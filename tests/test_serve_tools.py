@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvjax.serve.tools import ToolError, ToolPlan, check_tools, forced_schema, parse_calls, renders_tools
+from kvjax.serve.toolstream import ToolCallStream
 from kvjax.tokenizer import ByteTokenizer, use_chat_template
 
 TEMPLATE = Path(__file__).parent / "fixtures" / "chatml_tools.jinja"
@@ -56,6 +57,68 @@ def test_parse_calls_hermes_bare_json_and_plain_text():
         (None, [("get_time", {"zone": "CET"})])
     assert parse_calls('{"name": "other", "arguments": {}}', plan) == ('{"name": "other", "arguments": {}}', [])
     assert parse_calls("It is sunny.", plan) == ("It is sunny.", [])
+    broken = 'A <tool_call>{"name": "get_time"</tool_call> B <tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    assert parse_calls(broken, plan) == ('A <tool_call>{"name": "get_time"</tool_call> B', [("get_time", {})])
+
+
+def merge_deltas(deltas):
+    """(content, [(name, arguments text)]) as a client adds up streamed deltas."""
+    content, calls = "".join(d.get("content") or "" for d in deltas), {}
+    for d in deltas:
+        for c in d.get("tool_calls", []):
+            entry = calls.setdefault(c["index"], ["", ""])
+            if "id" in c:
+                assert c["type"] == "function" and c["id"].startswith("call_") and not entry[0]
+                entry[0] = c["function"]["name"]
+            entry[1] += c["function"]["arguments"]
+    return content, [tuple(calls[i]) for i in range(len(calls))]
+
+
+def stream_pieces(text, plan, finish, seed):
+    """Deltas of `text` pushed in random pieces of 1-5 characters, and the finish_reason;
+    also how many deltas went out before the end."""
+    import random
+
+    rng, ts, out, i = random.Random(seed), ToolCallStream(plan), [], 0
+    while i < len(text):
+        n = rng.randint(1, 5)
+        out += ts.push(text[i:i + n])
+        i += n
+    before = len(out)
+    last, reason = ts.finish(finish)
+    return out + last, reason, before
+
+
+@pytest.mark.parametrize("text", [
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima", "days": 2}}\n</tool_call>\n'
+    '<tool_call>{"name": "get_time", "arguments": "{\\"zone\\": \\"UTC\\"}"}</tool_call>',
+    '  Hi <tool_call>not json</tool_call> there\n<tool_call>{"name":"get_time","parameters":{}}</tool_call> end <tool_',
+    '{"name": "get_time", "arguments": {"zone": "CET"}}',
+    ' It is sunny. <tool_call>{"name": "get_time", "arguments": {}',
+    "It is <b>sunny</b>.\n\n",
+])
+def test_streamed_auto_calls_add_up_to_the_whole_answer(text):
+    plan = ToolPlan((WEATHER, TIME), "auto")
+    content, calls = parse_calls(text, plan)
+    for seed in range(4):
+        deltas, reason, _ = stream_pieces(text, plan, "stop", seed)
+        got_content, got_calls = merge_deltas(deltas)
+        assert got_content == (content or "") and reason == ("tool_calls" if calls else "stop")
+        assert [(n, json.loads(a)) for n, a in got_calls] == calls
+
+
+def test_streamed_forced_call_sends_its_arguments_as_they_form():
+    text = '{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3, "x": {"a": [1, {"b": "}"}]}} }'
+    for mode, name, reason in (("required", None, "tool_calls"), ("named", "get_weather", "stop")):
+        plan = ToolPlan((WEATHER, TIME), mode, name)
+        for seed in range(4):
+            deltas, got_reason, before = stream_pieces(text, plan, "stop", seed)
+            content, calls = merge_deltas(deltas)
+            assert content == "" and got_reason == reason
+            assert [(n, json.loads(a)) for n, a in calls] == parse_calls(text, plan)[1]
+            assert before >= len(deltas) - 1 and before > 5     # all but the last piece went out early
+    cut, reason, _ = stream_pieces(text[:60], ToolPlan((WEATHER,), "required"), "length", 0)
+    assert reason == "length" and merge_deltas(cut)[1][0][0] == "get_weather"   # cut off: what was sent stays
 
 
 def test_forced_schema_and_template_detection():
@@ -141,6 +204,19 @@ def test_auto_calls_are_parsed_and_streamed(api):
     assert calls[0][0]["index"] == 0 and calls[0][0]["function"]["name"] == "get_time"
     assert not any(d.get("content") for d in deltas)
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_forced_call_streams_its_arguments(api):
+    body = {"messages": ASK, "tools": [WEATHER, TIME], "max_tokens": 120, "temperature": 0, "stream": True,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    with api.stream("POST", "/v1/chat/completions", json=body) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    content, calls = merge_deltas(deltas)
+    assert content == "" and len(calls) == 1 and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    arguments_valid({"type": "function", "id": "call_x", "function": {"name": calls[0][0], "arguments": calls[0][1]}},
+                    WEATHER)
+    assert sum("tool_calls" in d for d in deltas) > 3        # the arguments came in pieces, not at the end
 
 
 def test_a_conversation_with_tool_results_and_bad_choices(api):

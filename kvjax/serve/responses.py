@@ -27,6 +27,7 @@ from . import protocol as P
 from .generation import Generation, best_choices
 from .textstream import token_bytes, token_text
 from .tools import openai_calls, parse_calls
+from .toolstream import ToolCallStream
 
 log = logging.getLogger("kvjax.serve")
 
@@ -161,7 +162,7 @@ def chat_body(state, gens: list[Generation], prepared: P.Prepared) -> dict:
             "usage": answer_usage(gens, prepared)}
 
 
-def tool_message(text: str, plan, finish: str, streamed: bool = False) -> tuple[dict, str]:
+def tool_message(text: str, plan, finish: str) -> tuple[dict, str]:
     """An assistant answer's message fields and finish_reason: with tools, the calls parsed out
     of it (serve/tools.py) as `tool_calls` and finish_reason "tool_calls" ("stop" for a
     named function, as OpenAI); a forced call cut off by max_tokens stays text."""
@@ -170,7 +171,7 @@ def tool_message(text: str, plan, finish: str, streamed: bool = False) -> tuple[
     content, calls = parse_calls(text, plan)
     if not calls:
         return {"content": content}, finish
-    return {"content": content, "tool_calls": openai_calls(calls, streamed)}, \
+    return {"content": content, "tool_calls": openai_calls(calls)}, \
         "stop" if plan.mode == "named" else "tool_calls"
 
 
@@ -319,31 +320,31 @@ async def stream_completion(state, gens: list[Generation], prepared: P.Prepared)
 
 
 async def stream_chat(state, gens: list[Generation], prepared: P.Prepared):
-    """The SSE chunks of a streamed chat answer: each choice's role first, then content deltas."""
+    """The SSE chunks of a streamed chat answer: each choice's role first, then content deltas
+    (with tools: content and tool_calls deltas from serve/toolstream.py as they form)."""
     head = _head("chatcmpl", "chat.completion.chunk", state.limits.model_id)
     index = {g: i for i, g in enumerate(gens)}
     seen = {g: 0 for g in gens}
+    tooled = prepared.tools is not None and prepared.tools.mode != "none"
+    calls = {g: ToolCallStream(prepared.tools) for g in gens} if tooled else {}
     for i in range(len(gens)):
         yield _delta_chunk(head, {"role": "assistant", "content": ""}, index=i)
     left = len(gens)
-    tooled = prepared.tools is not None and prepared.tools.mode != "none"   # calls known at the end
     async for g, delta, new in merged(gens):
         if delta is None:
             left -= 1
             extra = {"usage": answer_usage(gens, prepared)} if left == 0 else {}
-            finish = g.finish_reason
-            if tooled:
-                message, finish = tool_message(g.text.full_text, prepared.tools, finish, streamed=True)
-                yield _delta_chunk(head, {k: v for k, v in message.items() if v}, index=index[g])
+            deltas, finish = calls[g].finish(g.finish_reason) if tooled else ([], g.finish_reason)
+            for d in deltas:
+                yield _delta_chunk(head, d, index=index[g])
             yield _delta_chunk(head, {}, None, finish, index=index[g], **extra)
-            continue
-        if tooled:
             continue
         lp = None
         if prepared.logprobs is not None and new:
             lp = chat_logprobs(state, g.token_logprobs(seen[g], seen[g] + len(new)), new)
         seen[g] += len(new)
-        if delta or lp:
-            yield _delta_chunk(head, {"content": delta}, lp, index=index[g])
+        deltas = calls[g].push(delta) if tooled else ([{"content": delta}] if delta else [])
+        for k, d in enumerate(deltas or ([{"content": ""}] if lp else [])):     # the tokens' logprobs go with the first
+            yield _delta_chunk(head, d, lp if k == 0 else None, index=index[g])
     for chunk in _closing(head, answer_usage(gens, prepared), prepared.include_usage):
         yield chunk

@@ -13,6 +13,7 @@
   models use (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, several allowed),
   or, failing that, an answer that is exactly such a JSON object naming a given function.
   Text outside the calls stays the message's content.
+- Streamed answers send their calls as they form: serve/toolstream.py.
 """
 from __future__ import annotations
 
@@ -118,19 +119,29 @@ def renders_tools(tokenizer) -> bool:
 
 
 def parse_calls(text: str, plan: ToolPlan) -> tuple[str | None, list]:
-    """(content, calls) of an answer: calls as (name, arguments dict) pairs."""
+    """(content, calls) of an answer: calls as (name, arguments dict) pairs; content is the
+    text outside the calls, stripped (None when empty and there are calls). A Hermes block
+    that is not a valid call of a given function stays in the content."""
     if plan.forced:
         call = json.loads(text)                       # constrained: always this JSON
         return None, [(call["name"], call["arguments"])]
-    calls = [c for c in (_call(m.group(1), plan) for m in HERMES.finditer(text)) if c is not None]
+    calls, kept, last = [], [], 0
+    for m in HERMES.finditer(text):
+        call = valid_call(m.group(1), plan)
+        if call is not None:
+            calls.append(call)
+            kept.append(text[last:m.start()])
+            last = m.end()
     if calls:
-        rest = HERMES.sub("", text).strip()
+        rest = "".join(kept + [text[last:]]).strip()
         return rest or None, calls
-    whole = _call(text.strip(), plan)
-    return (None, [whole]) if whole is not None else (text, [])
+    whole = valid_call(text.strip(), plan)
+    return (None, [whole]) if whole is not None else (text.strip(), [])
 
 
-def _call(blob: str, plan: ToolPlan):
+def valid_call(blob: str, plan: ToolPlan):
+    """(name, arguments dict) when `blob` is the JSON of a call of one of the plan's
+    functions ("arguments" or "parameters", an object or its JSON string); else None."""
     try:
         obj = json.loads(blob)
     except ValueError:
@@ -146,14 +157,10 @@ def _call(blob: str, plan: ToolPlan):
     return (obj["name"], args) if isinstance(args, dict) else None
 
 
-def openai_calls(calls: list, streamed: bool = False) -> list:
-    """OpenAI's tool_calls entries (arguments as a JSON string; with `index` when streamed)."""
-    out = []
-    for i, (name, args) in enumerate(calls):
-        entry = {"id": f"call_{secrets.token_hex(12)}", "type": "function",
-                 "function": {"name": name, "arguments": json.dumps(args)}}
-        out.append({"index": i, **entry} if streamed else entry)
-    return out
+def openai_calls(calls: list) -> list:
+    """OpenAI's tool_calls entries of a whole answer (arguments as a JSON string)."""
+    return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
+             "function": {"name": name, "arguments": json.dumps(args)}} for name, args in calls]
 
 
 def template_messages(messages: list) -> list:
