@@ -258,6 +258,36 @@ def release_compiled():
     program."""
     jax.clear_caches()
     gc.collect()
+    trim_host_memory()
+
+
+def trim_host_memory(mmap_threshold: int | None = None) -> None:
+    """Hand freed heap memory back to the OS (glibc `malloc_trim`; a no-op on other C
+    libraries). XLA CPU frees and reallocates many buffers below glibc's dynamic mmap threshold
+    (which grows to 32 MB), and glibc keeps those pages: a long run's resident memory ratchets
+    up to several times what is live (measured: a 30-layer program's first call took a process
+    from 2.8 to 8.1 GB resident with 2.0 GB live, and a long-context benchmark was killed by the
+    kernel at 24 GB). mmap_threshold (bytes) also fixes glibc's threshold, so blocks of that
+    size or more are mapped and unmapped on their own (returned when freed, at the cost of
+    fresh pages on every allocation): for long runs where memory, not speed, is the limit."""
+    libc = _glibc()
+    if libc is None:
+        return
+    if mmap_threshold is not None:
+        libc.mallopt(-3, int(mmap_threshold))          # M_MMAP_THRESHOLD (also stops its growth)
+    libc.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def timed_once(fn, *args, **kwargs):

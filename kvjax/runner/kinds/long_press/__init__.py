@@ -39,7 +39,7 @@ import kvjax
 from kvjax import press as P
 from kvjax.cache import layer_rings
 from kvjax.decode.shared import capture
-from kvjax.timing import compile_watch, release_compiled
+from kvjax.timing import compile_watch, release_compiled, trim_host_memory
 
 from ... import plots
 from ...models import check_model, load_named
@@ -239,6 +239,7 @@ def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list,
                 build[m], build_compile[m] = time.perf_counter() - t0, w.compile_s
                 compiled.setdefault((m.name if m.family == "press" else m.family, protocol), w.compile_s)
             cache = stack(caches)
+            caches.clear()          # the stacked copy is all that is scored
             k = len(group)
             t0 = time.perf_counter()
             with compile_watch() as w:
@@ -254,6 +255,8 @@ def _block(ctx, c: Config, model: str, cfg, params, tok, batch: Batch, ms: list,
                                  k, build=build[m], score=score_s, capture=capture_s,
                                  compile=build_compile[m] + score_compile_s, capture_compile=capture_compile_s))
                 ctx.log(rows[-1])
+            del cache
+            trim_host_memory()      # freed heap back to the OS between groups (else it ratchets)
     return rows
 
 
@@ -299,6 +302,9 @@ def run(ctx, c: Config) -> dict:
     from kvjax import ruler
 
     start, rows, skipped, compiled, loaded = time.perf_counter(), [], [], {}, {}
+    # memory, not speed, bounds this run: blocks of 1 MB or more are mapped on their own and
+    # returned when freed (a 4k-token run was killed at 24 GB resident with far less live)
+    trim_host_memory(mmap_threshold=1 << 20)
     for length in c.lengths:                 # length-major: a time budget cuts the longest contexts
         for model in c.models:
             if c.time_budget_s and time.perf_counter() - start > c.time_budget_s:
