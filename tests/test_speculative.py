@@ -402,5 +402,15 @@ def test_speculative_experiment_runs_on_the_bundled_model(tmp_path):
     assert len(rows) == 1 and all(r["exact"] and r["engine_exact"] for r in rows)
     assert {r["proposer"] for r in rows} == {"draft:text-draft:4"}
     assert all(r["speedup"] > 0 and r["engine_speedup"] > 0 and r["mean_accepted_length"] >= 1 for r in rows)
+    assert all(0 < r["prefill_s"] and (r["decode_speedup"] is None or r["decode_speedup"] > 0) for r in rows)
     assert (out / "speculative_text.png").exists()
     assert json.loads((out / "summary.json").read_text())["inexact_rows"] == 0
+
+
+def testdecode_phase_rates_subtract_the_prefill():
+    from kvjax.runner.kinds.speculative import decode_phase
+
+    d = decode_phase(plain_s=5.0, spec_s=3.0, prefill_s=1.0, decoded=120)
+    assert d["decode_speedup"] == pytest.approx(2.0) and d["plain_decode_tok_s"] == pytest.approx(30.0)
+    assert d["spec_decode_tok_s"] == pytest.approx(60.0) and d["prefill_s"] == 1.0
+    assert decode_phase(1.0, 0.9, 0.95, 8)["decode_speedup"] is None     # a call no longer than the prefill
