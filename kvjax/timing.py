@@ -32,6 +32,7 @@ argument: `measure(call, state)` calls `state = call(state)`.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import statistics
@@ -278,7 +279,10 @@ def trim_host_memory(mmap_threshold: int | None = None) -> None:
     libc.malloc_trim(0)
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
+    """The C library when it is glibc (has malloc_trim), else None; looked up once
+    (find_library runs ldconfig)."""
     import ctypes
     import ctypes.util
 

@@ -22,7 +22,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
-NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")      # OpenAI's function-name rule
+NAME_CHARS = r"[a-zA-Z0-9_-]{1,64}"              # OpenAI's function-name rule
+NAME = re.compile(f"^{NAME_CHARS}$")
 MAX_TOOLS = 128
 HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
@@ -157,10 +158,15 @@ def valid_call(blob: str, plan: ToolPlan):
     return (obj["name"], args) if isinstance(args, dict) else None
 
 
+def call_entry(name: str, arguments: str) -> dict:
+    """One OpenAI tool_calls entry: a fresh id, type, name and the arguments' JSON text."""
+    return {"id": f"call_{secrets.token_hex(12)}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
 def openai_calls(calls: list) -> list:
     """OpenAI's tool_calls entries of a whole answer (arguments as a JSON string)."""
-    return [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
-             "function": {"name": name, "arguments": json.dumps(args)}} for name, args in calls]
+    return [call_entry(name, json.dumps(args)) for name, args in calls]
 
 
 def template_messages(messages: list) -> list:

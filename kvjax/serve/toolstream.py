@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 
-from .tools import ToolPlan, parse_calls, valid_call
+from .tools import NAME_CHARS, ToolPlan, call_entry, parse_calls, valid_call
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"([a-zA-Z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
+HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"(' + NAME_CHARS + r')"\s*,\s*"arguments"\s*:\s*')
 
 
 def call_delta(index: int, name: str, arguments: str) -> dict:
     """A call's first delta: index, a fresh id, type, name and the arguments so far."""
-    return {"tool_calls": [{"index": index, "id": f"call_{secrets.token_hex(12)}", "type": "function",
-                            "function": {"name": name, "arguments": arguments}}]}
+    return {"tool_calls": [{"index": index, **call_entry(name, arguments)}]}
 
 
 def args_delta(index: int, text: str) -> dict:
