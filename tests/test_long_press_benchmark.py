@@ -1,6 +1,7 @@
 """`kvjax run experiments/long_press_benchmark.yaml` end to end at CI size: the bundled text
 model with its rotary positions allowed to 1,024 (a copy of its folder, config edited), two
-samples of the RULER needle task at 256 tokens, three presses at one ratio, the baselines.
+samples of the RULER needle task at 256 tokens, three presses at one ratio, the baselines,
+and DecodingPress (two base presses, compacting every 2 generated tokens) on the same task.
 
 What would be wrong if the kind were broken: a method missing from the rows; the query-aware
 protocol not reading the question's last token through the cache (dense would then differ between the
@@ -36,7 +37,9 @@ def run(tmp_path_factory):
             "long_press_benchmark.window_size=16", "long_press_benchmark.n_future_positions=32",
             "long_press_benchmark.kivi_group_size=16", "long_press_benchmark.kivi_residual_length=32",
             "long_press_benchmark.time_budget_s=0", "device=cpu",
-            "long_press_benchmark.stack_bytes=1e9", "long_press_benchmark.ring_lengths=[]"]
+            "long_press_benchmark.stack_bytes=1e9", "long_press_benchmark.ring_lengths=[]",
+            "long_press_benchmark.decoding_presses=[Knorm,StreamingLLM]",
+            "long_press_benchmark.decoding_tasks=[niah_single]", "long_press_benchmark.decoding_interval=2"]
     assert main(["run", str(EXP), "--out", str(out), *[x for s in sets for x in ("--set", s)]]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, [r for r in rows if "method" in r]
@@ -50,11 +53,21 @@ def test_every_method_task_and_protocol_has_a_row(run):
             assert (task, "agnostic", m, ratio) in got and (task, "aware", m, ratio) in got
         for m, ratio in (("int8", None), ("kivi2", None), ("window", 0.5)):
             assert (task, "agnostic", m, ratio) in got       # baselines do not look at the query
+    for m, ratio in (("dense", None), ("DecodingPress(Knorm)", 0.5), ("DecodingPress(StreamingLLM)", 0.5)):
+        assert ("niah_single", "decoding", m, ratio) in got
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["answer_loglik"]) and r["answer_loglik"] < 0
         assert r["samples"] == 2
         # SnapKV and Knorm (per-head, ratio 0.5) are scored as one stacked batch; AdaKV pools
-        assert r["stacked"] == (2 if r["method"] in ("SnapKV", "Knorm") else 1)
+        assert r["stacked"] == (2 if r["method"] in ("SnapKV", "Knorm") else 1) or r["protocol"] == "decoding"
+        if r["protocol"] == "decoding":
+            assert r["stacked"] == 1 and 0.0 <= r["token_accuracy"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
+            if r["method"] == "dense":                    # dense is the reference of agreement
+                assert r["agreement"] == 1.0 and r["bytes_vs_dense"] == 1.0
+            else:                                         # half the context kept, compacting every 2 tokens
+                assert r["target_size"] == round(0.5 * r["context_tokens"]) and r["interval"] == 2
+                assert r["bytes_vs_dense"] < 0.6
+            continue
         if r["protocol"] == "agnostic":                   # aware rows hold context + question
             assert 240 <= r["context_tokens"] <= 256
 
@@ -84,5 +97,6 @@ def test_results_folder(run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"] > 0 and summary["skipped"] == []
     pngs = sorted(p.name for p in out.glob("leaderboard_*.png"))
-    assert len(pngs) == 2 and all(n.endswith(("_agnostic.png", "_aware.png")) for n in pngs)
-    assert "Best method per ratio" in (out / "summary.md").read_text()
+    assert len(pngs) == 3 and all(n.endswith(("_agnostic.png", "_aware.png", "_decoding.png")) for n in pngs)
+    md = (out / "summary.md").read_text()
+    assert "Best method per ratio" in md and "DecodingPress on a long generation" in md

@@ -49,9 +49,12 @@ class DecodingPress(Press):
         return self.target_size + self.compression_interval
 
 
-def compress_cache(cache: KVCache, press: DecodingPress, key=None) -> KVCache:
-    """Every layer cut to `press.target_size` kept slots per head (packed, position order)."""
+def compress_cache(cache: KVCache, press: DecodingPress, key=None, target_size=None) -> KVCache:
+    """Every layer cut to `press.target_size` kept slots per head (packed, position order).
+    target_size: instead of the press's (an int or a traced int32 scalar: one program for
+    every size)."""
     cache = as_pressed(cache)
+    target = press.target_size if target_size is None else target_size
     key = jax.random.key(getattr(press.base_press, "seed", 0)) if key is None else key
     layers, positions, fills = [], [], []
     for layer in range(len(cache.keys)):
@@ -61,7 +64,7 @@ def compress_cache(cache: KVCache, press: DecodingPress, key=None) -> KVCache:
         k, v = read_layer(cache.kind, arrays, jnp.float32)
         scores = press.base_press.score_cache(k, v, pos, valid, layer, key)
         B, K, S = pos.shape
-        n = jnp.full((B, K), press.target_size, jnp.int32)
+        n = jnp.full((B, K), target, jnp.int32)
         keep = _top_slots(scores, valid, n)                                        # [B, K, S]
         # packed order: kept slots first, by position; then the rest
         sort_key = jnp.where(keep, pos, jnp.iinfo(jnp.int32).max)

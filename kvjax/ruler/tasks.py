@@ -3,8 +3,9 @@ given (seed, index), on the pydoc haystack (`kvjax.ruler.haystack`).
 
 Each generator draws its random choices from `random.Random("kvjax-ruler:<task>:<seed>:<index>")`
 (string seeding is stable across processes and platforms) and returns a `Draft`;
-`make_sample` fits it to a token budget (`kvjax.ruler.prompt`). Answers are short: 7-digit
-numbers, 5-letter variable names, single words, a three-word phrase.
+`make_sample` fits it to a token budget (`kvjax.ruler.prompt`). Answers are short (7-digit
+numbers, 5-letter variable names, single words, a three-word phrase) but passage_copy's,
+a whole passage written out: a long generation.
 
   niah_single       one needle "One of the special magic numbers for {key} is: {value}." at a
                     sentence boundary; asks the key's number
@@ -22,6 +23,11 @@ numbers, 5-letter variable names, single words, a three-word phrase.
   passage_qa        the haystack as numbered passages ("Passage 1:\\n..."); asks which three
                     words come right after a quoted cue of six words in one passage (the answer
                     is copied from it); the cue occurs once in the context
+  passage_copy      a long answer: the numbered passages; asks to write out, word for word,
+                    the whole passage (`min_words`..`max_words`: 60..160 words; the longest
+                    under max_words where no passage is that long) that begins with a quoted
+                    six-word opening (unique in the context); the answer prefix is that
+                    opening and the answer the rest of the passage (~70-220 tokens)
 
 Needle depths (`depth` in [0, 1], or one per needle) are drawn uniformly unless given.
 """
@@ -56,6 +62,8 @@ CWE_INSTRUCTION = ("Below is a numbered list of words. In these words, some appe
                    "Memorize the ones that appear most often.")
 QA_INSTRUCTION = ("Below are numbered passages from the Python documentation. Read them carefully: I will ask "
                   "you to quote from one of them afterwards.")
+COPY_INSTRUCTION = ("Below are numbered passages from the Python documentation. Read them carefully: I will "
+                    "ask you to write one of them out word for word afterwards.")
 QA_ANSWER_WORDS, QA_CUE_WORDS = 3, 6
 SEP_QA = "\n\n"
 
@@ -237,19 +245,9 @@ def passage_qa(rng: random.Random, depth=None) -> Draft:
     d = _depths(rng, 1, depth)[0]
     pick_seed = rng.randrange(2 ** 32)
 
-    def body(n: int):
-        parts = []
-        for i, (s, e) in enumerate(stream.paragraph_spans(n)):
-            parts.append(f"Passage {i + 1}:\n" + " ".join(stream.words[s:e]))
-        return SEP_QA.join(parts), {}
-
     def finish(n, text, meta):
         spans = stream.paragraph_spans(n)
-        whole = [i for i, (s, e) in enumerate(spans)
-                 if i + 1 < len(spans) or e == _paragraph_end(stream, len(spans) - 1)]
-        if not whole:
-            raise ValueError("passage_qa: the length leaves no whole passage; use a larger length")
-        ranked = sorted(whole, key=lambda i: (abs((i + 0.5) / len(spans) - d), i))
+        ranked = _whole_passages(stream, n, d, "passage_qa")
         pick = random.Random(pick_seed)
         for i in ranked:
             s, e = spans[i]
@@ -268,7 +266,55 @@ def passage_qa(rng: random.Random, depth=None) -> Draft:
                                               "passage_text": " ".join(words),
                                               "needle_depths": [(i + 0.5) / len(spans)]})
         raise ValueError("passage_qa: no passage in this context has a unique six-word cue")
-    return Draft("passage_qa", QA_INSTRUCTION, body, len(stream), finish,
+    return Draft("passage_qa", QA_INSTRUCTION, _passage_body(stream), len(stream), finish,
+                 metadata={"haystack_start": stream.paragraphs[0]})
+
+
+def _passage_body(stream: Stream):
+    """body(n): the first n haystack words as numbered passages ("Passage 1:\\n...")."""
+    def body(n: int):
+        parts = [f"Passage {i + 1}:\n" + " ".join(stream.words[s:e])
+                 for i, (s, e) in enumerate(stream.paragraph_spans(n))]
+        return SEP_QA.join(parts), {}
+    return body
+
+
+def _whole_passages(stream: Stream, n: int, depth: float, task: str) -> list[int]:
+    """Indices of the passages within the first n words that are not cut short, nearest to
+    `depth` (as a share of the passages) first."""
+    spans = stream.paragraph_spans(n)
+    whole = [i for i, (s, e) in enumerate(spans)
+             if i + 1 < len(spans) or e == _paragraph_end(stream, len(spans) - 1)]
+    if not whole:
+        raise ValueError(f"{task}: the length leaves no whole passage; use a larger length")
+    return sorted(whole, key=lambda i: (abs((i + 0.5) / len(spans) - depth), i))
+
+
+def passage_copy(rng: random.Random, depth=None, min_words: int = 60, max_words: int = 160) -> Draft:
+    """A long generation: write out one whole passage (of min_words..max_words words where the
+    context holds one, else its longest that fits max_words), given its opening."""
+    _count("min_words", min_words, QA_CUE_WORDS + 1)
+    _count("max_words", max_words, min_words)
+    stream = Stream.from_paragraph(rng.randrange(len(prose_paragraphs())))
+    d = _depths(rng, 1, depth)[0]
+
+    def finish(n, text, meta):
+        spans = stream.paragraph_spans(n)
+        fits = [i for i in _whole_passages(stream, n, d, "passage_copy")
+                if QA_CUE_WORDS < spans[i][1] - spans[i][0] <= max_words
+                and text.count(" ".join(stream.words[spans[i][0]:spans[i][0] + QA_CUE_WORDS])) == 1]
+        if not fits:
+            raise ValueError(f"passage_copy: no whole passage of at most {max_words} words with a unique "
+                             f"opening in this context; use a larger length")
+        long = [i for i in fits if spans[i][1] - spans[i][0] >= min_words]
+        i = long[0] if long else max(fits, key=lambda i: (spans[i][1] - spans[i][0], -fits.index(i)))
+        s, e = spans[i]
+        cue = " ".join(stream.words[s:s + QA_CUE_WORDS])
+        return Question(f'Write out, word for word, the passage that begins "{cue}".', cue,
+                        (" ".join(stream.words[s + QA_CUE_WORDS:e]),),
+                        metadata={"passage": i + 1, "n_passages": len(spans), "words": e - s, "cue": cue,
+                                  "needle_depths": [(i + 0.5) / len(spans)]})
+    return Draft("passage_copy", COPY_INSTRUCTION, _passage_body(stream), len(stream), finish,
                  metadata={"haystack_start": stream.paragraphs[0]})
 
 
@@ -285,6 +331,7 @@ TASKS: dict[str, Callable[..., Draft]] = {
     "variable_tracking": variable_tracking,
     "common_words": common_words,
     "passage_qa": passage_qa,
+    "passage_copy": passage_copy,
 }
 
 

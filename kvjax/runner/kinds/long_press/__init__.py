@@ -17,6 +17,12 @@ presses compact the hybrid cache's full layers and the windowed layers keep thei
 (`hybrid_presses`; AdaKV and KeyRerotation need a full cache); dense; int8; KIVI 2/4-bit;
 window and sinks rings of (1 - ratio) of the context; the hybrid cache itself.
 
+DecodingPress on a long generation (decoding.py): on long-answer tasks (`decoding_tasks`,
+`passage_copy`: a whole passage written out), dense and DecodingPress(base) for every base in
+`decoding_presses` at every ratio (target_size = (1 - ratio) of the context, compacting every
+`decoding_interval` generated tokens); the answer teacher-forced through the same compaction
+schedule as a greedy generation, and that generation; protocol "decoding" in the rows.
+
 Scores (scoring.py): exact match of the greedy answer (`kvjax.ruler.exact_match`) and the
 log-likelihood of the true answer given the cache (teacher-forced), per token; bytes each
 method really holds per context; the compile seconds of each press's apply program.
@@ -46,7 +52,7 @@ from ...models import check_model, load_named
 from ...schema import ConfigError, option
 from ..press_benchmark import SCORERS, WRAPPERS, parse_press
 from ..press_benchmark import make_press as _press_from_name
-from . import scoring
+from . import decoding, scoring
 from .methods import (BASELINES, Method, as_tokens, bucket, kept_bytes, on_hybrid, press_cache,
                       press_pools, prefilled_baseline, ratio_axis, run_slots, stack)
 
@@ -93,6 +99,13 @@ class Config:
         "size is its own prefill and scoring programs, the slowest baselines to compile"))
     time_budget_s: float = option(0.0, min=0.0, help="stop starting new (model, length) blocks after this "
                                                      "many seconds (0: no limit); what was skipped is reported")
+    decoding_presses: tuple[str, ...] = option(("Knorm", "KeyDiff", "StreamingLLM"), choices=decoding.BASES, help=(
+        "DecodingPress on a long generation: its base presses (empty: not run); each at every ratio "
+        "(target_size = (1 - ratio) of the context), beside dense"))
+    decoding_tasks: tuple[str, ...] = option(("passage_copy",), help="long-answer kvjax.ruler tasks the "
+                                                                     "DecodingPress rows run on")
+    decoding_interval: int = option(32, min=1, help="DecodingPress compression_interval (generated tokens "
+                                                    "between compactions)")
 
 
 def validate(run_cfg) -> None:
@@ -102,7 +115,7 @@ def validate(run_cfg) -> None:
     if c.kivi_residual_length % c.kivi_group_size:
         raise ConfigError(f"long_press_benchmark.kivi_residual_length: {c.kivi_residual_length} must be a "
                           f"multiple of kivi_group_size={c.kivi_group_size}")
-    for key in ("presses", "ratios", "lengths", "tasks", "models"):
+    for key in ("presses", "ratios", "lengths", "tasks", "models", "decoding_presses", "decoding_tasks"):
         v = list(getattr(c, key))
         if len(set(v)) != len(v):
             raise ConfigError(f"long_press_benchmark.{key}: an entry is listed twice: {v}")
@@ -114,10 +127,11 @@ def validate(run_cfg) -> None:
         except ValueError as e:
             raise ConfigError(f"long_press_benchmark.presses[{i}]: {e}") from None
     from kvjax import ruler
-    for i, t in enumerate(c.tasks):
-        if t not in ruler.TASKS:
-            raise ConfigError(f"long_press_benchmark.tasks[{i}]: unknown task {t!r}; tasks: "
-                              f"{', '.join(ruler.TASKS)}")
+    for key in ("tasks", "decoding_tasks"):
+        for i, t in enumerate(getattr(c, key)):
+            if t not in ruler.TASKS:
+                raise ConfigError(f"long_press_benchmark.{key}[{i}]: unknown task {t!r}; tasks: "
+                                  f"{', '.join(ruler.TASKS)}")
     for i, name in enumerate(c.models):
         check_model(f"long_press_benchmark.models[{i}]", name)
 
@@ -324,6 +338,7 @@ def run(ctx, c: Config) -> dict:
                 for batch in batches(suite, c.tasks, length, c.max_new_tokens):
                     rows += _block(ctx, c, model, cfg, params, tok, batch, ms, compiled)
                     advance(note=batch.task)
+            rows += _long_generation(ctx, c, model, cfg, params, tok, chat, length)
             ctx.note(f"{model} at {length} tokens: {len(ms)} methods, done at "
                      f"{time.perf_counter() - start:.0f} s")
             # no program is shared across (model, length) blocks: free them (without this, a
@@ -332,6 +347,26 @@ def run(ctx, c: Config) -> dict:
     if skipped:
         ctx.note(f"Time budget of {c.time_budget_s:.0f} s reached; not run: {', '.join(skipped)}")
     return _report(ctx, c, rows, compiled, skipped)
+
+
+def _long_generation(ctx, c: Config, model: str, cfg, params, tok, chat: bool, length: int) -> list:
+    """The DecodingPress rows (decoding.py) of every decoding task at one length."""
+    if not c.decoding_presses:
+        return []
+    from kvjax import ruler
+
+    suite = ruler.make_suite(tok, c.decoding_tasks, [length], c.samples, seed=ctx.seed, chat=chat)
+    rows = []
+
+    def log(row: dict) -> None:
+        row.update(rss_gb=_rss_gb(), maps=_maps())
+        ctx.log(row)
+    with ctx.progress(len(c.decoding_tasks), f"{model} {length} long generation") as advance:
+        for task in c.decoding_tasks:
+            rows += decoding.block(c, model, cfg, params, tok, task, length, suite[(task, length)], log)
+            trim_host_memory()
+            advance(note=task)
+    return rows
 
 
 def summarise(rows: list) -> list[dict]:
@@ -373,6 +408,7 @@ def _report(ctx, c: Config, rows: list, compiled: dict, skipped: list) -> dict:
               ["model", "protocol", "method", "ratio", "memory vs dense", "accuracy", "answer log-lik / token"],
               [[s["model"], s["protocol"], s["method"], s["ratio"], s["bytes_vs_dense"], s["accuracy"],
                 s["answer_loglik_per_token"]] for s in summary])
+    decoding.report(ctx, rows)
     ctx.table("Compile seconds of each method's cache program (first batch)",
               ["method", "protocol", "compile s"], [[k[0], k[1], v] for k, v in compiled.items()])
     headline = {"rows": len(rows), "skipped": skipped}

@@ -56,17 +56,19 @@ def greedy_answers(cfg, params, tok, cache, questions: list, max_new_tokens: int
                    width: int | None = None) -> list[str]:
     """The text each row generates greedily after its question (cache donated), cut at EOS; the
     questions padded to `width` (default: the longest rounded up to BUCKET)."""
+    return [tok.decode(ids) for ids in greedy_tokens(cfg, params, tok, cache, questions, max_new_tokens, width)]
+
+
+def greedy_tokens(cfg, params, tok, cache, questions: list, max_new_tokens: int, width: int | None = None,
+                  press=None) -> list[list[int]]:
+    """The ids each row generates greedily after its question (cache donated), EOS left out;
+    `press`: a DecodingPress compacting as it generates."""
     prompt, lens = as_tokens([list(q) for q in questions], BUCKET, width)
     eos = [e for e in tok.eos_ids if e < cfg.vocab_size]
     out = kvjax.generate(cfg, params, prompt, lens, max_new_tokens=max_new_tokens, cache=cache,
-                         eos_token_id=eos or None, prefill_chunk=None)
+                         eos_token_id=eos or None, prefill_chunk=None, press=press)
     toks, n = np.asarray(out.tokens), np.asarray(out.lengths)
-    eos = set(eos)
-    texts = []
-    for row, k in zip(toks, n):
-        ids = [int(t) for t in row[:k] if int(t) not in eos]
-        texts.append(tok.decode(ids))
-    return texts
+    return [[int(t) for t in row[:k] if int(t) not in set(eos)] for row, k in zip(toks, n)]
 
 
 def room(questions: list, answers: list, max_new_tokens: int) -> int:
