@@ -206,6 +206,24 @@ def test_memory_is_really_smaller_and_exact(tiny):
     assert pc.nbytes == P.cache_bytes(cfg, 2, sizes)
 
 
+def test_pressed_cache_allocates_only_its_own_bytes(monkeypatch):
+    """Building a pressed cache once allocated a whole-model cache per layer (L times the
+    cache: 11.7 GB for SmolLM2's 30 layers at 2 x 4k slots) before keeping one layer of each."""
+    cfg = kvjax.ModelConfig.preset("llama-tiny").replace(num_layers=6)
+    allocated, real = [], P.dense_cache
+
+    def spy(*args, **kwargs):
+        cache = real(*args, **kwargs)
+        allocated.append(cache.nbytes)
+        return cache
+    monkeypatch.setattr(P, "dense_cache", spy)
+    for kind in ("dense", "int8"):
+        allocated.clear()
+        cache = P.pressed_cache(cfg, 2, [64, 48, 64, 32, 64, 64], kind=kind)
+        assert sum(allocated) <= cache.nbytes and cache.nbytes == P.cache_bytes(cfg, 2, [64, 48, 64, 32, 64, 64],
+                                                                                kind=kind)
+
+
 def test_adakv_pool_holds_uneven_head_budgets_in_the_uniform_budget(ckpt):
     """AdaKV's heads keep e.g. 75 and 69 of 96 tokens at ratio 0.25: a pooled cache of 72 + room
     slots per head holds them (each head alone would need 75), and matches kvpress."""

@@ -116,10 +116,13 @@ def pressed_cache(cfg: ModelConfig, batch_size: int, layer_slots, dtype=None, ki
     and the full layers hold layer_slots (one count for all of them), as a press leaves a
     hybrid cache; a press on it compacts only the full layers."""
     rings = _pressed_rings(cfg, layer_slots, hybrid)
-    per = [dense_cache(cfg, batch_size, int(r or s), dtype=dtype, kind=kind, hybrid=False)
+    # each layer alone (a one-layer model, never a ring): a whole-model cache per layer would
+    # allocate L times the cache (11.7 GB for SmolLM2's 30 layers, 2 rows of 4k slots)
+    one = cfg.replace(num_layers=1, layer_types=None)
+    per = [dense_cache(one, batch_size, int(r or s), dtype=dtype, kind=kind, hybrid=False)
            for s, r in zip(layer_slots, rings)]
     B, K = batch_size, cfg.num_kv_heads
-    pick = lambda name: tuple(getattr(c, name)[i] for i, c in enumerate(per))  # noqa: E731
+    pick = lambda name: tuple(getattr(c, name)[0] for c in per)  # noqa: E731
     return per[0].replace(
         keys=pick("keys"), values=pick("values"),
         key_scales=pick("key_scales") if kind == "int8" else (),
