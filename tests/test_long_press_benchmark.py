@@ -62,6 +62,7 @@ def test_every_method_task_and_protocol_has_a_row(run):
         assert r["stacked"] == (2 if r["method"] in ("SnapKV", "Knorm") else 1) or r["protocol"] == "decoding"
         if r["protocol"] == "decoding":
             assert r["stacked"] == 1 and 0.0 <= r["token_accuracy"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
+            assert 0.0 <= r["copied"] <= 1.0
             if r["method"] == "dense":                    # dense is the reference of agreement
                 assert r["agreement"] == 1.0 and r["bytes_vs_dense"] == 1.0
             else:                                         # half the context kept, compacting every 2 tokens

@@ -87,10 +87,11 @@ def check_answer_in_context(tok, s):
         assert f"Passage {s.metadata['passage']}:\n{passage}\n" in text
         assert text.count(cue) == 1 and cue in s.metadata["question"]
     elif s.task == "passage_copy":   # the opening + the answer is a whole passage of the context
-        cue, k = s.metadata["cue"], s.metadata["passage"]
-        assert f"Passage {k}:\n{cue} {s.answer_text}\n" in text + "\n"
+        cue, opening, k = s.metadata["cue"], s.metadata["opening"], s.metadata["passage"]
+        assert f"Passage {k}:\n{opening} {s.answer_text}\n" in text + "\n" and opening.startswith(cue + " ")
         assert 6 < s.metadata["words"] <= 160 and len(s.answer_text.split()) == s.metadata["words"] - 6
-        assert text.count(cue) == 1 and cue in s.metadata["question"] and s.question_text.endswith(cue)
+        assert text.count(cue) == 1 and cue in s.metadata["question"] and s.question_text.endswith(opening)
+        assert opening not in s.metadata["question"]      # the prefix's last words occur only in the passage
     else:
         raise AssertionError(s.task)
 

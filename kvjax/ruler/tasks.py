@@ -26,8 +26,8 @@ a whole passage written out: a long generation.
   passage_copy      a long answer: the numbered passages; asks to write out, word for word,
                     the whole passage (`min_words`..`max_words`: 60..160 words; the longest
                     under max_words where no passage is that long) that begins with a quoted
-                    six-word opening (unique in the context); the answer prefix is that
-                    opening and the answer the rest of the passage (~70-220 tokens)
+                    three-word cue (unique in the context); the answer prefix is the
+                    passage's first six words and the answer the rest (~70-220 tokens)
 
 Needle depths (`depth` in [0, 1], or one per needle) are drawn uniformly unless given.
 """
@@ -65,6 +65,7 @@ QA_INSTRUCTION = ("Below are numbered passages from the Python documentation. Re
 COPY_INSTRUCTION = ("Below are numbered passages from the Python documentation. Read them carefully: I will "
                     "ask you to write one of them out word for word afterwards.")
 QA_ANSWER_WORDS, QA_CUE_WORDS = 3, 6
+COPY_CUE_WORDS = 3       # passage_copy: the words the question quotes (the answer prefix has QA_CUE_WORDS)
 SEP_QA = "\n\n"
 
 
@@ -302,18 +303,22 @@ def passage_copy(rng: random.Random, depth=None, min_words: int = 60, max_words:
         spans = stream.paragraph_spans(n)
         fits = [i for i in _whole_passages(stream, n, d, "passage_copy")
                 if QA_CUE_WORDS < spans[i][1] - spans[i][0] <= max_words
-                and text.count(" ".join(stream.words[spans[i][0]:spans[i][0] + QA_CUE_WORDS])) == 1]
+                and text.count(" ".join(stream.words[spans[i][0]:spans[i][0] + COPY_CUE_WORDS])) == 1]
         if not fits:
             raise ValueError(f"passage_copy: no whole passage of at most {max_words} words with a unique "
                              f"opening in this context; use a larger length")
         long = [i for i in fits if spans[i][1] - spans[i][0] >= min_words]
         i = long[0] if long else max(fits, key=lambda i: (spans[i][1] - spans[i][0], -fits.index(i)))
         s, e = spans[i]
-        cue = " ".join(stream.words[s:s + QA_CUE_WORDS])
-        return Question(f'Write out, word for word, the passage that begins "{cue}".', cue,
+        cue = " ".join(stream.words[s:s + COPY_CUE_WORDS])
+        opening = " ".join(stream.words[s:s + QA_CUE_WORDS])
+        # the question names fewer words than the answer prefix repeats: the prefix's last words
+        # then occur only in the passage, so copying continues from there (quoting the whole
+        # opening, SmolLM2 copied the question's closing quote instead)
+        return Question(f'Write out, word for word, the passage that begins "{cue}".', opening,
                         (" ".join(stream.words[s + QA_CUE_WORDS:e]),),
                         metadata={"passage": i + 1, "n_passages": len(spans), "words": e - s, "cue": cue,
-                                  "needle_depths": [(i + 0.5) / len(spans)]})
+                                  "opening": opening, "needle_depths": [(i + 0.5) / len(spans)]})
     return Draft("passage_copy", COPY_INSTRUCTION, _passage_body(stream), len(stream), finish,
                  metadata={"haystack_start": stream.paragraphs[0]})
 

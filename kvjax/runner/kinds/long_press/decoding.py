@@ -22,6 +22,8 @@ Scores, on a task with a long answer (`passage_copy`: a whole passage written ou
   exact match            of the greedy generation (`kvjax.generate` with the press)
   agreement              the share of dense's greedy tokens a method's greedy generation
                          reproduces before it first differs
+  copied                 the share of the answer's tokens the greedy generation reproduces
+                         before it first differs (exact match's graded form)
 Bytes: the most a compacting cache holds (target_size + interval slots per head, in the pressed
 layout), against dense's cache at the end of the answer (context + question + answer).
 """
@@ -224,6 +226,7 @@ def block(c, model: str, cfg, params, tok, task: str, length: int, samples: list
                "answer_loglik": float(lp.sum(1).mean()), "answer_loglik_per_token": float(lp.sum() / alen.sum()),
                "token_accuracy": float(hit.sum() / alen.sum()),
                "agreement": float(np.mean([agreement(x, y) for x, y in zip(ids, reference)])),
+               "copied": float(np.mean([agreement(x, y) for x, y in zip(ids, answers)])),
                "generated_tokens": float(np.mean([len(x) for x in ids])), "answer_tokens": float(alen.mean()),
                "target_size": None if press is None else press.target_size,
                "interval": None if press is None else press.compression_interval,
@@ -246,6 +249,7 @@ def report(ctx, rows: list) -> None:
     if mine:
         ctx.table("DecodingPress on a long generation (teacher-forced answer; greedy generation)",
                   ["model", "length", "task", "method", "ratio", "target", "memory vs dense", "answer log-lik / token",
-                   "token accuracy", "agreement with dense", "exact match"],
+                   "token accuracy", "copied (greedy)", "agreement with dense", "exact match"],
                   [[r["model"], r["length"], r["task"], r["method"], r["ratio"], r["target_size"], r["bytes_vs_dense"],
-                    r["answer_loglik_per_token"], r["token_accuracy"], r["agreement"], r["accuracy"]] for r in mine])
+                    r["answer_loglik_per_token"], r["token_accuracy"], r["copied"], r["agreement"], r["accuracy"]]
+                   for r in mine])
