@@ -1,7 +1,7 @@
 """`kvjax run experiments/long_press_benchmark.yaml` end to end at CI size: the bundled text
 model with its rotary positions allowed to 1,024 (a copy of its folder, config edited), two
 samples of the RULER needle task at 256 tokens, three presses at one ratio, the baselines,
-and DecodingPress (two base presses, compacting every 2 generated tokens) on the same task.
+and DecodingPress(Knorm) (compacting every 2 generated tokens) on the same task.
 
 What would be wrong if the kind were broken: a method missing from the rows; the query-aware
 protocol not reading the question's last token through the cache (dense would then differ between the
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
             "long_press_benchmark.kivi_group_size=16", "long_press_benchmark.kivi_residual_length=32",
             "long_press_benchmark.time_budget_s=0", "device=cpu",
             "long_press_benchmark.stack_bytes=1e9", "long_press_benchmark.ring_lengths=[]",
-            "long_press_benchmark.decoding_presses=[Knorm,StreamingLLM]",
+            "long_press_benchmark.decoding_presses=[Knorm]",
             "long_press_benchmark.decoding_tasks=[niah_single]", "long_press_benchmark.decoding_interval=2"]
     assert main(["run", str(EXP), "--out", str(out), *[x for s in sets for x in ("--set", s)]]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -53,7 +53,7 @@ def test_every_method_task_and_protocol_has_a_row(run):
             assert (task, "agnostic", m, ratio) in got and (task, "aware", m, ratio) in got
         for m, ratio in (("int8", None), ("kivi2", None), ("window", 0.5)):
             assert (task, "agnostic", m, ratio) in got       # baselines do not look at the query
-    for m, ratio in (("dense", None), ("DecodingPress(Knorm)", 0.5), ("DecodingPress(StreamingLLM)", 0.5)):
+    for m, ratio in (("dense", None), ("DecodingPress(Knorm)", 0.5)):
         assert ("niah_single", "decoding", m, ratio) in got
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["answer_loglik"]) and r["answer_loglik"] < 0
