@@ -116,3 +116,14 @@ def test_decoding_press_keeps_its_share_of_the_context():
     p = D.make_decoding_press("StreamingLLM", 0.75, 16, 1000, n_sink=4)
     assert p.target_size == 250 and p.compression_interval == 16 and p.base_press.n_sink == 4
     assert D.make_decoding_press("Knorm", 0.99, 8, 50).target_size == 1
+
+
+def test_a_compaction_that_keeps_everything_changes_nothing(setup):
+    """target_size above every row's tokens: each compaction keeps all, so the teacher-forced
+    log-probabilities equal dense's (a compaction that moved positions or slots would not)."""
+    cfg, params, questions, cache = setup
+    answers = _own_generation(setup, None)
+    dense = D.teacher_forced(cfg, params, D._copy(cache), None, questions, answers, WIDTH)[0]
+    keep_all = P.DecodingPress(P.KnormPress(), 8, CONTEXT + WIDTH + NEW)
+    lp = D.teacher_forced(cfg, params, D._copy(cache), keep_all, questions, answers, WIDTH)[0]
+    np.testing.assert_allclose(lp, dense, atol=2e-5)

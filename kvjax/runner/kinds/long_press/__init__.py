@@ -444,6 +444,7 @@ def leaderboard(ctx, model: str, protocol: str, summary: list) -> None:
         for method, ss in by_method.items():
             pts = {round(s["ratio_axis"], 3): s[metric] for s in ss}
             series[method] = [pts.get(x) for x in xs]
+        title = f"{model}, " + ("a long generation" if protocol == "decoding" else f"query-{protocol}")
         plots.lines(ax, xs, series, xlabel="compression ratio (share of the cache dropped)", ylabel=label,
-                    title=f"{model}, query-{protocol}", legend="outside" if ax is ll else None)
+                    title=title, legend="outside" if ax is ll else None)
     ctx.save_figure(fig, f"leaderboard_{re.sub(r'[^A-Za-z0-9]+', '_', model)}_{protocol}.png")
