@@ -16,6 +16,7 @@ import kvjax
 from conftest import model
 from kvjax import press as P
 from kvjax.decode import decoding_segments
+from kvjax.runner.kinds.long_press import Config
 from kvjax.runner.kinds.long_press import decoding as D
 from kvjax.runner.kinds.long_press import scoring
 
@@ -113,9 +114,10 @@ def test_agreement():
 
 
 def test_decoding_press_keeps_its_share_of_the_context():
-    p = D.make_decoding_press("StreamingLLM", 0.75, 16, 1000, n_sink=4)
+    c = Config(n_sink=4)
+    p = D.make_decoding_press("StreamingLLM", 0.75, 16, 1000, c)
     assert p.target_size == 250 and p.compression_interval == 16 and p.base_press.n_sink == 4
-    assert D.make_decoding_press("Knorm", 0.99, 8, 50).target_size == 1
+    assert D.make_decoding_press("Knorm", 0.99, 8, 50, c).target_size == 1
 
 
 def test_a_compaction_that_keeps_everything_changes_nothing(setup):

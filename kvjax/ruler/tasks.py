@@ -308,7 +308,8 @@ def passage_copy(rng: random.Random, depth=None, min_words: int = 60, max_words:
             raise ValueError(f"passage_copy: no whole passage of at most {max_words} words with a unique "
                              f"opening in this context; use a larger length")
         long = [i for i in fits if spans[i][1] - spans[i][0] >= min_words]
-        i = long[0] if long else max(fits, key=lambda i: (spans[i][1] - spans[i][0], -fits.index(i)))
+        # else the longest; max keeps the first of equals, i.e. the one nearest the depth
+        i = long[0] if long else max(fits, key=lambda i: spans[i][1] - spans[i][0])
         s, e = spans[i]
         cue = " ".join(stream.words[s:s + COPY_CUE_WORDS])
         opening = " ".join(stream.words[s:s + QA_CUE_WORDS])

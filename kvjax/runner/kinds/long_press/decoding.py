@@ -45,16 +45,17 @@ from kvjax.decode.plans import prefill_compresses
 from kvjax.press.decoding import compress_cache
 from kvjax.timing import compile_watch
 
+from ..press_benchmark import make_press
 from . import scoring
 from .methods import as_tokens, bucket
 
 BASES = ("Knorm", "KeyDiff", "StreamingLLM", "Random")
 
 
-def make_decoding_press(base: str, ratio: float, interval: int, context_tokens: int, n_sink: int = 4):
-    """DecodingPress(base) keeping (1 - ratio) of a context of `context_tokens` tokens."""
-    scorer = {"Knorm": P.KnormPress, "KeyDiff": P.KeyDiffPress, "Random": P.RandomPress,
-              "StreamingLLM": partial(P.StreamingLLMPress, n_sink=n_sink)}[base]()
+def make_decoding_press(base: str, ratio: float, interval: int, context_tokens: int, c):
+    """DecodingPress(base) keeping (1 - ratio) of a context of `context_tokens` tokens; the base
+    press built as the benchmark's other presses are (its own ratio unused: it only scores)."""
+    scorer = make_press(base, 0.0, c)
     target = max(1, int(round((1.0 - ratio) * context_tokens)))
     return P.DecodingPress(scorer, compression_interval=interval, target_size=target)
 
@@ -206,15 +207,14 @@ def block(c, model: str, cfg, params, tok, task: str, length: int, samples: list
     prefill_s = time.perf_counter() - t0
     end = kvjax.cache_bytes(cfg, 1, n + max(len(q) + len(a) for q, a in zip(questions, answers)), hybrid=False)
     runs = [("dense", None, None)] + [(f"DecodingPress({b})", r, make_decoding_press(b, r, c.decoding_interval,
-                                                                                     n, c.n_sink))
+                                                                                     n, c))
                                       for b in c.decoding_presses for r in c.ratios]
     rows, reference = [], None
     for name, ratio, press in runs:
         t0 = time.perf_counter()
         with compile_watch() as w:
             lp, hit, alen = teacher_forced(cfg, params, _copy(base), press, questions, answers, width)
-            ids = greedy(cfg, params, _copy(base), press, questions, new, width,
-                         [e for e in tok.eos_ids if e < cfg.vocab_size])
+            ids = greedy(cfg, params, _copy(base), press, questions, new, width, scoring.eos_ids(cfg, tok))
         reference = ids if press is None else reference
         texts = [tok.decode(x) for x in ids]
         held = (P.cache_bytes(cfg, 1, [press.target_size + press.compression_interval] * cfg.num_layers)

@@ -64,11 +64,17 @@ def greedy_tokens(cfg, params, tok, cache, questions: list, max_new_tokens: int,
     """The ids each row generates greedily after its question (cache donated), EOS left out;
     `press`: a DecodingPress compacting as it generates."""
     prompt, lens = as_tokens([list(q) for q in questions], BUCKET, width)
-    eos = [e for e in tok.eos_ids if e < cfg.vocab_size]
+    eos = eos_ids(cfg, tok)
     out = kvjax.generate(cfg, params, prompt, lens, max_new_tokens=max_new_tokens, cache=cache,
                          eos_token_id=eos or None, prefill_chunk=None, press=press)
     toks, n = np.asarray(out.tokens), np.asarray(out.lengths)
-    return [[int(t) for t in row[:k] if int(t) not in set(eos)] for row, k in zip(toks, n)]
+    stop = set(eos)
+    return [[int(t) for t in row[:k] if int(t) not in stop] for row, k in zip(toks, n)]
+
+
+def eos_ids(cfg, tok) -> list[int]:
+    """The tokenizer's end ids the model can produce (inside its vocabulary)."""
+    return [e for e in tok.eos_ids if e < cfg.vocab_size]
 
 
 def room(questions: list, answers: list, max_new_tokens: int) -> int:
