@@ -36,7 +36,7 @@ def _engine(tiny, speculate, **kw):  # noqa: F811
 
 
 def _proposers(cfg, params):
-    return {"lookup": kvjax.PromptLookup(num_tokens=4, max_ngram=3),
+    return {"lookup": kvjax.PromptLookup(min_ngram=1, num_tokens=4, max_ngram=3),
             "self_draft": kvjax.DraftModel(cfg, params, num_tokens=4)}
 
 
@@ -75,7 +75,7 @@ def test_verify_budget_sends_wide_calls_to_plain_decoding(tiny, oracle):  # noqa
     sp = kvjax.SamplingParams(max_tokens=N_REF)
     forwards, outs = {}, []
     for budget in (None, 8, 4):
-        with _engine(tiny, kvjax.PromptLookup(num_tokens=4, max_verify_tokens=budget)) as eng:
+        with _engine(tiny, kvjax.PromptLookup(min_ngram=1, num_tokens=4, max_verify_tokens=budget)) as eng:
             outs += list(zip(prompts, eng.generate(prompts, sp)))
             forwards[budget] = eng.stats()["spec_forwards"]
             check_drained(eng)

@@ -21,6 +21,7 @@ import kvjax
 from kvjax.sampling import Knobs
 from kvjax.decode.speculative import lookup
 from kvjax.decode.speculative.verify import accept
+from kvjax.decode.speculative.loop import adapt
 
 # Families whose attention or positions differ (learned positions, GQA, a window, MQA, softcap
 # with alternating windows, a hybrid cache with qk-norm and local rotary, fused qkv, olmo2's
@@ -69,7 +70,7 @@ def test_greedy_equals_plain_every_family(name):
     tok, lens = _prompts(cfg)
     kw = dict(max_new_tokens=N)          # windowed models: their default hybrid cache (rings wrap)
     ref = kvjax.generate(cfg, params, tok, lens, **kw)
-    specs = [kvjax.PromptLookup(num_tokens=4, max_ngram=3)]
+    specs = [kvjax.PromptLookup(min_ngram=1, num_tokens=4, max_ngram=3)]
     if name in DRAFT_PRESETS:
         specs.append(kvjax.DraftModel.early_exit(cfg, params, 1, num_tokens=3))
     for spec in specs:
@@ -85,7 +86,7 @@ def test_int8_cache_and_unrelated_draft():
     tok, lens = _prompts(cfg, 1)
     ref = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N, cache_kind="int8")
     out = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N, cache_kind="int8",
-                         speculate=kvjax.PromptLookup(num_tokens=5, max_ngram=2))
+                         speculate=kvjax.PromptLookup(min_ngram=1, num_tokens=5, max_ngram=2))
     _same(ref, out)
     other = kvjax.init_params(cfg, jax.random.key(7), std=0.2)        # agrees with the target rarely
     plain = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N)
@@ -108,7 +109,7 @@ def test_window_and_sinks_rings():
     for kind, extra in (("window", {}), ("sinks", {"num_sinks": 3})):
         kw = dict(max_new_tokens=40, max_len=12, cache_kind=kind, **extra)
         ref = kvjax.generate(cfg, params, tok, lens, **kw)
-        for spec in (kvjax.PromptLookup(num_tokens=4), kvjax.DraftModel(cfg, params, num_tokens=3)):
+        for spec in (kvjax.PromptLookup(min_ngram=1, num_tokens=4), kvjax.DraftModel(cfg, params, num_tokens=3)):
             out = kvjax.generate(cfg, params, tok, lens, speculate=spec, **kw)
             np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
             np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
@@ -125,7 +126,7 @@ def test_kivi_cache():
     tok, lens = _prompts(cfg, 4)
     kw = dict(max_new_tokens=40, max_len=80, cache_kind="kivi", bits=2, group_size=4, residual_length=8)
     ref = kvjax.generate(cfg, params, tok, lens, **kw)
-    for spec in (kvjax.PromptLookup(num_tokens=4), kvjax.DraftModel(cfg, params, num_tokens=4)):
+    for spec in (kvjax.PromptLookup(min_ngram=1, num_tokens=4), kvjax.DraftModel(cfg, params, num_tokens=4)):
         out = kvjax.generate(cfg, params, tok, lens, speculate=spec, **kw)
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
         for a, b in zip(jax.tree.leaves(out.cache), jax.tree.leaves(ref.cache)):   # codes, scales, residual
@@ -154,7 +155,7 @@ def test_pressed_cache(press):
     nxt, nl = tok[:, :3], np.full(tok.shape[0], 3, np.int32)
     ref = kvjax.generate(cfg, params, nxt, nl, max_new_tokens=30, cache=pressed())
     out = kvjax.generate(cfg, params, nxt, nl, max_new_tokens=30, cache=pressed(),
-                         speculate=kvjax.PromptLookup(num_tokens=4))
+                         speculate=kvjax.PromptLookup(min_ngram=1, num_tokens=4))
     assert out.cache.pressed
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     assert int(np.sum(out.stats.proposed)) > 0
@@ -170,7 +171,7 @@ def test_press_and_decoding_press_in_the_same_call():
     tok, lens = _prompts(cfg, 5)
     dp = kvjax.press.DecodingPress(kvjax.press.KnormPress(), compression_interval=4, target_size=12)
     for press, spec in [(dp, kvjax.DraftModel(cfg, params, num_tokens=3)),     # (prompt lookup passed too)
-                        (kvjax.press.SnapKVPress(0.5, window_size=4), kvjax.PromptLookup(num_tokens=4))]:
+                        (kvjax.press.SnapKVPress(0.5, window_size=4), kvjax.PromptLookup(min_ngram=1, num_tokens=4))]:
         ref = kvjax.generate(cfg, params, tok, lens, max_new_tokens=30, press=press, max_len=80)
         out = kvjax.generate(cfg, params, tok, lens, max_new_tokens=30, press=press, max_len=80, speculate=spec)
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
@@ -211,16 +212,16 @@ def test_verify_budget_narrows_or_skips_speculation():
     tok, lens = _prompts(cfg, 5)
     ref = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N)
     narrow = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N,
-                            speculate=kvjax.PromptLookup(num_tokens=4, max_verify_tokens=8))
+                            speculate=kvjax.PromptLookup(min_ngram=1, num_tokens=4, max_verify_tokens=8))
     _same(ref, narrow)
     wide = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N,
-                          speculate=kvjax.PromptLookup(num_tokens=4, max_verify_tokens=None))
+                          speculate=kvjax.PromptLookup(min_ngram=1, num_tokens=4, max_verify_tokens=None))
     _same(ref, wide)
     p_narrow, p_wide = np.asarray(narrow.stats.proposed), np.asarray(wide.stats.proposed)
     assert 0 < p_narrow.sum() and np.all(p_narrow <= np.asarray(narrow.stats.forwards))   # <= 1 per forward
     assert np.all(p_narrow < p_wide)
     plain = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N,
-                           speculate=kvjax.PromptLookup(num_tokens=4, max_verify_tokens=4))
+                           speculate=kvjax.PromptLookup(min_ngram=1, num_tokens=4, max_verify_tokens=4))
     _same(ref, plain)
     assert int(np.sum(plain.stats.proposed)) == 0
     np.testing.assert_array_equal(np.asarray(plain.stats.forwards), np.asarray(ref.lengths) - 1)
@@ -231,7 +232,7 @@ def test_verify_budget_narrows_or_skips_speculation():
 def test_rows_are_independent():
     cfg, params = model("qwen2-tiny")
     tok, lens = _prompts(cfg, 3)
-    spec = kvjax.PromptLookup(num_tokens=4)
+    spec = kvjax.PromptLookup(min_ngram=1, num_tokens=4)
     batch = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N, speculate=spec)
     for r in (0, 3):
         alone = kvjax.generate(cfg, params, tok[r:r + 1], lens[r:r + 1], max_new_tokens=N, speculate=spec)
@@ -249,6 +250,35 @@ def test_prompt_lookup_proposals():
     np.testing.assert_array_equal(d[0], [4, 5, 1, 2])     # after the latest earlier "1 2 3"
     np.testing.assert_array_equal(d[1, :3], [9, 7, 8])    # no earlier "9 7 8": the bigram "7 8"
     assert d[3, 0] == 4                                   # "4 4 4" at 0 is followed by one 4
+
+
+def test_adaptive_switch_shadow():
+    """A row switched off comes back as soon as its (free) lookup proposes the token the step
+    emitted; without a hit it counts its cooldown down; a draft model (no shadow) always does."""
+    plan = kvjax.PromptLookup(min_ngram=1, min_accept=0.25, cooldown=64).plan()
+    rate = jnp.asarray([0.5, 0.5, 0.5, 0.3])
+    off = jnp.asarray([10, 10, 0, 0])
+    nv = jnp.asarray([0, 0, 4, 4])
+    used = jnp.asarray([0, 0, 4, 0])
+    shadow = jnp.asarray([True, False, True, True])    # proposing rows: the shadow is ignored
+    r, o = adapt(rate, off, nv, used, plan, shadow)
+    np.testing.assert_array_equal(np.asarray(o), [0, 9, 0, 64])
+    np.testing.assert_allclose(np.asarray(r), [0.5, 0.5, 0.65, 0.5])   # row 3: 0.21 < 0.25, reset to 2 x 0.25
+    _, o = adapt(rate, off, nv, used, plan, None)
+    np.testing.assert_array_equal(np.asarray(o), [9, 9, 0, 64])
+
+
+def test_min_ngram_auto():
+    assert jax.default_backend() == "cpu"
+    assert kvjax.PromptLookup().plan().min_ngram == 2        # CPU: a one-token match is not worth a verify
+    assert kvjax.PromptLookup(max_ngram=1).plan().min_ngram == 1
+    assert kvjax.PromptLookup(min_ngram=3).plan().min_ngram == 3
+    cfg, _ = model("llama-tiny")
+    for bad, msg in (("two", "min_ngram must be an int >= 1 or 'auto', got 'two'"),
+                     (0, "min_ngram must be an int >= 1 or 'auto', got 0"),
+                     (6, "min_ngram=6 exceeds max_ngram=5")):
+        with pytest.raises(ValueError, match=msg):
+            kvjax.PromptLookup(min_ngram=bad).check(cfg)
 
 
 def test_refusals():
@@ -375,7 +405,7 @@ def test_sampled_generate_runs_and_counts():
     temp = np.array([0.0, 0.8, 0.0, 1.2], np.float32)
     ref = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N)
     out = kvjax.generate(cfg, params, tok, lens, max_new_tokens=N, temperature=temp, top_p=0.9,
-                         key=jax.random.key(5), speculate=kvjax.PromptLookup(num_tokens=4))
+                         key=jax.random.key(5), speculate=kvjax.PromptLookup(min_ngram=1, num_tokens=4))
     for r in (0, 2):
         np.testing.assert_array_equal(np.asarray(out.tokens)[r], np.asarray(ref.tokens)[r])
     assert (np.asarray(out.lengths) == N).all()
@@ -385,8 +415,10 @@ def test_sampled_generate_runs_and_counts():
 def test_speculative_experiment_runs_on_the_bundled_model(tmp_path):
     """experiments/speculative.yaml end to end at tiny size: a row for the trained text-draft
     (prompt lookup and early exit: the generate and Engine tests), through generate and the
-    Engine, every output checked exact, a plot and a summary. One proposer only: each adds a
-    generate and an Engine program set (prompt lookup cost ~100 s of CI, session 12)."""
+    Engine, two prompt sets of one row (of different lengths: one program), every output
+    checked exact, a plot and a summary. One proposer only: each adds a generate and an Engine
+    program set (prompt lookup cost ~100 s of CI, session 12); the chat task's 45-byte
+    prompts, not repeat_code's 1,200 (80 s -> 31 s alone, session 15)."""
     import json
     from pathlib import Path
 
@@ -394,12 +426,14 @@ def test_speculative_experiment_runs_on_the_bundled_model(tmp_path):
     out = tmp_path / "run"
     root = Path(__file__).resolve().parents[1]
     assert main(["run", str(root / "experiments" / "speculative.yaml"), "--out", str(out),
-                 "--set", "speculative.models=[text]", "--set", "speculative.tasks=[repeat_code]",
-                 "--set", "speculative.batch_sizes=[2]", "--set", "speculative.new_tokens=8",
+                 "--set", "speculative.models=[text]", "--set", "speculative.tasks=[chat]",
+                 "--set", "speculative.batch_sizes=[1]", "--set", "speculative.prompt_sets=2",
+                 "--set", "speculative.new_tokens=8",
                  "--set", "speculative.repeats=1",
                  "--set", "speculative.proposers=[draft:text-draft:4]"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and all(r["exact"] and r["engine_exact"] for r in rows)
+    assert rows[0]["prompt_sets"] == 2 and rows[0]["tokens"] == 2 * 8
     assert {r["proposer"] for r in rows} == {"draft:text-draft:4"}
     assert all(r["speedup"] > 0 and r["engine_speedup"] > 0 and r["mean_accepted_length"] >= 1 for r in rows)
     assert all(0 < r["prefill_s"] and (r["decode_speedup"] is None or r["decode_speedup"] > 0) for r in rows)

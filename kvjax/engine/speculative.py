@@ -116,12 +116,14 @@ def _draft(call: _Call, pools, tok, lens, room, n):
 
 
 def _propose(call: _Call, dp, hist, tok, lens, n, active, proposing, room):
-    """(drafts [B, k], real proposals nv [B], q or None, the draft's pools): prompt lookup over
-    the rows' histories, or the draft model (only the pending token when no row proposes)."""
+    """(drafts [B, k], real proposals nv [B], q or None, the draft's pools, found [B] or None):
+    prompt lookup over the rows' histories (found: the row's lookup had a proposal, proposed
+    or not: the adaptive switch's shadow), or the draft model (only the pending token when no
+    row proposes)."""
     plan, B, k = call.plan, tok.shape[0], call.plan.num_tokens
     if plan.draft_cfg is None:
         drafts, nv = lookup.propose(hist, lens + 1, k, plan.max_ngram, plan.min_ngram)
-        return drafts, jnp.where(proposing, jnp.minimum(nv, room), 0), None, dp
+        return drafts, jnp.where(proposing, jnp.minimum(nv, room), 0), None, dp, nv > 0
 
     def catch_up(dp):
         dk, dv, dw = dp
@@ -132,7 +134,7 @@ def _propose(call: _Call, dp, hist, tok, lens, n, active, proposing, room):
     drafts, q, dp = jax.lax.cond(jnp.any(proposing),
                                  lambda dp: _draft(call, dp, tok, lens, jnp.where(active, room, -1), n),
                                  catch_up, dp)
-    return drafts, jnp.where(proposing, room, 0), q, dp
+    return drafts, jnp.where(proposing, room, 0), q, dp, None
 
 
 def _verify(call: _Call, pools, tok, drafts, nv, lens, n, active, q):
@@ -183,7 +185,7 @@ def _iteration(call: _Call, carry, _):
     active = alive & (lens < call.cap)
     room = jnp.where(active, jnp.clip(jnp.minimum(call.max_n - n - 1, call.cap - lens - 1), 0, k), 0)
     proposing = active & (off <= 0) & (room > 0)
-    drafts, nv, q, dp = _propose(call, dp, hist, tok, lens, n, active, proposing, room)
+    drafts, nv, q, dp, found = _propose(call, dp, hist, tok, lens, n, active, proposing, room)
     m, nxt, extra, pools = _verify(call, pools, tok, drafts, nv, lens, n, active, q)
 
     emitted = emitted_run(drafts, m, nxt)                                                # [B, k + 1]
@@ -194,7 +196,7 @@ def _iteration(call: _Call, carry, _):
     last = jnp.take_along_axis(emitted, jnp.maximum(c - 1, 0)[:, None], axis=1)[:, 0]
     used = jnp.minimum(m, c)
     tot = (tot[0] + nv, tot[1] + jnp.where(active, used, 0), tot[2] + active.astype(jnp.int32))
-    rate, off = adapt(rate, off, nv, used, plan)
+    rate, off = adapt(rate, off, nv, used, plan, None if found is None else found & (drafts[:, 0] == nxt))
     n, lens = n + c, lens + c               # pending and the emitted tokens but the last are written
     alive = alive & ~(active & (hit_stop | (n >= call.max_n)))
     carry = (pools, dp, jnp.where(c > 0, last, tok), lens, n, alive, hist, rate, off, tot)

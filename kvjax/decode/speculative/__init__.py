@@ -51,6 +51,14 @@ SPEC_FORMS = "prompt-lookup:K, early-exit:LAYERS:K or draft:PATH_OR_NAME:K"
 AUTO_VERIFY_TOKENS = {"cpu": 24}
 AUTO_VERIFY_TOKENS_ACCELERATOR = 256
 
+# Prompt lookup's shortest n-gram by backend ("auto"): a failed verify forward costs about 2.8
+# plain steps on this project's CPU (SmolLM2 at batch 1, 17 rows), so a one-token match, which
+# is often a common word or symbol, proposes more than it pays for there; where verifying is
+# nearly free (accelerators) every match is worth trying. Chosen by replaying SmolLM2's greedy
+# outputs on the benchmark's prompts (BUILD_NOTES, "Which n-grams to propose from").
+AUTO_MIN_NGRAM = {"cpu": 2}
+AUTO_MIN_NGRAM_ACCELERATOR = 1
+
 
 def verify_budget(max_verify_tokens) -> int | None:
     """A proposer's `max_verify_tokens` as a token count (None: no limit); "auto" by backend."""
@@ -72,30 +80,43 @@ def tokens_to_verify(speculate, batch: int) -> int:
 class PromptLookup:
     """Propose the `num_tokens` tokens that followed the latest earlier occurrence of the row's
     last n-gram (n from max_ngram down to min_ngram) in its prompt and output so far.
+    min_ngram "auto": AUTO_MIN_NGRAM by backend (2 on CPU, 1 on accelerators).
     min_accept / cooldown: a row whose running acceptance rate falls below min_accept stops
-    proposing for `cooldown` iterations (open-ended text then decodes at plain speed).
+    proposing for `cooldown` iterations (open-ended text then decodes at plain speed), or
+    until its lookup, still computed on every step (it is free), proposes the token the step
+    emits: the text has turned to copying again.
     max_verify_tokens: the most tokens a verify forward holds over all rows (B x (k + 1));
     a larger batch proposes fewer tokens per row, or decodes plainly (large batches are
     compute-bound, where verifying costs what it saves); "auto": AUTO_VERIFY_TOKENS by
     backend; None: no limit."""
     num_tokens: int = 4
-    max_ngram: int = 3
-    min_ngram: int = 1
+    max_ngram: int = 5
+    min_ngram: int | str = "auto"
     min_accept: float = 0.25
-    cooldown: int = 16
+    cooldown: int = 64
     max_verify_tokens: int | str | None = "auto"
 
     def check(self, cfg: ModelConfig) -> None:
         _check_common(self)
         for name in ("max_ngram", "min_ngram"):
             v = getattr(self, name)
+            auto = name == "min_ngram"
+            if auto and isinstance(v, str) and v == "auto":
+                continue
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"PromptLookup.{name} must be an int >= 1, got {v!r}")
-        if self.min_ngram > self.max_ngram:
+                alt = " or 'auto'" if auto else ""
+                raise ValueError(f"PromptLookup.{name} must be an int >= 1{alt}, got {v!r}")
+        if not isinstance(self.min_ngram, str) and self.min_ngram > self.max_ngram:
             raise ValueError(f"PromptLookup.min_ngram={self.min_ngram} exceeds max_ngram={self.max_ngram}")
 
+    def resolved_min_ngram(self) -> int:
+        """min_ngram as a count: "auto" by backend (AUTO_MIN_NGRAM), never above max_ngram."""
+        if not isinstance(self.min_ngram, str):
+            return int(self.min_ngram)
+        return min(int(self.max_ngram), AUTO_MIN_NGRAM.get(jax.default_backend(), AUTO_MIN_NGRAM_ACCELERATOR))
+
     def plan(self) -> SpecPlan:
-        return SpecPlan(int(self.num_tokens), int(self.max_ngram), int(self.min_ngram), None,
+        return SpecPlan(int(self.num_tokens), int(self.max_ngram), self.resolved_min_ngram(), None,
                         float(self.min_accept), int(self.cooldown))
 
 
@@ -138,10 +159,10 @@ class DraftModel:
                         cooldown=int(self.cooldown))
 
 
-def parse_speculate(spec: str, cfg: ModelConfig | None, params, load=None, max_ngram: int = 3):
+def parse_speculate(spec: str, cfg: ModelConfig | None, params, load=None, max_ngram: int | None = None):
     """A proposer from its command-line form (`kvjax serve --speculate`, experiment configs):
 
-    prompt-lookup:K          PromptLookup(num_tokens=K, max_ngram)
+    prompt-lookup:K          PromptLookup(num_tokens=K, max_ngram (None: its default))
     early-exit:LAYERS:K      DraftModel.early_exit with the target's first LAYERS layers (a
                              share in (0, 1) is rounded to a count of the target's layers)
     draft:PATH_OR_NAME:K     DraftModel of the model `load(PATH_OR_NAME)` returns as (cfg, params)
@@ -151,7 +172,8 @@ def parse_speculate(spec: str, cfg: ModelConfig | None, params, load=None, max_n
     head, _, rest = spec.partition(":")
     try:
         if head == "prompt-lookup" and rest and ":" not in rest:
-            return PromptLookup(num_tokens=_count(rest), max_ngram=max_ngram)
+            return PromptLookup(num_tokens=_count(rest),
+                                **({} if max_ngram is None else {"max_ngram": max_ngram}))
         if head == "early-exit" and rest.count(":") == 1:
             share, k = rest.split(":")
             share, k = float(share), _count(k)

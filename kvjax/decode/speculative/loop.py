@@ -15,6 +15,9 @@ token decode step (`lax.cond`), so rows without proposals cost what plain decodi
 Adaptive switch: each row keeps a running acceptance rate (an exponential average of
 accepted / proposed over its proposing iterations); when it falls below `min_accept` the
 row stops proposing for `cooldown` iterations, then tries again from `min_accept` x 2.
+With prompt lookup the proposals cost nothing to compute, so a row that is switched off
+still looks them up: as soon as its lookup's first token is the token the step emits (the
+text has turned to copying, e.g. a loop or a quoted passage), it proposes again at once.
 
 DecodingPress: plain decoding compacts the cache after fixed decode steps (plans.
 decoding_segments); here a row's verify chunk ends at its next such step, and the rows whose
@@ -165,7 +168,9 @@ def _iteration(cfg, params, N: int, knobs: Knobs, plan: SpecPlan, dparams, s: _S
     dcache, q = s.dcache, None
     if plan.draft_cfg is None:
         drafts, nv = lookup.propose(s.hist, s.hlen, k, plan.max_ngram, plan.min_ngram)
+        found = nv > 0            # a lookup proposal exists, proposed or not (the switch's shadow)
     else:
+        found = None
         def catch_up(dc):   # no row proposes: the draft cache only takes the token that commits
             _, dc = decode_tokens(plan.draft_cfg, dparams, s.pending, dc, active)
             return (jnp.zeros((B, k), jnp.int32), jnp.zeros((B, k, cfg.vocab_size), jnp.float32), dc)
@@ -193,7 +198,8 @@ def _iteration(cfg, params, N: int, knobs: Knobs, plan: SpecPlan, dparams, s: _S
         return (jnp.zeros((B,), jnp.int32), pick(lg, s.it + 1, jnp.zeros((B,), bool), knobs)[0], c)
 
     m, nxt, cache = jax.lax.cond(chunked, verify, plain, s.cache)
-    return _commit(s._replace(cache=cache, dcache=dcache), s.cache, drafts, nv, m, nxt, N, knobs, plan)
+    shadow = None if found is None else found & (drafts[:, 0] == nxt)
+    return _commit(s._replace(cache=cache, dcache=dcache), s.cache, drafts, nv, m, nxt, N, knobs, plan, shadow)
 
 
 def roll_back(cache, before, lengths):
@@ -231,16 +237,21 @@ def cut_run(emitted, m, stops, left, active):
     return c, is_stop.any(1) & (first + 1 <= c)
 
 
-def adapt(rate, off, nv, used, plan: SpecPlan):
+def adapt(rate, off, nv, used, plan: SpecPlan, shadow=None):
     """The adaptive switch after an iteration: (running acceptance rate, iterations left without
-    proposals) per row, from its nv proposals of which `used` were emitted."""
+    proposals) per row, from its nv proposals of which `used` were emitted. shadow [B] (prompt
+    lookup; None for a draft model): the row's lookup had a proposal whose first token is the
+    one the step emitted; a row switched off with such a hit proposes again next iteration."""
     tried = nv > 0
     rate = jnp.where(tried, EMA * rate + (1 - EMA) * used / jnp.maximum(nv, 1), rate)
     low = tried & (rate < plan.min_accept)
-    return jnp.where(low, 2 * plan.min_accept, rate), jnp.where(low, plan.cooldown, jnp.maximum(off - 1, 0))
+    off = jnp.where(low, plan.cooldown, jnp.maximum(off - 1, 0))
+    if shadow is not None:
+        off = jnp.where(~tried & shadow, 0, off)
+    return jnp.where(low, 2 * plan.min_accept, rate), off
 
 
-def _commit(s: _State, before, drafts, nv, m, nxt, N: int, knobs: Knobs, plan: SpecPlan) -> _State:
+def _commit(s: _State, before, drafts, nv, m, nxt, N: int, knobs: Knobs, plan: SpecPlan, shadow=None) -> _State:
     """Emit the m accepted proposals and the next token (cut at EOS and N), roll the caches back
     to what was committed, count, and update the adaptive switch."""
     k, start = plan.num_tokens, before.lengths
@@ -258,7 +269,7 @@ def _commit(s: _State, before, drafts, nv, m, nxt, N: int, knobs: Knobs, plan: S
     used = jnp.minimum(m, c)
     stats = SpecStats(s.stats.proposed + nv, s.stats.accepted + jnp.where(active, used, 0),
                       s.stats.forwards + active.astype(jnp.int32))
-    rate, off = adapt(s.rate, s.off, nv, used, plan)
+    rate, off = adapt(s.rate, s.off, nv, used, plan, shadow)
     n_out = s.n_out + c
     cache = roll_back(s.cache, before, lengths)
     if plan.decoding is not None:   # rows whose committed tokens reached a compaction step

@@ -8,7 +8,8 @@ about ..."); and open-ended chat, `chat` (a short creative request, nothing to c
 speculation must cost little. The model's chat template where it has one.
 
 For each (model, task, batch size, proposer): plain `kvjax.generate` and the speculative
-one on the same prompts (greedy, `new_tokens` each, the same cache kind and max_len), all
+one on the same prompts (`prompt_sets` draws of a batch's rows, generated one after another
+inside each timed call, so a batch-1 figure can be of several prompts, not one) (greedy, `new_tokens` each, the same cache kind and max_len), all
 timed warm and in turn (`kvjax.timing.measure_interleaved`: calibrated, medians, compile
 excluded, measurements alternating so drift in the machine's speed cancels); tokens/s,
 speedup, the mean accepted length (tokens per target forward) and acceptance; and the
@@ -27,6 +28,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from functools import lru_cache
 
+import dataclasses
 import inspect
 import re
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ import numpy as np
 
 import kvjax
 from kvjax.timing import measure_interleaved, release_compiled
-from kvjax.decode.speculative import parse_speculate, tokens_to_verify
+from kvjax.decode.speculative import SpecStats, parse_speculate, tokens_to_verify
 
 from .. import plots
 from ..models import check_model, load_named
@@ -140,9 +142,15 @@ class Config:
         "vocabulary it shares)"))
     engine: bool = option(True, help="also time kvjax.Engine (max_slots = batch) with and without "
                                      "the proposer on the same prompts")
-    max_ngram: int = option(3, min=1, help="prompt lookup's longest n-gram")
+    max_ngram: int = option(5, min=1, help="prompt lookup's longest n-gram")
+    min_ngram: int = option(0, min=0, help="prompt lookup's shortest n-gram; 0: the proposer's "
+                                          "'auto' (2 on CPU, 1 on accelerators)")
     new_tokens: int = option(128, min=1, help="tokens generated per row")
     chat: bool = option(True, help="use the model's chat template where it has one")
+    prompt_sets: int = option(1, min=1, help=(
+        "different prompt draws per (task, batch size), generated one after another inside each "
+        "timed call (one program serves them all): a speedup over several prompts rather than one "
+        "draw's"))
     repeats: int = option(3, min=1, help="timed measurements per (plain, speculative) call (median)")
     min_seconds: float = option(0.0, min=0.0, help="calibrated length of one measurement (s)")
 
@@ -154,12 +162,17 @@ def _load_draft(name: str):
     return dcfg, dparams
 
 
-def parse_proposer(spec: str, cfg, params, max_ngram: int):
-    """A proposer spec (kvjax.decode.speculative.parse_speculate's forms) -> a kvjax proposer,
-    or None for a draft model whose vocabulary differs from this target's (ValueError on a
-    bad spec; cfg None checks only the form)."""
+def parse_proposer(spec: str, cfg, params, c: Config):
+    """A proposer spec (kvjax.decode.speculative.parse_speculate's forms) -> a kvjax proposer
+    (prompt lookup with the config's n-gram range), or None for a draft model whose
+    vocabulary differs from this target's (ValueError on a bad spec; cfg None checks only the
+    form)."""
     try:
-        return parse_speculate(spec, cfg, params, load=_load_draft, max_ngram=max_ngram)
+        p = parse_speculate(spec, cfg, params, load=_load_draft, max_ngram=c.max_ngram)
+        if isinstance(p, kvjax.PromptLookup) and c.min_ngram:
+            p = dataclasses.replace(p, min_ngram=c.min_ngram)
+            p.check(None)
+        return p
     except ValueError as e:
         if spec.startswith("draft:") and "vocabulary" in str(e):
             return None
@@ -170,24 +183,26 @@ def validate(run_cfg) -> None:
     c: Config = run_cfg.settings
     for i, p in enumerate(c.proposers):
         try:
-            parse_proposer(p, None, None, c.max_ngram)
+            parse_proposer(p, None, None, c)
         except ValueError as e:
             raise ConfigError(f"speculative.proposers[{i}]: {e}") from None
     for i, name in enumerate(c.models):
         check_model(f"speculative.models[{i}]", name)
 
 
-def _engine_rates(c: Config, cfg, params, ids: list, eos, proposers: dict, want: list) -> dict:
-    """kvjax.Engine (max_slots = rows, one page table per row) on the prompts, one engine per
-    proposer (None: plain), all warm and timed in turn (`measure_interleaved`): {name: tokens/s,
-    whether every request's tokens are `want`'s (plain generate's, cut at its length), ...}."""
-    max_len = max(map(len, ids)) + c.new_tokens
+def _engine_rates(c: Config, cfg, params, sets: list, eos, proposers: dict, want: list) -> dict:
+    """kvjax.Engine (max_slots = rows, one page table per row) on the prompt sets (one
+    `generate` per set, in turn), one engine per proposer (None: plain), all warm and timed in
+    turn (`measure_interleaved`): {name: tokens/s, whether every request's tokens are `want`'s
+    (plain generate's, cut at its length), ...}."""
+    max_len = max(len(x) for ids in sets for x in ids) + c.new_tokens
     sp = kvjax.SamplingParams(max_tokens=c.new_tokens, stop_token_ids=tuple(eos or ()))
     with ExitStack() as stack:
-        engines = {name: stack.enter_context(kvjax.Engine(cfg, params, max_slots=len(ids), max_len=max_len,
+        engines = {name: stack.enter_context(kvjax.Engine(cfg, params, max_slots=len(sets[0]), max_len=max_len,
                                                           decode_steps=8, speculate=p))
                    for name, p in proposers.items()}
-        timed = measure_interleaved({name: (lambda _, e=e: e.generate(ids, sp)) for name, e in engines.items()},
+        timed = measure_interleaved({name: (lambda _, e=e: [o for ids in sets for o in e.generate(ids, sp)])
+                                     for name, e in engines.items()},
                                     repeats=c.repeats, min_seconds=c.min_seconds, sync=lambda _: None)
         stats = {name: e.stats() for name, e in engines.items()}
     out = {}
@@ -198,41 +213,61 @@ def _engine_rates(c: Config, cfg, params, ids: list, eos, proposers: dict, want:
     return out
 
 
-def _measure(c: Config, cfg, params, tok, ids: list) -> list[dict]:
-    """Plain and speculative generate of the prompts `ids`, warm and timed in turn (drift in
-    the machine's speed cancels in the speedups); one row per proposer (and, with c.engine,
-    the Engine's rates with and without it, timed in turn the same way)."""
-    lens = np.array([len(x) for x in ids], np.int32)
-    prompt = np.zeros((len(ids), int(lens.max())), np.int32)
-    for i, x in enumerate(ids):
-        prompt[i, :len(x)] = x
+def _packed(sets: list) -> list:
+    """The prompt sets as (prompt int32 [B, S], lens int32 [B]) of one shape S (the longest
+    prompt of any set): one compiled program serves every set."""
+    S = max(len(x) for ids in sets for x in ids)
+    out = []
+    for ids in sets:
+        prompt = np.zeros((len(ids), S), np.int32)
+        for i, x in enumerate(ids):
+            prompt[i, :len(x)] = x
+        out.append((prompt, np.array([len(x) for x in ids], np.int32)))
+    return out
+
+
+def _joined_stats(outs):
+    """The SpecStats of several generate calls as one (rows concatenated)."""
+    return SpecStats(*(np.concatenate([np.asarray(getattr(o.stats, f)) for o in outs]) for f in SpecStats._fields))
+
+
+def _measure(c: Config, cfg, params, tok, sets: list) -> list[dict]:
+    """Plain and speculative generate of the prompt sets (lists of token-id prompts, one
+    generate call per set, the sets in turn inside one timed call), warm and timed in turn
+    (drift in the machine's speed cancels in the speedups); one row per proposer (and, with
+    c.engine, the Engine's rates with and without it, timed in turn the same way)."""
+    packed = _packed(sets)
+    S = packed[0][0].shape[1]
     eos = [e for e in tok.eos_ids if e < cfg.vocab_size] or None
-    kw = dict(max_new_tokens=c.new_tokens, eos_token_id=eos, max_len=int(lens.max()) + c.new_tokens)
-    proposers = {spec: parse_proposer(spec, cfg, params, c.max_ngram) for spec in c.proposers}
+    kw = dict(max_new_tokens=c.new_tokens, eos_token_id=eos, max_len=S + c.new_tokens)
+    proposers = {spec: parse_proposer(spec, cfg, params, c) for spec in c.proposers}
     proposers = {spec: p for spec, p in proposers.items() if p is not None}   # None: another vocabulary
-    calls = {PLAIN: lambda _: kvjax.generate(cfg, params, prompt, lens, **kw),
-             PREFILL: lambda _: kvjax.generate(cfg, params, prompt, lens, **{**kw, "max_new_tokens": 1})}
-    calls.update({spec: (lambda _, p=p: kvjax.generate(cfg, params, prompt, lens, speculate=p, **kw))
-                  for spec, p in proposers.items()})
+
+    def each(**more):
+        return lambda _: [kvjax.generate(cfg, params, p, n, **{**kw, **more}) for p, n in packed]
+    calls = {PLAIN: each(), PREFILL: each(max_new_tokens=1)}
+    calls.update({spec: each(speculate=p) for spec, p in proposers.items()})
     timed = measure_interleaved(calls, repeats=c.repeats, min_seconds=c.min_seconds)
-    plain_out, plain = timed[PLAIN]
-    n_tokens = int(np.asarray(plain_out.lengths).sum())
-    want = [[int(x) for x in row[:n]] for row, n in zip(np.asarray(plain_out.tokens), np.asarray(plain_out.lengths))]
-    engine = _engine_rates(c, cfg, params, ids, eos, {PLAIN: None, **proposers}, want) if c.engine else None
+    plain_outs, plain = timed[PLAIN]
+    n_tokens = sum(int(np.asarray(o.lengths).sum()) for o in plain_outs)
+    want = [[int(x) for x in row[:n]] for o in plain_outs
+            for row, n in zip(np.asarray(o.tokens), np.asarray(o.lengths))]
+    engine = _engine_rates(c, cfg, params, sets, eos, {PLAIN: None, **proposers}, want) if c.engine else None
     rows = []
     for spec, proposer in proposers.items():
-        out, t = timed[spec]
-        exact = bool(np.array_equal(np.asarray(out.tokens), np.asarray(plain_out.tokens))
-                     and np.array_equal(np.asarray(out.lengths), np.asarray(plain_out.lengths)))
-        s = out.stats
-        rows.append({"proposer": spec, "prompt_tokens": int(lens.max()), "tokens": n_tokens,
-                     "verify_k": tokens_to_verify(proposer, len(ids)),   # the cost-aware switch's k
+        outs, t = timed[spec]
+        exact = all(np.array_equal(np.asarray(o.tokens), np.asarray(w.tokens))
+                    and np.array_equal(np.asarray(o.lengths), np.asarray(w.lengths)) for o, w in zip(outs, plain_outs))
+        s = _joined_stats(outs)
+        rows.append({"proposer": spec, "prompt_tokens": S, "prompt_sets": len(sets), "tokens": n_tokens,
+                     "verify_k": tokens_to_verify(proposer, len(sets[0])),   # the cost-aware switch's k
                      "plain_s": plain.median_s, "spec_s": t.median_s, "plain_tok_s": n_tokens / plain.median_s,
                      "spec_tok_s": n_tokens / t.median_s, "speedup": plain.median_s / t.median_s,
-                     **decode_phase(plain.median_s, t.median_s, timed[PREFILL][1].median_s, n_tokens - len(ids)),
+                     **decode_phase(plain.median_s, t.median_s, timed[PREFILL][1].median_s,
+                                    n_tokens - sum(map(len, sets))),
                      "mean_accepted_length": s.mean_accepted_length, "acceptance": s.acceptance,
                      "exact": exact, "valid": plain.valid and t.valid,
-                     "example": tok.decode([int(x) for x in np.asarray(out.tokens)[0][:40]])[:80]})
+                     "example": tok.decode([int(x) for x in np.asarray(outs[0].tokens)[0][:40]])[:80]})
         if engine:
             e, e0 = engine[spec], engine[PLAIN]
             rows[-1].update(engine_plain_tok_s=e0["tok_s"], engine_spec_tok_s=e["tok_s"],
@@ -263,14 +298,15 @@ def run(ctx, c: Config) -> dict:
         cfg, params, tok = load_named("speculative.models", model)
         chat = c.chat and has_chat_template(tok)
         ctx.note(f"{model}: {cfg.num_layers} layers, vocabulary {cfg.vocab_size}; "
-                 f"{'chat template' if chat else 'plain prompts'}.")
+                 f"{'chat template' if chat else 'plain prompts'}; {c.prompt_sets} prompt set(s) of a "
+                 f"batch's rows per (task, batch size), timed together.")
         for task in ctx.track(c.tasks, f"{model} tasks"):
             for B in c.batch_sizes:
-                ids = [_encode(tok, p, chat) for p in prompts(task, B, ctx.seed)]
+                ids = [_encode(tok, p, chat) for p in prompts(task, B * c.prompt_sets, ctx.seed)]
                 if cfg.positions == "learned" and max(map(len, ids)) + c.new_tokens > cfg.max_position:
                     ctx.note(f"{model} {task} B={B}: prompt + new tokens exceed max_position; skipped")
                     continue
-                for row in _measure(c, cfg, params, tok, ids):
+                for row in _measure(c, cfg, params, tok, [ids[i:i + B] for i in range(0, len(ids), B)]):
                     row = {"model": model, "task": task, "grounded": task in GROUNDED, "batch_size": B, **row}
                     ctx.log(row)
                     rows.append(row)
