@@ -188,7 +188,8 @@ def run(args) -> int:
     if cfg.positions == "learned" and total > cfg.max_position:
         raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} = "
                         f"{total} positions, but this model has max_position={cfg.max_position}")
-    eos_ids = [e for e in tok.eos_ids if e < cfg.vocab_size]
+    from .tokenizer import model_eos_ids
+    eos_ids = model_eos_ids(tok, cfg.vocab_size)
     result = decode(cfg, params, ids, args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=eos_ids,
                     use_cache=not args.no_cache, timing=args.timing)

@@ -295,6 +295,12 @@ class HFTokenizer:
         cfg_file.write_text(json.dumps({**existing, **names}, indent=2) + "\n")
 
 
+def model_eos_ids(tok, vocab_size: int) -> list[int]:
+    """The tokenizer's end-of-sequence ids a model of `vocab_size` can produce (a tokenizer
+    may list ids past the model's embedding table, which generation would never emit)."""
+    return [e for e in tok.eos_ids if e < vocab_size]
+
+
 def load_tokenizer(path) -> ByteTokenizer | HFTokenizer:
     """The tokenizer stored in a checkpoint folder (or given as a tokenizer file).
 

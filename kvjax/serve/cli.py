@@ -205,7 +205,8 @@ def build(args):
             mesh = kvjax.make_mesh(mesh_spec)       # the engine places the params on it
         except ValueError as e:
             raise UserError(f"--mesh {args.mesh}: {e}") from None
-    eos_ids = tuple(e for e in tok.eos_ids if e < cfg.vocab_size)
+    from ..tokenizer import model_eos_ids
+    eos_ids = tuple(model_eos_ids(tok, cfg.vocab_size))
     try:
         speculate = None
         if getattr(args, "speculate", None):

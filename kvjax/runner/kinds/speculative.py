@@ -38,6 +38,7 @@ import numpy as np
 import kvjax
 from kvjax.timing import measure_interleaved, release_compiled
 from kvjax.decode.speculative import SpecStats, parse_speculate, tokens_to_verify
+from kvjax.tokenizer import model_eos_ids
 
 from .. import plots
 from ..models import check_model, load_named
@@ -238,7 +239,7 @@ def _measure(c: Config, cfg, params, tok, sets: list) -> list[dict]:
     c.engine, the Engine's rates with and without it, timed in turn the same way)."""
     packed = _packed(sets)
     S = packed[0][0].shape[1]
-    eos = [e for e in tok.eos_ids if e < cfg.vocab_size] or None
+    eos = model_eos_ids(tok, cfg.vocab_size) or None
     kw = dict(max_new_tokens=c.new_tokens, eos_token_id=eos, max_len=S + c.new_tokens)
     proposers = {spec: parse_proposer(spec, cfg, params, c) for spec in c.proposers}
     proposers = {spec: p for spec, p in proposers.items() if p is not None}   # None: another vocabulary

@@ -19,6 +19,7 @@ import numpy as np
 
 import kvjax
 from kvjax.decode import append_chunk
+from kvjax.tokenizer import model_eos_ids
 
 from .methods import as_tokens, bucket
 
@@ -74,7 +75,7 @@ def greedy_tokens(cfg, params, tok, cache, questions: list, max_new_tokens: int,
 
 def eos_ids(cfg, tok) -> list[int]:
     """The tokenizer's end ids the model can produce (inside its vocabulary)."""
-    return [e for e in tok.eos_ids if e < cfg.vocab_size]
+    return model_eos_ids(tok, cfg.vocab_size)
 
 
 def room(questions: list, answers: list, max_new_tokens: int) -> int:
