@@ -49,8 +49,9 @@ def greedy_texts(model: str, tasks, n: int, new_tokens: int, seed: int) -> dict:
     return out
 
 
-def replay(ids, gen, spec: kvjax.PromptLookup, cost: float):
-    """(target forwards, modelled cost in plain steps) of prompt lookup on one greedy text."""
+def replay(ids, gen, spec: kvjax.PromptLookup, cost: float, shadow_on: bool = True):
+    """(target forwards, modelled cost in plain steps) of prompt lookup on one greedy text
+    (shadow_on False: the switch without the lookup's shadow hits, as before session 15)."""
     plan, k = spec.plan(), spec.num_tokens
     H = len(ids) + len(gen) + 1
     hist = np.zeros((1, H), np.int32)
@@ -65,7 +66,7 @@ def replay(ids, gen, spec: kvjax.PromptLookup, cost: float):
         m = 0
         while m < n and drafts[m] == gen[t + m]:
             m += 1
-        shadow = jnp.asarray([found > 0 and drafts[0] == gen[t]])
+        shadow = jnp.asarray([found > 0 and drafts[0] == gen[t]]) if shadow_on else None
         rate, off = adapt(rate, off, jnp.asarray([n]), jnp.asarray([m]), plan, shadow)
         hist[0, len(ids) + t:len(ids) + t + m + 1] = gen[t:t + m + 1]
         t, forwards, total = t + m + 1, forwards + 1, total + (cost if n else 1.0)
@@ -100,17 +101,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     texts = greedy_texts(a.model, a.tasks, a.prompts, a.new_tokens, a.seed)
-    settings = {f"n-gram {lo}-{hi}, cooldown {cd}": kvjax.PromptLookup(a.num_tokens, max_ngram=hi, min_ngram=lo,
-                                                                       cooldown=cd)
-                for lo, hi, cd in [(1, 3, 16), (1, 5, 64), (2, 5, 64), (3, 5, 64)]}
+    settings = {f"n-gram {lo}-{hi}, cooldown {cd}{'' if sh else ', no shadow'}":
+                (kvjax.PromptLookup(a.num_tokens, max_ngram=hi, min_ngram=lo, cooldown=cd), sh)
+                for lo, hi, cd, sh in [(1, 3, 16, False), (1, 3, 16, True), (1, 5, 64, True), (2, 5, 64, True),
+                                       (3, 5, 64, True)]}
     for cost in a.verify_cost:
         print(f"\nverify forward = {cost} plain steps; {a.model}, {a.prompts} prompts per task, "
               f"{a.num_tokens} proposed tokens: decode speedup (tokens / forward)")
         print("| setting | " + " | ".join(a.tasks) + " |\n|" + " --- |" * (len(a.tasks) + 1))
-        for name, spec in settings.items():
+        for name, (spec, sh) in settings.items():
             cells = []
             for task in a.tasks:
-                runs = [replay(i, g, spec, cost) for i, g in texts[task]]
+                runs = [replay(i, g, spec, cost, sh) for i, g in texts[task]]
                 steps = sum(len(g) - 1 for _, g in texts[task])
                 cells.append(f"{steps / sum(c for _, c in runs):.2f} ({steps / sum(f for f, _ in runs):.2f})")
             print(f"| {name} | " + " | ".join(cells) + " |")
