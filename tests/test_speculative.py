@@ -269,8 +269,10 @@ def test_adaptive_switch_shadow():
 
 
 def test_min_ngram_auto():
-    assert jax.default_backend() == "cpu"
-    assert kvjax.PromptLookup().plan().min_ngram == 2        # CPU: a one-token match is not worth a verify
+    from kvjax.decode.speculative import AUTO_MIN_NGRAM, AUTO_MIN_NGRAM_ACCELERATOR
+    want = AUTO_MIN_NGRAM.get(jax.default_backend(), AUTO_MIN_NGRAM_ACCELERATOR)
+    assert AUTO_MIN_NGRAM["cpu"] == 2 and AUTO_MIN_NGRAM_ACCELERATOR == 1
+    assert kvjax.PromptLookup().plan().min_ngram == want     # CPU: a one-token match is not worth a verify
     assert kvjax.PromptLookup(max_ngram=1).plan().min_ngram == 1
     assert kvjax.PromptLookup(min_ngram=3).plan().min_ngram == 3
     cfg, _ = model("llama-tiny")
