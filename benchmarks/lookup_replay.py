@@ -7,7 +7,7 @@ Speculative decoding's output is the model's own whatever is proposed, so how we
 proposer does is a property of the greedy text alone: this script generates each prompt's
 greedy continuation once (plain `kvjax.generate`, the speculative kind's prompts), then
 replays the prompt-lookup loop on it with kvjax's own proposer (`lookup.propose`) and
-adaptive switch (`loop.adapt`, with the lookup's shadow hits), one row at a time: each
+adaptive switch (`loop.adapt`, with the lookup's `shadow_hits`), one row at a time: each
 iteration proposes from the history, accepts the leading run that equals the greedy text,
 emits it and the next token. Per setting and task it reports tokens per target forward and
 the decode speedup under a cost model: a verify forward costs `--verify-cost` plain steps
@@ -29,7 +29,7 @@ import numpy as np
 
 import kvjax
 from kvjax.decode.speculative import lookup
-from kvjax.decode.speculative.loop import adapt
+from kvjax.decode.speculative.loop import adapt, shadow_hits
 from kvjax.runner.kinds.speculative import _encode, prompts
 
 
@@ -66,7 +66,8 @@ def replay(ids, gen, spec: kvjax.PromptLookup, cost: float, shadow_on: bool = Tr
         m = 0
         while m < n and drafts[m] == gen[t + m]:
             m += 1
-        shadow = jnp.asarray([found > 0 and drafts[0] == gen[t]]) if shadow_on else None
+        shadow = shadow_hits(jnp.asarray([found > 0]), jnp.asarray(drafts[None]), jnp.asarray([gen[t]])) \
+            if shadow_on else None
         rate, off = adapt(rate, off, jnp.asarray([n]), jnp.asarray([m]), plan, shadow)
         hist[0, len(ids) + t:len(ids) + t + m + 1] = gen[t:t + m + 1]
         t, forwards, total = t + m + 1, forwards + 1, total + (cost if n else 1.0)

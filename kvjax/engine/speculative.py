@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from ..cache.paged import gather_views
 from ..decode.speculative import lookup
-from ..decode.speculative.loop import SpecPlan, adapt, cut_run, emitted_run
+from ..decode.speculative.loop import SpecPlan, adapt, cut_run, emitted_run, shadow_hits
 from ..decode.speculative.verify import accept, draft_probs_of
 from .programs import LOGPROBS_MAX, count_trace, forward_pages, pin_pools, sample_rows, token_logprobs
 
@@ -196,7 +196,7 @@ def _iteration(call: _Call, carry, _):
     last = jnp.take_along_axis(emitted, jnp.maximum(c - 1, 0)[:, None], axis=1)[:, 0]
     used = jnp.minimum(m, c)
     tot = (tot[0] + nv, tot[1] + jnp.where(active, used, 0), tot[2] + active.astype(jnp.int32))
-    rate, off = adapt(rate, off, nv, used, plan, None if found is None else found & (drafts[:, 0] == nxt))
+    rate, off = adapt(rate, off, nv, used, plan, shadow_hits(found, drafts, nxt))
     n, lens = n + c, lens + c               # pending and the emitted tokens but the last are written
     alive = alive & ~(active & (hit_stop | (n >= call.max_n)))
     carry = (pools, dp, jnp.where(c > 0, last, tok), lens, n, alive, hist, rate, off, tot)

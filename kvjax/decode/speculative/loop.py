@@ -198,8 +198,8 @@ def _iteration(cfg, params, N: int, knobs: Knobs, plan: SpecPlan, dparams, s: _S
         return (jnp.zeros((B,), jnp.int32), pick(lg, s.it + 1, jnp.zeros((B,), bool), knobs)[0], c)
 
     m, nxt, cache = jax.lax.cond(chunked, verify, plain, s.cache)
-    shadow = None if found is None else found & (drafts[:, 0] == nxt)
-    return _commit(s._replace(cache=cache, dcache=dcache), s.cache, drafts, nv, m, nxt, N, knobs, plan, shadow)
+    return _commit(s._replace(cache=cache, dcache=dcache), s.cache, drafts, nv, m, nxt, N, knobs, plan,
+                   shadow_hits(found, drafts, nxt))
 
 
 def roll_back(cache, before, lengths):
@@ -235,6 +235,13 @@ def cut_run(emitted, m, stops, left, active):
     first = jnp.argmax(is_stop, axis=1)
     c = jnp.where(active, jnp.minimum(jnp.where(is_stop.any(1), first + 1, m + 1), left), 0)
     return c, is_stop.any(1) & (first + 1 <= c)
+
+
+def shadow_hits(found, drafts, nxt):
+    """[B] for the adaptive switch: the row's lookup had a proposal (`found`, proposed or not)
+    whose first token is `nxt`, the token the step emitted after it; None (no shadow) for a
+    draft model (found None: its proposals are not free)."""
+    return None if found is None else found & (drafts[:, 0] == nxt)
 
 
 def adapt(rate, off, nv, used, plan: SpecPlan, shadow=None):

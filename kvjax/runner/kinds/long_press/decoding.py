@@ -44,6 +44,7 @@ from kvjax.decode import append_chunk, decoding_segments
 from kvjax.decode.plans import prefill_compresses
 from kvjax.press.decoding import compress_cache
 from kvjax.timing import compile_watch
+from kvjax.tokenizer import model_eos_ids
 
 from ..press_benchmark import make_press
 from . import scoring
@@ -214,7 +215,7 @@ def block(c, model: str, cfg, params, tok, task: str, length: int, samples: list
         t0 = time.perf_counter()
         with compile_watch() as w:
             lp, hit, alen = teacher_forced(cfg, params, _copy(base), press, questions, answers, width)
-            ids = greedy(cfg, params, _copy(base), press, questions, new, width, scoring.eos_ids(cfg, tok))
+            ids = greedy(cfg, params, _copy(base), press, questions, new, width, model_eos_ids(tok, cfg.vocab_size))
         reference = ids if press is None else reference
         texts = [tok.decode(x) for x in ids]
         held = (P.cache_bytes(cfg, 1, [press.target_size + press.compression_interval] * cfg.num_layers)

@@ -65,17 +65,12 @@ def greedy_tokens(cfg, params, tok, cache, questions: list, max_new_tokens: int,
     """The ids each row generates greedily after its question (cache donated), EOS left out;
     `press`: a DecodingPress compacting as it generates."""
     prompt, lens = as_tokens([list(q) for q in questions], BUCKET, width)
-    eos = eos_ids(cfg, tok)
+    eos = model_eos_ids(tok, cfg.vocab_size)
     out = kvjax.generate(cfg, params, prompt, lens, max_new_tokens=max_new_tokens, cache=cache,
                          eos_token_id=eos or None, prefill_chunk=None, press=press)
     toks, n = np.asarray(out.tokens), np.asarray(out.lengths)
     stop = set(eos)
     return [[int(t) for t in row[:k] if int(t) not in stop] for row, k in zip(toks, n)]
-
-
-def eos_ids(cfg, tok) -> list[int]:
-    """The tokenizer's end ids the model can produce (inside its vocabulary)."""
-    return model_eos_ids(tok, cfg.vocab_size)
 
 
 def room(questions: list, answers: list, max_new_tokens: int) -> int:
